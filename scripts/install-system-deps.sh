@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests use as real peers: HAProxy, swaks,
+# Postfix (smtp-sink, smtp-source, smtpd) and Redis. No-op when all are present.
+set -euo pipefail
+need=()
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v swaks >/dev/null || need+=(swaks)
+command -v redis-server >/dev/null || need+=(redis-server)
+{ command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ]; } || need+=(postfix)
+[ ${#need[@]} -eq 0 ] && exit 0
+sudo=""
+[ "$(id -u)" -ne 0 ] && sudo="sudo"
+echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
