@@ -47,7 +47,9 @@ def wait_listening(host: str, port: int, timeout: float = 10.0, proc=None) -> No
 
 
 def require(binary: str) -> str:
-    path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
+    path = shutil.which(binary)
+    if path is None and os.path.exists(f"/usr/sbin/{binary}"):
+        path = f"/usr/sbin/{binary}"
     if path is None:
         pytest.skip(f"{binary} is not installed (make test installs it)")
     return path
@@ -88,7 +90,6 @@ class SmtpSink:
         out = []
         for p in sorted(self.dump_dir.iterdir()):
             raw = p.read_bytes()
-            head, _, _ = raw.partition(b"\n\n")
             hdr = email.message_from_bytes(raw, policy=email.policy.compat32)
             out.append(
                 SinkDump(

@@ -1,0 +1,351 @@
+"""Sans-IO SMTP pieces shared by the server and the client: replies, commands, paths, DATA.
+
+Nothing here touches a socket. Parsers work on whole buffers (``bytes.find``/``replace``/
+``count``), not one await per line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+CRLF = b"\r\n"
+DATA_END = b"\r\n.\r\n"
+MAX_REPLY_LINE = 2048  # RFC 5321 says 512; real servers send longer, so be lenient but bounded
+MAX_REPLY_LINES = 100
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+
+
+class SMTPProtocolError(ValueError):
+    """The peer broke the protocol (malformed reply, overlong line, bad path…)."""
+
+
+class LineTooLong(SMTPProtocolError):
+    """A command or reply line exceeded the configured limit."""
+
+
+# --------------------------------------------------------------------------- replies
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One (possibly multi-line) SMTP reply."""
+
+    code: int
+    lines: tuple[str, ...] = ("",)
+    enhanced: tuple[int, int, int] | None = None
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    def __str__(self) -> str:
+        enh = ".".join(map(str, self.enhanced)) + " " if self.enhanced else ""
+        return f"{self.code} {enh}{' / '.join(self.lines)}".rstrip()
+
+    def to_bytes(self) -> bytes:
+        enh = ".".join(map(str, self.enhanced)) + " " if self.enhanced else ""
+        return format_reply(self.code, [enh + line for line in self.lines])
+
+
+def format_reply(code: int, lines: str | list[str]) -> bytes:
+    """``250-first\\r\\n250 last\\r\\n``; ``lines`` may be one string."""
+    if isinstance(lines, str):
+        lines = lines.split("\n")
+    if not lines:
+        lines = [""]
+    out = [f"{code}-{line}\r\n" for line in lines[:-1]]
+    out.append(f"{code} {lines[-1]}\r\n")
+    return "".join(out).encode("utf-8", "replace")
+
+
+def split_enhanced(text: str) -> tuple[tuple[int, int, int] | None, str]:
+    """Split an RFC 3463 enhanced status code off the front of a reply line."""
+    m = _ENHANCED.match(text)
+    if not m:
+        return None, text
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))), text[m.end():]
+
+
+class ReplyParser:
+    """Incremental reply parser for the client side: ``feed(bytes) -> [Reply, ...]``."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._code: int | None = None
+        self._lines: list[str] = []
+
+    def feed(self, data: bytes) -> list[Reply]:
+        self._buf += data
+        replies: list[Reply] = []
+        start = 0
+        buf = self._buf
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            raw = bytes(buf[start:end]).rstrip(b"\r")
+            start = end + 1
+            reply = self._line(raw)
+            if reply is not None:
+                replies.append(reply)
+        del buf[:start]
+        if len(buf) > MAX_REPLY_LINE:
+            raise LineTooLong(f"reply line longer than {MAX_REPLY_LINE} octets")
+        return replies
+
+    def _line(self, raw: bytes) -> Reply | None:
+        if len(raw) > MAX_REPLY_LINE:
+            raise LineTooLong(f"reply line longer than {MAX_REPLY_LINE} octets")
+        if len(raw) < 3 or not raw[:3].isdigit() or (len(raw) > 3 and raw[3:4] not in b" -"):
+            raise SMTPProtocolError(f"malformed reply line {raw[:80]!r}")
+        code = int(raw[:3])
+        if not 200 <= code <= 599:
+            raise SMTPProtocolError(f"reply code {code} out of range")
+        if self._code is not None and code != self._code:
+            raise SMTPProtocolError(f"reply code changed within a multi-line reply: {raw[:80]!r}")
+        self._code = code
+        self._lines.append(raw[4:].decode("utf-8", "replace"))
+        if len(self._lines) > MAX_REPLY_LINES:
+            raise SMTPProtocolError(f"reply longer than {MAX_REPLY_LINES} lines")
+        if raw[3:4] == b"-":
+            return None
+        lines, self._code, self._lines = self._lines, None, []
+        enhanced, _ = split_enhanced(lines[0])
+        if enhanced is not None and enhanced[0] == code // 100:
+            lines = [split_enhanced(line)[1] for line in lines]
+        else:
+            enhanced = None
+        return Reply(code, tuple(lines), enhanced)
+
+
+def parse_ehlo(reply: Reply) -> dict[str, str]:
+    """EHLO keywords (upper case) to their parameters; the greeting line is skipped."""
+    ext: dict[str, str] = {}
+    for line in reply.lines[1:]:
+        word, _, params = line.strip().partition(" ")
+        if word:
+            ext[word.upper()] = params.strip()
+    return ext
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    verb: str
+    arg: str
+
+
+def take_line(buf: bytearray, start: int, limit: int) -> tuple[bytes | None, int]:
+    """The next CRLF-terminated line in ``buf`` from ``start`` (without CRLF) and the new start.
+
+    Returns ``(None, start)`` when no complete line is there yet; raises ``LineTooLong`` when
+    ``limit`` octets (CRLF included) pass without a line end.
+    """
+    end = buf.find(b"\n", start)
+    if end < 0:
+        if len(buf) - start > limit:
+            raise LineTooLong(f"line longer than {limit} octets")
+        return None, start
+    if end + 1 - start > limit:
+        raise LineTooLong(f"line longer than {limit} octets")
+    line = bytes(buf[start:end])
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    return line, end + 1
+
+
+def parse_command(line: bytes) -> Command:
+    """``b"MAIL FROM:<a@b>"`` -> ``Command("MAIL", "FROM:<a@b>")``."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SMTPProtocolError("command is not valid UTF-8") from exc
+    if any(c in text for c in "\r\n\0"):
+        raise SMTPProtocolError("control character in command")
+    verb, _, arg = text.partition(" ")
+    return Command(verb.upper(), arg.strip())
+
+
+_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+"
+                       r"(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+)*$")
+_QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"$')
+_DOMAIN = re.compile(r"^(?:[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\x80-\U0010ffff-]{0,61}"
+                     r"[A-Za-z0-9\x80-\U0010ffff])?\.)*[A-Za-z0-9\x80-\U0010ffff]"
+                     r"(?:[A-Za-z0-9\x80-\U0010ffff-]{0,61}[A-Za-z0-9\x80-\U0010ffff])?\.?$")
+_ADDR_LITERAL = re.compile(r"^\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]$")
+
+
+def valid_mailbox(address: str) -> bool:
+    """``local@domain`` per RFC 5321/6531 (dot-atom or quoted local part, domain or literal)."""
+    if len(address) > 320:
+        return False
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or len(local) > 64 * 4:
+        return False
+    if not (_DOT_ATOM.match(local) or _QUOTED.match(local)):
+        return False
+    return bool(_DOMAIN.match(domain) or _ADDR_LITERAL.match(domain))
+
+
+def parse_path(arg: str, keyword: str, *, allow_null: bool) -> tuple[str, dict[str, str]]:
+    """Parse ``FROM:<addr> PARAM=value…`` (keyword ``FROM``) or ``TO:<addr> …``.
+
+    Returns the address (``""`` for the null path) and upper-cased ESMTP parameters.
+    Source routes (``<@a,@b:user@c>``) are accepted and dropped, as RFC 5321 asks.
+    """
+    head = keyword + ":"
+    if arg[: len(head)].upper() != head:
+        raise SMTPProtocolError(f"expected {head}<address>")
+    rest = arg[len(head):].lstrip()
+    if not rest.startswith("<"):
+        raise SMTPProtocolError("address must be enclosed in <>")
+    close = _closing_bracket(rest)
+    if close < 0:
+        raise SMTPProtocolError("unterminated <address>")
+    address = rest[1:close]
+    params_text = rest[close + 1:]
+    if params_text and not params_text.startswith(" "):
+        raise SMTPProtocolError("junk after <address>")
+    if address.startswith("@"):
+        _, colon, address = address.partition(":")
+        if not colon:
+            raise SMTPProtocolError("malformed source route")
+    if address == "":
+        if not allow_null:
+            raise SMTPProtocolError("null address not allowed here")
+    elif not valid_mailbox(address):
+        raise SMTPProtocolError(f"syntax error in address <{address}>")
+    params: dict[str, str] = {}
+    for token in params_text.split():
+        key, eq, value = token.partition("=")
+        if not key or (eq and not value):
+            raise SMTPProtocolError(f"malformed parameter {token!r}")
+        params[key.upper()] = value if eq else ""
+    return address, params
+
+
+def _closing_bracket(text: str) -> int:
+    """Index of the ``>`` closing the path, skipping quoted local parts."""
+    quoted = False
+    i = 1
+    while i < len(text):
+        c = text[i]
+        if quoted and c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == ">" and not quoted:
+            return i
+        i += 1
+    return -1
+
+
+def format_path(address: str) -> str:
+    return f"<{address}>"
+
+
+def mail_command(sender: str, params: dict[str, str] | None = None) -> bytes:
+    return _command(f"MAIL FROM:{format_path(sender)}", params)
+
+
+def rcpt_command(recipient: str, params: dict[str, str] | None = None) -> bytes:
+    return _command(f"RCPT TO:{format_path(recipient)}", params)
+
+
+def _command(text: str, params: dict[str, str] | None) -> bytes:
+    if params:
+        text += "".join(f" {k}={v}" if v else f" {k}" for k, v in params.items())
+    if any(c in text for c in "\r\n\0"):
+        raise SMTPProtocolError("control character in command argument")
+    return text.encode("utf-8") + CRLF
+
+
+# --------------------------------------------------------------------------- DATA
+
+
+class DataDecoder:
+    """Collects a DATA body from whatever chunks arrive, until ``CRLF.CRLF``.
+
+    Only a real ``<CRLF>.<CRLF>`` ends the body. Bare CR or LF anywhere (which covers every
+    SMTP-smuggling end-of-data variant such as ``<LF>.<LF>`` or ``<CR>.<CR>``) is recorded
+    and the body is refused at the end, never interpreted as an end or as commands.
+    Past ``max_size`` the content is dropped (the stream is still consumed to its end).
+    """
+
+    __slots__ = ("_buf", "_scanned", "max_size", "oversize", "size")
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._buf = bytearray(b"\r\n")  # a virtual CRLF so that an empty body ".\r\n" is found too
+        self._scanned = 0
+        self.size = 0
+        self.oversize = False
+
+    def feed(self, data: bytes | bytearray | memoryview) -> tuple[bytes, bytes] | None:
+        """Add data; once complete, return ``(body, leftover)``: body unstuffed, CRLF-ended.
+
+        ``body`` is empty when the message was oversize (check ``oversize``).
+        """
+        buf = self._buf
+        buf += data
+        idx = buf.find(DATA_END, max(self._scanned - 4, 0))
+        if idx < 0:
+            self._scanned = len(buf)
+            if len(buf) - 2 > self.max_size:
+                # Drop the content but keep the 4-byte tail that may start the terminator.
+                self.oversize = True
+                self.size += len(buf) - 4
+                del buf[:-4]
+                self._scanned = len(buf)
+            return None
+        leftover = bytes(buf[idx + 5:])
+        body = bytes(buf[2 : idx + 2])
+        self.size += len(body)
+        if self.size > self.max_size:
+            self.oversize = True
+        if self.oversize:
+            return b"", leftover
+        if b"\r\n." in body:
+            body = body.replace(b"\r\n.", b"\r\n")
+        if body.startswith(b"."):
+            body = body[1:]
+        return body, leftover
+
+    @staticmethod
+    def bare_line_ending(body: bytes) -> bool:
+        """True if ``body`` has a CR or LF that is not part of a CRLF pair."""
+        crlf = body.count(b"\r\n")
+        return body.count(b"\n") != crlf or body.count(b"\r") != crlf
+
+
+def dot_stuff(data: bytes) -> bytes:
+    """Prepare a message for DATA: CRLF-terminated, leading dots doubled, ``.CRLF`` appended."""
+    if data and not data.endswith(CRLF):
+        data += CRLF
+    if data.startswith(b"."):
+        data = b"." + data
+    if b"\r\n." in data:
+        data = data.replace(b"\r\n.", b"\r\n..")
+    return data + b".\r\n"
+
+
+def to_crlf(data: bytes) -> bytes:
+    """Normalise any mix of LF / CRLF line endings to CRLF (for locally built messages)."""
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
