@@ -1,0 +1,33 @@
+"""The durable spool: nothing is acknowledged before it is here and on disk."""
+
+from .base import (
+    Envelope,
+    MessageNotFound,
+    ProxyInfo,
+    QueuedMessage,
+    QueueIdGenerator,
+    RecipientRecord,
+    RecipientState,
+    RecipientUpdate,
+    Spool,
+    SpoolError,
+    format_queue_id,
+    parse_queue_id,
+)
+from .sqlite import SqliteSpool
+
+__all__ = [
+    "Envelope",
+    "MessageNotFound",
+    "ProxyInfo",
+    "QueueIdGenerator",
+    "QueuedMessage",
+    "RecipientRecord",
+    "RecipientState",
+    "RecipientUpdate",
+    "Spool",
+    "SpoolError",
+    "SqliteSpool",
+    "format_queue_id",
+    "parse_queue_id",
+]

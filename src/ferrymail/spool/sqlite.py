@@ -1,0 +1,847 @@
+"""The embedded spool: one SQLite database in WAL mode, written with group commit.
+
+One writer thread owns the write connection. Every write (`store`, `update`, `delete`) is
+queued with an asyncio future; the thread takes whatever is pending (up to a batch cap),
+applies it in one transaction, commits (one fsync of the WAL with `synchronous=FULL`) and
+only then resolves the futures. Sessions that finish DATA while a commit is in progress thus
+share the next fsync. Reads use a second connection on its own thread.
+
+Layout: `messages` (queue id as integer key, envelope as JSON), `bodies` (the data, one BLOB
+per message, kept apart so that scans over envelopes never touch message data) and
+`recipients` (one row per distinct recipient with its delivery state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import concurrent.futures
+import contextlib
+import fcntl
+import json
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Collection, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .base import (
+    Envelope,
+    MessageNotFound,
+    ProxyInfo,
+    QueuedMessage,
+    QueueIdGenerator,
+    RecipientRecord,
+    RecipientState,
+    RecipientUpdate,
+    Spool,
+    SpoolError,
+    format_queue_id,
+    parse_queue_id,
+)
+
+DB_NAME = "spool.db"
+APPLICATION_ID = 0x46455259  # "FERY", marks the file as a ferrymail spool
+SCHEMA_VERSION = 1
+BATCH_MAX_ITEMS = 512
+BATCH_MAX_BYTES = 32 * 1024 * 1024
+DEFAULT_MIN_FREE = 16 * 1024 * 1024
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+_PENDING_SQL = "state IN ('queued', 'deferred')"  # must match the partial index text
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    envelope TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS bodies (
+    id INTEGER PRIMARY KEY,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    msg INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    address TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    next_attempt REAL NOT NULL,
+    last_reply TEXT NOT NULL,
+    transport TEXT,
+    notified INTEGER NOT NULL,
+    PRIMARY KEY (msg, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS recipients_pending ON recipients (next_attempt, msg)
+    WHERE {_PENDING_SQL};
+"""
+
+_RECIPIENT_COLUMNS = "msg, address, state, attempts, next_attempt, last_reply, transport, notified"
+
+_OPEN, _CLOSING, _CLOSED, _NEW = "open", "closing", "closed", "new"
+_STOP = object()  # queued by close(): the writer finishes what precedes it, then exits
+
+_Result = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+# -- envelope <-> JSON -----------------------------------------------------------------------
+
+
+def envelope_to_json(env: Envelope) -> str:
+    proxy = env.proxy
+    doc = {
+        "sender": env.sender,
+        "recipients": list(env.recipients),
+        "client_ip": env.client_ip,
+        "client_port": env.client_port,
+        "helo": env.helo,
+        "server_id": env.server_id,
+        "transport": env.transport,
+        "proxy": None if proxy is None else {f.name: getattr(proxy, f.name) for f in fields(proxy)},
+        "tls": env.tls,
+        "mail_params": [[key, value] for key, value in env.mail_params],
+        "size": env.size,
+        "received_at": env.received_at,
+    }
+    # ensure_ascii (the default) keeps even lone surrogates intact through the TEXT column
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def envelope_from_json(text: str) -> Envelope:
+    doc = json.loads(text)
+    proxy = doc["proxy"]
+    return Envelope(
+        sender=doc["sender"],
+        recipients=tuple(doc["recipients"]),
+        client_ip=doc["client_ip"],
+        client_port=doc["client_port"],
+        helo=doc["helo"],
+        server_id=doc["server_id"],
+        transport=doc["transport"],
+        proxy=None if proxy is None else ProxyInfo(**proxy),
+        tls=doc["tls"],
+        mail_params=tuple((key, value) for key, value in doc["mail_params"]),
+        size=doc["size"],
+        received_at=doc["received_at"],
+    )
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether SQLite can take `text` (no lone surrogates, e.g. from "surrogateescape")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _utf8_text(text: str) -> str:
+    """`text`, with what SQLite cannot take escaped (for diagnostics such as replies)."""
+    if _is_utf8(text):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# -- write operations (run on the writer thread) ---------------------------------------------
+
+
+class _Op:
+    """One queued write; `apply` runs inside the batch transaction on the writer thread."""
+
+    verb: ClassVar[str] = "write"
+
+    def __init__(self, future: asyncio.Future[Any], msg_id: int, nbytes: int = 0) -> None:
+        self.future = future
+        self.msg_id = msg_id
+        self.nbytes = nbytes
+
+    def apply(self, conn: sqlite3.Connection) -> Any:
+        raise NotImplementedError
+
+
+class _Store(_Op):
+    """A new message, encoded on the caller's side so that bad input fails there, at once."""
+
+    verb = "store"
+
+    def __init__(
+        self, future: asyncio.Future[Any], msg_id: int, envelope: Envelope, data: bytes
+    ) -> None:
+        super().__init__(future, msg_id, len(data))
+        self.envelope_json = envelope_to_json(envelope)
+        self.data = data
+        self.rows = [
+            (msg_id, idx, address, envelope.received_at, envelope.transport)
+            # a recipient given twice is one recipient
+            for idx, address in enumerate(dict.fromkeys(envelope.recipients))
+        ]
+
+
+def _insert_stores(conn: sqlite3.Connection, stores: builtins.list[_Store]) -> None:
+    conn.executemany(
+        "INSERT INTO messages (id, envelope) VALUES (?, ?)",
+        [(op.msg_id, op.envelope_json) for op in stores],
+    )
+    conn.executemany(
+        "INSERT INTO bodies (id, data) VALUES (?, ?)", [(op.msg_id, op.data) for op in stores]
+    )
+    conn.executemany(
+        "INSERT INTO recipients VALUES (?, ?, ?, 'queued', 0, ?, '', ?, 0)",
+        [row for op in stores for row in op.rows],
+    )
+
+
+class _Update(_Op):
+    verb = "update"
+
+    def __init__(
+        self, future: asyncio.Future[Any], msg_id: int, updates: tuple[RecipientUpdate, ...]
+    ) -> None:
+        super().__init__(future, msg_id)
+        self.updates = updates
+
+    def apply(self, conn: sqlite3.Connection) -> None:
+        rows = conn.execute(
+            "SELECT address, idx FROM recipients WHERE msg = ?", (self.msg_id,)
+        ).fetchall()
+        if not rows:
+            raise MessageNotFound(f"no message {format_queue_id(self.msg_id)} in the spool")
+        index = dict(rows)
+        params = []
+        for upd in self.updates:
+            idx = index.get(upd.address)
+            if idx is None:
+                raise SpoolError(
+                    f"message {format_queue_id(self.msg_id)} has no recipient {upd.address!r}"
+                )
+            params.append(
+                (
+                    RecipientState(upd.state).value,
+                    int(upd.attempts),
+                    float(upd.next_attempt),
+                    _utf8_text(str(upd.last_reply)),
+                    None if upd.notified is None else int(upd.notified),
+                    self.msg_id,
+                    idx,
+                )
+            )
+        conn.executemany(
+            "UPDATE recipients SET state = ?, attempts = ?, next_attempt = ?, last_reply = ?,"
+            " notified = COALESCE(?, notified) WHERE msg = ? AND idx = ?",
+            params,
+        )
+        pending = conn.execute(
+            f"SELECT 1 FROM recipients WHERE msg = ? AND {_PENDING_SQL} LIMIT 1", (self.msg_id,)
+        ).fetchone()
+        if pending is None:
+            _remove(conn, self.msg_id)
+
+
+class _Delete(_Op):
+    verb = "delete"
+
+    def apply(self, conn: sqlite3.Connection) -> None:
+        if not _remove(conn, self.msg_id):
+            raise MessageNotFound(f"no message {format_queue_id(self.msg_id)} in the spool")
+
+
+def _remove(conn: sqlite3.Connection, msg_id: int) -> bool:
+    gone = conn.execute("DELETE FROM messages WHERE id = ?", (msg_id,)).rowcount
+    conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
+    conn.execute("DELETE FROM recipients WHERE msg = ?", (msg_id,))
+    return gone > 0
+
+
+def _resolve(results: list[_Result]) -> None:
+    for future, value, exc in results:
+        if future.done():  # cancelled by its caller meanwhile
+            continue
+        if exc is None:
+            future.set_result(value)
+        else:
+            future.set_exception(exc)
+
+
+# -- the spool -------------------------------------------------------------------------------
+
+
+class SqliteSpool(Spool):
+    """The `Spool` kept in `path/spool.db` (SQLite, WAL), with group commit.
+
+    `fsync=False` (benchmarks only) turns commits into plain writes. Stores are refused with
+    `SpoolError` while the file system has less than `min_free` bytes free (counting pages
+    the database can reuse), so that delivery results and deletions, which free space, can
+    still be written when the disk fills up.
+
+    While open, the spool holds an exclusive lock on its directory: a second spool on the
+    same directory fails at `start()`. `readonly=True` (for inspection, e.g. `queue list`
+    beside a running daemon) takes no lock, needs an existing spool, and refuses writes.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        fsync: bool = True,
+        min_free: int = DEFAULT_MIN_FREE,
+        readonly: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.db_path = self.path / DB_NAME
+        self.fsync = fsync
+        self.min_free = min_free
+        self.readonly = readonly
+        self.commits = 0  # transactions committed by the writer (one fsync each)
+        self._state = _NEW
+        self._ids = QueueIdGenerator()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: threading.Thread | None = None
+        self._writer_done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._reader: concurrent.futures.ThreadPoolExecutor | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self._dir_fd: int | None = None
+        self._closing: asyncio.Future[None] | None = None
+        self._page_size = 4096
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        if self._state != _NEW:
+            raise SpoolError(f"spool {self.path} was already started")
+        self._state = _CLOSED  # until fully open
+        self._loop = asyncio.get_running_loop()
+        if not self.readonly:
+            ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+            self._writer = threading.Thread(
+                target=self._writer_main,
+                args=(ready,),
+                name="ferrymail-spool-writer",
+                daemon=True,
+            )
+            self._writer.start()
+            try:
+                await asyncio.wrap_future(ready)
+            except BaseException:
+                self._queue.put(_STOP)  # in case it was us being cancelled, not the writer
+                raise
+        self._reader = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="ferrymail-spool-reader"
+        )
+        try:
+            await self._loop.run_in_executor(self._reader, self._open_reader)
+        except BaseException:
+            self._reader.shutdown(wait=False)
+            if self._writer is not None:
+                self._queue.put(_STOP)
+                await asyncio.wrap_future(self._writer_done)
+            raise
+        self._state = _OPEN
+
+    async def close(self) -> None:
+        if self._closing is None:
+            if self._state != _OPEN:
+                return
+            self._state = _CLOSING  # refuses new writes; those already queued still run
+            self._closing = asyncio.ensure_future(self._shutdown())
+        await asyncio.shield(self._closing)  # the shutdown completes even if we are cancelled
+
+    async def _shutdown(self) -> None:
+        if self._writer is not None:
+            self._queue.put(_STOP)
+            await asyncio.wrap_future(self._writer_done)
+        assert self._loop is not None and self._reader is not None
+        await self._loop.run_in_executor(self._reader, self._close_reader)
+        self._reader.shutdown(wait=False)
+        self._state = _CLOSED
+
+    async def __aenter__(self) -> SqliteSpool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- writes
+
+    async def store(self, envelope: Envelope, data: bytes) -> str:
+        if not isinstance(envelope, Envelope):
+            raise TypeError(f"store() needs an Envelope, not {type(envelope).__name__}")
+        if not envelope.recipients:
+            raise ValueError("cannot store a message without recipients")
+        for address in envelope.recipients:
+            if not isinstance(address, str) or not _is_utf8(address):
+                raise ValueError(f"recipient {address!r} is not valid text")
+        if not isinstance(data, bytes):
+            data = bytes(data)  # a copy: the caller may reuse its buffer
+        return await self._write(lambda fut: _Store(fut, self._ids.next_int(), envelope, data))
+
+    async def update(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> None:
+        msg_id = self._msg_id(queue_id)
+        frozen = tuple(updates)
+        await self._write(lambda fut: _Update(fut, msg_id, frozen))
+
+    async def delete(self, queue_id: str) -> None:
+        msg_id = self._msg_id(queue_id)
+        await self._write(lambda fut: _Delete(fut, msg_id))
+
+    async def _write(self, make: Any) -> Any:
+        if self._state != _OPEN:
+            raise SpoolError(f"spool {self.path} is not open")
+        if self.readonly:
+            raise SpoolError(f"spool {self.path} is open read-only")
+        assert self._loop is not None
+        future = self._loop.create_future()
+        self._queue.put(make(future))
+        return await future
+
+    # -- reads
+
+    async def read(self, queue_id: str) -> bytes:
+        msg_id = self._msg_id(queue_id)
+        data = await self._read(self._q_read, msg_id)
+        if data is None:
+            raise MessageNotFound(f"no message {queue_id} in spool {self.path}")
+        return data
+
+    async def get(self, queue_id: str) -> QueuedMessage | None:
+        msg_id = parse_queue_id(queue_id)
+        if msg_id is None:
+            return None
+        found = await self._read(self._q_load, [msg_id])
+        return found[0] if found else None
+
+    async def due(
+        self, now: float, limit: int = 1000, exclude: Collection[str] = ()
+    ) -> builtins.list[QueuedMessage]:
+        skip = [i for i in map(parse_queue_id, exclude) if i is not None]
+        return await self._read(self._q_due, float(now), int(limit), json.dumps(skip))
+
+    async def next_due(self) -> float | None:
+        return await self._read(self._q_next_due)
+
+    async def count(self) -> int:
+        return await self._read(self._q_count)
+
+    async def list(self, limit: int = 100) -> builtins.list[QueuedMessage]:
+        return await self._read(self._q_list, int(limit))
+
+    async def _read(self, fn: Any, *args: Any) -> Any:
+        if self._state not in (_OPEN, _CLOSING):
+            raise SpoolError(f"spool {self.path} is not open")
+        assert self._loop is not None and self._reader is not None
+        try:
+            return await self._loop.run_in_executor(self._reader, fn, *args)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool {self.db_path}: read failed: {_describe(exc)}") from exc
+
+    def _msg_id(self, queue_id: str) -> int:
+        msg_id = parse_queue_id(queue_id)
+        if msg_id is None:
+            raise MessageNotFound(f"{queue_id!r} is not a queue id (16 lowercase hex digits)")
+        return msg_id
+
+    # -- reader thread
+
+    def _open_reader(self) -> None:
+        if self.readonly:
+            if not self.db_path.is_file():
+                raise SpoolError(f"no spool database at {self.db_path}")
+            # mode=ro: no lock taken, nothing created; works beside a running writer
+            target, uri = f"{self.db_path.resolve().as_uri()}?mode=ro", True
+        else:
+            target, uri = str(self.db_path), False
+        try:
+            conn = sqlite3.connect(target, uri=uri, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot open spool {self.db_path} for reading: {exc}") from exc
+        try:
+            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute("PRAGMA query_only = ON")
+            conn.execute("PRAGMA temp_store = MEMORY")
+            if self.readonly:
+                self._check_schema(conn)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise SpoolError(
+                    f"cannot open spool {self.db_path} for reading: {_describe(exc)}"
+                ) from exc
+            raise
+        self._rconn = conn
+
+    def _close_reader(self) -> None:
+        if self._rconn is not None:
+            self._rconn.close()
+            self._rconn = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._rconn is None:
+            raise SpoolError(f"spool {self.path} is closed")
+        return self._rconn
+
+    def _q_read(self, msg_id: int) -> bytes | None:
+        row = self._conn().execute("SELECT data FROM bodies WHERE id = ?", (msg_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def _q_next_due(self) -> float | None:
+        sql = f"SELECT MIN(next_attempt) FROM recipients WHERE {_PENDING_SQL}"
+        return self._conn().execute(sql).fetchone()[0]
+
+    def _q_count(self) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+
+    def _q_due(self, now: float, limit: int, skip_json: str) -> builtins.list[QueuedMessage]:
+        conn = self._conn()
+        with _read_transaction(conn):
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    # by the partial index: the cost follows what is due, not the queue size
+                    "SELECT DISTINCT msg FROM recipients INDEXED BY recipients_pending"
+                    f" WHERE {_PENDING_SQL}"
+                    " AND next_attempt <= ? AND msg NOT IN (SELECT value FROM json_each(?))"
+                    " ORDER BY msg LIMIT ?",
+                    (now, skip_json, limit),
+                )
+            ]
+            return self._load(conn, ids)
+
+    def _q_list(self, limit: int) -> builtins.list[QueuedMessage]:
+        conn = self._conn()
+        with _read_transaction(conn):
+            ids = [
+                r[0] for r in conn.execute("SELECT id FROM messages ORDER BY id LIMIT ?", (limit,))
+            ]
+            return self._load(conn, ids)
+
+    def _q_load(self, ids: builtins.list[int]) -> builtins.list[QueuedMessage]:
+        conn = self._conn()
+        with _read_transaction(conn):
+            return self._load(conn, ids)
+
+    @staticmethod
+    def _load(conn: sqlite3.Connection, ids: builtins.list[int]) -> builtins.list[QueuedMessage]:
+        """The messages with these ids (in that order) with all their recipients."""
+        if not ids:
+            return []
+        ids_json = json.dumps(ids)
+        envelopes = dict(
+            conn.execute(
+                "SELECT id, envelope FROM messages WHERE id IN (SELECT value FROM json_each(?))",
+                (ids_json,),
+            )
+        )
+        recipients: dict[int, builtins.list[RecipientRecord]] = {}
+        for (
+            msg,
+            address,
+            state,
+            attempts,
+            next_attempt,
+            last_reply,
+            transport,
+            notified,
+        ) in conn.execute(
+            f"SELECT {_RECIPIENT_COLUMNS} FROM recipients"
+            " WHERE msg IN (SELECT value FROM json_each(?)) ORDER BY msg, idx",
+            (ids_json,),
+        ):
+            recipients.setdefault(msg, []).append(
+                RecipientRecord(
+                    address=address,
+                    state=RecipientState(state),
+                    attempts=attempts,
+                    next_attempt=next_attempt,
+                    last_reply=last_reply,
+                    transport=transport,
+                    notified=notified,
+                )
+            )
+        return [
+            QueuedMessage(
+                queue_id=format_queue_id(msg_id),
+                envelope=envelope_from_json(envelopes[msg_id]),
+                recipients=tuple(recipients.get(msg_id, ())),
+            )
+            for msg_id in ids
+            if msg_id in envelopes
+        ]
+
+    # -- writer thread
+
+    def _writer_main(self, ready: concurrent.futures.Future[None]) -> None:
+        conn = None
+        try:
+            try:
+                conn = self._open_writer()
+            except BaseException as exc:
+                ready.set_exception(exc)
+                return
+            ready.set_result(None)
+            stop = False
+            while not stop:
+                op = self._queue.get()
+                if op is _STOP:
+                    break
+                batch = [op]
+                nbytes = op.nbytes
+                while len(batch) < BATCH_MAX_ITEMS and nbytes < BATCH_MAX_BYTES:
+                    try:
+                        op = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if op is _STOP:
+                        stop = True
+                        break
+                    batch.append(op)
+                    nbytes += op.nbytes
+                self._run_batch(conn, batch)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._release_dir()
+            self._writer_done.set_result(None)
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: builtins.list[_Op]) -> None:
+        try:
+            results = self._apply_batch(conn, batch)
+        except Exception as exc:  # a bug rather than an I/O error (those are handled inside)
+            err = SpoolError(f"spool {self.db_path}: internal error: {exc!r}")
+            results = [(op.future, None, err) for op in batch]
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            self._loop.call_soon_threadsafe(_resolve, results)
+
+    def _apply_batch(
+        self, conn: sqlite3.Connection, batch: builtins.list[_Op]
+    ) -> builtins.list[_Result]:
+        results: builtins.list[_Result] = []
+        stores: builtins.list[_Store] = []
+        others: builtins.list[_Op] = []
+        for op in batch:
+            if not isinstance(op, _Store):
+                others.append(op)
+            elif not op.future.cancelled():
+                # a store whose caller gave up is never acknowledged: skip it (best effort,
+                # as the caller may give up at any time until the commit)
+                stores.append(op)
+        if stores:
+            refusal = self._space_refusal(conn, stores)
+            if refusal is not None:
+                results += [(op.future, None, refusal) for op in stores]
+                stores = []
+        if not (stores or others):
+            return results
+        try:
+            return results + self._transaction(conn, stores, others)
+        except sqlite3.Error as exc:
+            err = self._write_error(exc)
+            self._after_write_error(conn)
+            results += [(op.future, None, err) for op in stores]
+            if not (stores and others):
+                return results + [(op.future, None, err) for op in others]
+        # Delivery results and deletions in a failed batch get a second chance without the
+        # new messages: they free space, and losing them would mean delivering twice.
+        try:
+            return results + self._transaction(conn, [], others)
+        except sqlite3.Error as exc:
+            err = self._write_error(exc)
+            self._after_write_error(conn)
+            return results + [(op.future, None, err) for op in others]
+
+    def _transaction(
+        self, conn: sqlite3.Connection, stores: builtins.list[_Store], others: builtins.list[_Op]
+    ) -> builtins.list[_Result]:
+        """Write a batch in one transaction.
+
+        An update's or delete's own error (unknown message or recipient, bad value) undoes that
+        operation only; a database error (disk full, I/O) rolls everything back and is raised.
+        """
+        results: builtins.list[_Result] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if stores:
+                _insert_stores(conn, stores)
+                results += [(op.future, format_queue_id(op.msg_id), None) for op in stores]
+            for op in others:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op.apply(conn)
+                except Exception as exc:
+                    if isinstance(exc, sqlite3.Error) and not isinstance(
+                        exc, sqlite3.IntegrityError
+                    ):
+                        raise
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((op.future, None, self._op_error(op, exc)))
+                else:
+                    conn.execute("RELEASE op")
+                    results.append((op.future, value, None))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        return results
+
+    def _space_refusal(
+        self, conn: sqlite3.Connection, stores: builtins.list[_Store]
+    ) -> SpoolError | None:
+        if self.min_free <= 0:
+            return None
+        need = self.min_free + 2 * sum(op.nbytes for op in stores)
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return None  # let the write itself tell
+        available = st.f_bavail * st.f_frsize
+        if available >= need:
+            return None
+        # pages freed by delivered messages are reused before the file grows
+        available += conn.execute("PRAGMA freelist_count").fetchone()[0] * self._page_size
+        if available >= need:
+            return None
+        return SpoolError(
+            f"spool {self.path}: not enough disk space to accept mail"
+            f" ({available} bytes available, {self.min_free} kept free)"
+        )
+
+    def _write_error(self, exc: sqlite3.Error) -> SpoolError:
+        return SpoolError(f"spool {self.db_path}: write failed: {_describe(exc)}")
+
+    def _op_error(self, op: _Op, exc: Exception) -> SpoolError:
+        if isinstance(exc, SpoolError):
+            return exc
+        return SpoolError(
+            f"spool {self.db_path}: cannot {op.verb} message {format_queue_id(op.msg_id)}: {exc}"
+        )
+
+    @staticmethod
+    def _after_write_error(conn: sqlite3.Connection) -> None:
+        # After "disk full" the WAL may hold frames that cannot be checkpointed into the
+        # database yet; try now, so that space given back is used for it first.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _open_writer(self) -> sqlite3.Connection:
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise SpoolError(f"spool path {path} exists and is not a directory")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(f"cannot create spool directory {path}: {exc.strerror}") from exc
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise SpoolError(f"spool directory {path} is not writable")
+        self._lock_dir()
+        if self.db_path.exists() and not self.db_path.is_file():
+            raise SpoolError(f"spool database {self.db_path} exists and is not a file")
+        try:
+            conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot open spool database {self.db_path}: {exc}") from exc
+        try:
+            self._prepare(conn)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise SpoolError(
+                    f"cannot open spool database {self.db_path}: {_describe(exc)}"
+                ) from exc
+            raise
+        assert self._dir_fd is not None
+        with contextlib.suppress(OSError):
+            os.fsync(self._dir_fd)  # the directory entries of a new database
+        return conn
+
+    def _check_schema(self, conn: sqlite3.Connection, *, new_ok: bool = False) -> None:
+        """SpoolError unless the database is a ferrymail spool this code can use (or, with
+        `new_ok`, an empty database that is about to become one)."""
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if app_id != APPLICATION_ID:
+            tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+            if not (new_ok and app_id == 0 and tables == 0):
+                raise SpoolError(f"{self.db_path} is not a ferrymail spool database")
+        if version > SCHEMA_VERSION:
+            raise SpoolError(
+                f"spool {self.db_path} has schema version {version}, newer than this"
+                f" ferrymail's ({SCHEMA_VERSION})"
+            )
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        self._check_schema(conn, new_ok=True)
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise SpoolError(
+                f"spool {self.db_path}: the file system does not support SQLite WAL mode"
+            )
+        conn.execute(f"PRAGMA synchronous = {'FULL' if self.fsync else 'OFF'}")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        conn.execute("PRAGMA cache_size = -16384")
+        self._page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        # Between checkpoints the WAL grows by every page each commit touches. Checkpointing
+        # by a quarter of `min_free` keeps a full WAL cycle inside the space kept free, so
+        # that deletions and delivery results can still be written when stores are refused.
+        wal_pages = 1000  # SQLite's default (4 MiB)
+        if self.min_free > 0:
+            wal_pages = max(16, min(wal_pages, self.min_free // (4 * self._page_size)))
+        conn.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        highest = conn.execute("SELECT MAX(id) FROM messages").fetchone()[0]
+        if highest is not None:
+            self._ids.seed(highest)
+
+    def _lock_dir(self) -> None:
+        """Hold an exclusive lock on the directory while open: one process per spool."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise SpoolError(f"cannot open spool directory {self.path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise SpoolError(
+                f"spool directory {self.path} is in use by another process (or spool)"
+            ) from exc
+        self._dir_fd = fd
+
+    def _release_dir(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)  # also drops the lock
+            self._dir_fd = None
+
+
+@contextlib.contextmanager
+def _read_transaction(conn: sqlite3.Connection) -> Any:
+    """One snapshot for several SELECTs."""
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    name = getattr(exc, "sqlite_errorname", None)
+    return f"{exc} ({name})" if name else str(exc)
