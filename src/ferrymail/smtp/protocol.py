@@ -88,6 +88,11 @@ class ReplyParser:
         self._code: int | None = None
         self._lines: list[str] = []
 
+    @property
+    def pending(self) -> bool:
+        """True while part of a reply (a partial line or unfinished multi-line) is buffered."""
+        return bool(self._buf or self._lines)
+
     def feed(self, data: bytes) -> list[Reply]:
         self._buf += data
         replies: list[Reply] = []

@@ -1,0 +1,781 @@
+"""Outbound SMTP session over asyncio: PIPELINING, STARTTLS, per-recipient results.
+
+Built on the sans-IO core in `ferrymail.smtp.protocol`. The connection is an `asyncio.Protocol`
+that feeds every chunk straight into a `ReplyParser`; a pipelined transaction is one write
+(MAIL, every RCPT and DATA) followed by reading the replies in order (RFC 2920).
+
+Outcomes come in two shapes. A reply that decides a transaction is a result
+(`TransactionResult`, read per recipient with `reply_for`); a session refused at the banner or
+EHLO raises `SMTPReplyError` carrying the reply. Everything else that goes wrong (DNS aside)
+raises `DeliveryError` with a kind: network, proxy, tls, protocol, config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from ferrymail.delivery.connect import Source, Timeouts, describe_path, hostport, open_socket
+from ferrymail.delivery.errors import DeliveryError, SMTPReplyError
+from ferrymail.smtp.protocol import (
+    Reply,
+    ReplyParser,
+    SMTPProtocolError,
+    dot_stuff,
+    mail_command,
+    parse_ehlo,
+    rcpt_command,
+)
+
+QUIT_TIMEOUT = 5.0
+DEFAULT_TIMEOUTS = Timeouts()
+_EOF_VIA_PROXY = "the proxy could not bind the source IP or reach the MX"
+
+TLSContextFactory = Callable[[bool], ssl.SSLContext]
+
+
+class TLSMode(StrEnum):
+    """STARTTLS policy (Halon's ``session.tls.mode`` values)."""
+
+    DISABLED = "disabled"
+    OPTIONAL = "optional"  # STARTTLS when offered, certificate not checked
+    OPTIONAL_VERIFY = "optional_verify"  # STARTTLS when offered, certificate must verify
+    REQUIRE = "require"  # STARTTLS must be offered and succeed, certificate not checked
+    REQUIRE_VERIFY = "require_verify"  # STARTTLS must succeed with a verified certificate
+
+    @property
+    def required(self) -> bool:
+        return self in (TLSMode.REQUIRE, TLSMode.REQUIRE_VERIFY)
+
+    @property
+    def verify(self) -> bool:
+        return self in (TLSMode.OPTIONAL_VERIFY, TLSMode.REQUIRE_VERIFY)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    address: str
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class TransactionResult:
+    """What the peer said to one transaction.
+
+    ``state`` is the phase of the deciding reply: ``MAIL`` (sender refused), ``RCPT`` (every
+    recipient refused), ``DATA`` (DATA command refused) or ``EOD`` (the end-of-data reply,
+    which decides for every accepted recipient). ``data`` is the DATA command's reply when it
+    was refused, else the end-of-data reply (None when DATA was never reached).
+    """
+
+    mail: Reply | None
+    recipients: tuple[RecipientResult, ...]
+    data: Reply | None
+    state: str
+
+    @property
+    def reply(self) -> Reply:
+        """The deciding reply (for RCPT: the first recipient's)."""
+        if self.state == "MAIL" or not self.recipients:
+            assert self.mail is not None
+            return self.mail
+        if self.state == "RCPT" or self.data is None:
+            return self.recipients[0].reply
+        return self.data
+
+    def reply_for(self, address: str) -> Reply:
+        """The effective outcome for one recipient.
+
+        MAIL's reply if MAIL was refused, else the RCPT reply if that was not 2xx, else the
+        DATA/end-of-data reply.
+        """
+        if self.mail is not None and not _ok(self.mail):
+            return self.mail
+        for r in self.recipients:
+            if r.address == address:
+                if not _ok(r.reply) or self.data is None:
+                    return r.reply
+                return self.data
+        raise KeyError(f"{address!r} was not a recipient of this transaction")
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        """Recipients whose effective outcome is 2xx (delivered)."""
+        return tuple(r.address for r in self.recipients if _ok(self.reply_for(r.address)))
+
+
+def _ok(reply: Reply) -> bool:
+    return 200 <= reply.code < 300
+
+
+def match_pipelined(replies: Sequence[Reply], n_rcpt: int
+                    ) -> tuple[Reply, tuple[Reply, ...], Reply]:
+    """Assign the replies of a pipelined ``MAIL, RCPT x n_rcpt, DATA`` group, in order.
+
+    A 421 means the server is closing: it stands for itself and every reply not received.
+    Raises ValueError when there are too few replies and no 421.
+    """
+    need = n_rcpt + 2
+    got = list(replies[:need])
+    closing = next((r for r in got if r.code == 421), None)
+    if closing is not None:
+        got = got[: got.index(closing) + 1]
+        got += [closing] * (need - len(got))
+    if len(got) < need:
+        raise ValueError(f"{len(got)} replies for a pipelined group of {need} commands")
+    return got[0], tuple(got[1:-1]), got[-1]
+
+
+def decide(recipients: Sequence[str], mail: Reply, rcpts: Sequence[Reply] = (),
+           data_cmd: Reply | None = None, eod: Reply | None = None) -> TransactionResult:
+    """Build the result of a transaction from the replies received so far.
+
+    Raises SMTPProtocolError for a reply no command may get (e.g. 250 to DATA, 354 to RCPT):
+    reading it as a result could count an unsent message as delivered.
+    """
+    _expect("MAIL", mail, _FINAL)
+    for r in rcpts:
+        _expect("RCPT", r, _FINAL)
+    if data_cmd is not None:
+        _expect("DATA", data_cmd, _DATA)
+    if eod is not None:
+        _expect("EOD", eod, _FINAL)
+    results = tuple(RecipientResult(a, r) for a, r in zip(recipients, rcpts, strict=False))
+    if not _ok(mail):
+        return TransactionResult(mail, results, None, "MAIL")
+    if len(results) < len(recipients) or not any(_ok(r.reply) for r in results):
+        return TransactionResult(mail, results, None, "RCPT")
+    if data_cmd is None or data_cmd.code != 354:
+        return TransactionResult(mail, results, data_cmd, "DATA")
+    return TransactionResult(mail, results, eod, "EOD")
+
+
+_FINAL = (2, 4, 5)
+_DATA = (3, 4, 5)
+
+
+def _expect(state: str, reply: Reply, classes: tuple[int, ...]) -> None:
+    if reply.code // 100 not in classes or (state == "DATA" and reply.code // 100 == 3
+                                             and reply.code != 354):
+        raise SMTPProtocolError(f"unexpected reply to {state}: {reply}")
+
+
+def transaction_parameters(extensions: dict[str, str], sender: str, recipients: Sequence[str],
+                           data: bytes, extra: dict[str, str] | None = None,
+                           peer: str = "the MX") -> dict[str, str]:
+    """MAIL FROM parameters for this message and this peer (SIZE, BODY, SMTPUTF8).
+
+    Refuses (DeliveryError kind protocol, permanent) a message the peer cannot take: larger
+    than its SIZE, 8-bit without 8BITMIME, non-ASCII addresses without SMTPUTF8.
+    """
+    params: dict[str, str] = {}
+    size = len(data)
+    if "SIZE" in extensions:
+        limit_text = extensions["SIZE"].split(" ", 1)[0]
+        limit = int(limit_text) if limit_text.isdigit() else 0
+        if limit and size > limit:
+            raise DeliveryError("protocol", f"message of {size} bytes exceeds the {limit}-byte "
+                                f"size limit of {peer}", temporary=False)
+        params["SIZE"] = str(size)
+    if not data.isascii():
+        if "8BITMIME" not in extensions:
+            raise DeliveryError("protocol", f"message has 8-bit content but {peer} does not "
+                                "offer 8BITMIME", temporary=False)
+        params["BODY"] = "8BITMIME"
+    if not (sender.isascii() and all(r.isascii() for r in recipients)):
+        if "SMTPUTF8" not in extensions:
+            raise DeliveryError("protocol", f"non-ASCII address but {peer} does not offer "
+                                "SMTPUTF8", temporary=False)
+        params["SMTPUTF8"] = ""
+    if extra:
+        params.update(extra)
+    return params
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+_DEFAULT_CONTEXTS: dict[bool, ssl.SSLContext] = {}
+
+
+def default_tls_context(verify: bool) -> ssl.SSLContext:
+    """Shared client contexts: system CAs + hostname check, or no check at all. TLS ≥ 1.2."""
+    ctx = _DEFAULT_CONTEXTS.get(verify)
+    if ctx is None:
+        if verify:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        _DEFAULT_CONTEXTS[verify] = ctx
+    return ctx
+
+
+# --------------------------------------------------------------------------- connection
+
+
+class _ReadFailure(Exception):
+    def __init__(self, why: str, detail: str = "") -> None:
+        super().__init__(why)
+        self.why = why  # "timeout" | "eof" | "protocol"
+        self.detail = detail
+
+
+class _Connection(asyncio.Protocol):
+    """Feeds received bytes into the reply parser and wakes the reader when enough arrived."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = ReplyParser()
+        self.replies: collections.deque[Reply] = collections.deque()
+        self.want = 1
+        self.waiter: asyncio.Future[None] | None = None
+        self.closed = False
+        self.closing_reply = False  # a 421 arrived
+        self.error: SMTPProtocolError | None = None
+        self._paused = False
+        self._drain: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        try:
+            new = self.parser.feed(data)
+        except SMTPProtocolError as e:
+            self.error = e
+            self._wake()
+            return
+        if new:
+            self.replies.extend(new)
+            if any(r.code == 421 for r in new):
+                self.closing_reply = True
+            if len(self.replies) >= self.want or self.closing_reply:
+                self._wake()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+        self._resume()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._resume()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _resume(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    async def drain(self) -> None:
+        while self._paused and not self.closed:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    async def wait_replies(self, n: int) -> None:
+        loop = asyncio.get_running_loop()
+        while (len(self.replies) < n and not self.closed and self.error is None
+               and not self.closing_reply):
+            self.want = n
+            self.waiter = loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+
+    def take(self, n: int) -> list[Reply]:
+        """Up to n replies, stopping after a 421."""
+        out: list[Reply] = []
+        while self.replies and len(out) < n:
+            r = self.replies.popleft()
+            out.append(r)
+            if r.code == 421:
+                break
+        return out
+
+
+class SMTPClient:
+    """One outbound SMTP connection; `connect` it, `send` one or more transactions, `quit`."""
+
+    def __init__(self, source: Source, dest_ip: str, dest_port: int, mx_host: str,
+                 tls: TLSMode, timeouts: Timeouts, local_ip: str,
+                 transport: asyncio.Transport, conn: _Connection,
+                 tls_context_factory: TLSContextFactory | None) -> None:
+        self._source = source
+        self._remote_ip = dest_ip
+        self._remote_port = dest_port
+        self._mx_host = mx_host
+        self._tls_mode = tls
+        self._timeouts = timeouts
+        self._local_ip = local_ip
+        self._transport = transport
+        self._conn = conn
+        self._tls_factory = tls_context_factory or default_tls_context
+        self._banner: Reply | None = None
+        self._ehlo_reply: Reply | None = None
+        self._extensions: dict[str, str] = {}
+        self._esmtp = True
+        self._tls_started = False
+        self._tls_version: str | None = None
+        self._tls_cipher: str | None = None
+        self._transactions = 0
+        self._broken = False
+        self._peer = (f"{mx_host} [{dest_ip}]:{dest_port}" if mx_host and mx_host != dest_ip
+                      else hostport(dest_ip, dest_port))
+        self._path = describe_path(source, dest_ip, dest_port, mx_host)
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def source(self) -> Source:
+        return self._source
+
+    @property
+    def local_ip(self) -> str:
+        """The source IP the MX sees (with a proxy: the one named in the PROXY header)."""
+        return self._local_ip
+
+    @property
+    def remote_ip(self) -> str:
+        return self._remote_ip
+
+    @property
+    def remote_port(self) -> int:
+        return self._remote_port
+
+    @property
+    def mx_host(self) -> str:
+        return self._mx_host
+
+    @property
+    def tls_mode(self) -> TLSMode:
+        return self._tls_mode
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self._timeouts
+
+    @property
+    def banner(self) -> Reply | None:
+        return self._banner
+
+    @property
+    def ehlo_reply(self) -> Reply | None:
+        """The reply to the last EHLO (or HELO, see `esmtp`)."""
+        return self._ehlo_reply
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        """EHLO keywords (upper case) to their parameters; empty after a HELO fallback."""
+        return dict(self._extensions)
+
+    @property
+    def esmtp(self) -> bool:
+        """False when the session fell back to HELO."""
+        return self._esmtp
+
+    @property
+    def tls_started(self) -> bool:
+        return self._tls_started
+
+    @property
+    def tls_version(self) -> str | None:
+        return self._tls_version
+
+    @property
+    def tls_cipher(self) -> str | None:
+        return self._tls_cipher
+
+    @property
+    def transactions(self) -> int:
+        """Transactions completed on this connection (whatever their outcome)."""
+        return self._transactions
+
+    @property
+    def helo(self) -> str:
+        return self._source.helo
+
+    @property
+    def proxied(self) -> bool:
+        return self._source.proxy is not None
+
+    @property
+    def usable(self) -> bool:
+        """True while another transaction can be sent on this connection.
+
+        Unsolicited bytes from the peer between transactions also make it unusable: the
+        replies would no longer match the commands.
+        """
+        conn = self._conn
+        return not (self._broken or conn.closed or conn.closing_reply or conn.replies
+                    or conn.parser.pending or self._transport.is_closing())
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self._extensions
+
+    def connection_info(self) -> dict[str, object]:
+        """``connection{localip, localipid, remoteip, remotemx, helo, transactions, tls{…}}``."""
+        tls: dict[str, object] = {"started": self._tls_started}
+        if self._tls_started:
+            tls.update(protocol=self._tls_version, cipher=self._tls_cipher)
+        return {"localip": self._local_ip, "localipid": self._source.address_id,
+                "remoteip": self._remote_ip, "remotemx": self._mx_host, "helo": self.helo,
+                "transactions": self._transactions, "tls": tls}
+
+    # ----------------------------------------------------------------- setup
+
+    @classmethod
+    async def connect(cls, source: Source, dest_ip: str, dest_port: int, *, mx_host: str = "",
+                      tls: TLSMode = TLSMode.OPTIONAL, timeouts: Timeouts = DEFAULT_TIMEOUTS,
+                      tls_context_factory: TLSContextFactory | None = None) -> SMTPClient:
+        """Open the connection (direct or proxied), read the banner, EHLO, STARTTLS per `tls`.
+
+        Raises `SMTPReplyError` for a refusing banner or EHLO, `DeliveryError` otherwise.
+        """
+        tls = TLSMode(tls)
+        helo = source.helo
+        if not helo or not helo.isprintable() or " " in helo:
+            raise DeliveryError("config", f"invalid HELO name {helo!r} for source "
+                                f"{source.address or '(any)'}", temporary=False)
+        sock, local_ip = await open_socket(source, dest_ip, dest_port, timeouts, mx_host=mx_host)
+        loop = asyncio.get_running_loop()
+        try:
+            transport, conn = await loop.create_connection(_Connection, sock=sock)
+        except OSError as e:
+            sock.close()
+            raise DeliveryError("network", f"cannot set up the connection "
+                                f"{describe_path(source, dest_ip, dest_port, mx_host)}: "
+                                f"{e}") from None
+        client = cls(source, dest_ip, dest_port, mx_host, tls, timeouts, local_ip,
+                     transport, conn, tls_context_factory)
+        try:
+            await client._setup()
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    async def _setup(self) -> None:
+        try:
+            (self._banner,) = await self._read(1, self._timeouts.banner)
+        except _ReadFailure as f:
+            raise self._banner_error(f) from None
+        if self._banner.code != 220:
+            await self.quit()
+            raise SMTPReplyError(self._banner, "CONNECT",
+                                 f"{self._peer} refused the session {self._path}: "
+                                 f"{self._banner}")
+        await self._ehlo()
+        if self._tls_mode is not TLSMode.DISABLED:
+            await self._starttls()
+
+    def _banner_error(self, f: _ReadFailure) -> DeliveryError:
+        t = self._timeouts.banner
+        proxy = self._source.proxy
+        if proxy is not None and f.why in ("eof", "timeout"):
+            what = "EOF before banner" if f.why == "eof" else f"no banner within {t:g}s"
+            reason = _EOF_VIA_PROXY if f.why == "eof" else _EOF_VIA_PROXY + ", or the MX is silent"
+            return DeliveryError("proxy", f"{what} via proxy {proxy} from source "
+                                 f"{self._source.address} to {self._peer}: {reason}")
+        if f.why == "eof":
+            return DeliveryError("network", f"connection closed by {self._peer} before the "
+                                 f"banner ({self._path})")
+        if f.why == "timeout":
+            return DeliveryError("network", f"no banner from {self._peer} within {t:g}s "
+                                 f"({self._path})")
+        return DeliveryError("protocol", f"bad banner from {self._peer} ({self._path}): "
+                             f"{f.detail}")
+
+    async def _ehlo(self) -> None:
+        reply = await self._command(f"EHLO {self.helo}\r\n".encode(), "EHLO")
+        if _ok(reply):
+            self._ehlo_reply = reply
+            self._extensions = parse_ehlo(reply)
+            self._esmtp = True
+            return
+        if reply.code >= 500 and not self._tls_mode.required:
+            helo = await self._command(f"HELO {self.helo}\r\n".encode(), "EHLO")
+            if _ok(helo):
+                self._ehlo_reply = helo
+                self._extensions = {}
+                self._esmtp = False
+                return
+            reply = helo
+        elif reply.code >= 500 and self._tls_mode.required:
+            await self.quit()
+            raise DeliveryError("tls", f"TLS is required but {self._peer} refused EHLO "
+                                f"({reply}), so STARTTLS is impossible ({self._path})")
+        await self.quit()
+        raise SMTPReplyError(reply, "EHLO", f"{self._peer} refused EHLO {self.helo} "
+                             f"({self._path}): {reply}")
+
+    async def _starttls(self) -> None:
+        mode = self._tls_mode
+        if "STARTTLS" not in self._extensions:
+            if mode.required:
+                await self.quit()
+                raise DeliveryError("tls", f"TLS is required but {self._peer} does not offer "
+                                    f"STARTTLS ({self._path})")
+            return
+        reply = await self._command(b"STARTTLS\r\n", "STARTTLS")
+        if reply.code != 220:
+            if reply.code == 421 or mode.required:
+                await self.quit()
+                raise DeliveryError("tls", f"{self._peer} refused STARTTLS ({reply}) "
+                                    f"({self._path})")
+            return  # optional: go on in plaintext
+        conn = self._conn
+        if conn.replies or conn.parser.pending:
+            # Bytes after the 220 were sent in plaintext and must not be read as if protected.
+            raise DeliveryError("tls", f"{self._peer} sent data after its STARTTLS reply "
+                                f"(response injection?) ({self._path})")
+        verify = mode.verify
+        ctx = self._tls_factory(verify)
+        name = self._mx_host or self._remote_ip
+        server_hostname = name if (verify or self._mx_host) else None
+        loop = asyncio.get_running_loop()
+        t = self._timeouts.command
+        try:
+            async with asyncio.timeout(t):
+                new = await loop.start_tls(self._transport, conn, ctx,
+                                           server_hostname=server_hostname,
+                                           ssl_handshake_timeout=t)
+        except ssl.SSLCertVerificationError as e:
+            self._broken = True
+            raise DeliveryError("tls", f"TLS certificate verification failed for {self._peer} "
+                                f"(checked name {name}): {e.verify_message} "
+                                f"({self._path})") from None
+        except TimeoutError:
+            self._broken = True
+            raise DeliveryError("tls", f"TLS handshake with {self._peer} timed out after "
+                                f"{t:g}s ({self._path})") from None
+        except (ssl.SSLError, OSError, EOFError) as e:
+            self._broken = True
+            detail = getattr(e, "reason", None) or str(e) or type(e).__name__
+            raise DeliveryError("tls", f"TLS handshake with {self._peer} failed: {detail} "
+                                f"({self._path})") from None
+        if new is None:
+            self._broken = True
+            raise DeliveryError("tls", f"TLS handshake with {self._peer} failed: connection "
+                                f"closed ({self._path})")
+        self._transport = new
+        conn.transport = new
+        sslobj = new.get_extra_info("ssl_object")
+        self._tls_started = True
+        if sslobj is not None:
+            self._tls_version = sslobj.version()
+            cipher = sslobj.cipher()
+            self._tls_cipher = cipher[0] if cipher else None
+        self._extensions = {}
+        reply = await self._command(f"EHLO {self.helo}\r\n".encode(), "EHLO")
+        if not _ok(reply):
+            await self.quit()
+            raise SMTPReplyError(reply, "EHLO", f"{self._peer} refused EHLO after STARTTLS "
+                                 f"({self._path}): {reply}")
+        self._ehlo_reply = reply
+        self._extensions = parse_ehlo(reply)
+
+    # ----------------------------------------------------------------- I/O
+
+    async def _read(self, n: int, timeout: float) -> list[Reply]:
+        """n replies (fewer only when a 421 arrived); raises _ReadFailure otherwise."""
+        conn = self._conn
+        try:
+            async with asyncio.timeout(timeout):
+                await conn.wait_replies(n)
+        except TimeoutError:
+            self._broken = True
+            raise _ReadFailure("timeout") from None
+        got = conn.take(n)
+        if len(got) == n or (got and got[-1].code == 421):
+            return got
+        self._broken = True
+        if conn.error is not None:
+            raise _ReadFailure("protocol", str(conn.error))
+        raise _ReadFailure("eof")
+
+    def _read_error(self, f: _ReadFailure, state: str, timeout: float) -> DeliveryError:
+        if f.why == "timeout":
+            msg = (f"timeout after {timeout:g}s waiting for the reply to {state} from "
+                   f"{self._peer} ({self._path})")
+            return DeliveryError("network", msg)
+        if f.why == "eof":
+            return DeliveryError("network", f"connection closed by {self._peer} while waiting "
+                                 f"for the reply to {state} ({self._path})")
+        return DeliveryError("protocol", f"bad reply to {state} from {self._peer} "
+                             f"({self._path}): {f.detail}")
+
+    def _write(self, data: bytes) -> None:
+        if self._transport.is_closing():
+            self._broken = True
+            raise DeliveryError("network", f"connection to {self._peer} is closed "
+                                f"({self._path})")
+        self._transport.write(data)
+
+    async def _command(self, line: bytes, state: str, timeout: float | None = None) -> Reply:
+        """Send one command and read its reply."""
+        t = self._timeouts.command if timeout is None else timeout
+        self._write(line)
+        try:
+            (reply,) = await self._read(1, t)
+        except _ReadFailure as f:
+            raise self._read_error(f, state, t) from None
+        if reply.code == 421:
+            self._broken = True
+        return reply
+
+    # ----------------------------------------------------------------- transactions
+
+    async def send(self, sender: str, recipients: Sequence[str], data: bytes, *,
+                   mail_params: dict[str, str] | None = None) -> TransactionResult:
+        """One transaction: MAIL, RCPT for each recipient, DATA with `data` (CRLF lines).
+
+        Pipelined when the peer offers PIPELINING. A refused message is a result; a failure
+        that leaves no reply raises DeliveryError (and the connection is no longer usable,
+        except for refusals before anything was sent: size, 8BITMIME, SMTPUTF8, bad address).
+        """
+        if not recipients:
+            raise ValueError("a transaction needs at least one recipient")
+        if not self.usable:
+            raise DeliveryError("network", f"connection to {self._peer} is no longer usable "
+                                f"({self._path})")
+        params = transaction_parameters(self._extensions, sender, recipients, data,
+                                        mail_params, self._peer)
+        try:
+            mail = mail_command(sender, params)
+            rcpts = [rcpt_command(r) for r in recipients]
+        except SMTPProtocolError as e:
+            raise DeliveryError("protocol", f"cannot send to {self._peer}: {e}",
+                                temporary=False) from None
+        body = dot_stuff(data)
+        try:
+            if self.pipelining:
+                result = await self._send_pipelined(recipients, mail, rcpts, body)
+            else:
+                result = await self._send_lockstep(recipients, mail, rcpts, body)
+        except SMTPProtocolError as e:
+            self.close()
+            raise DeliveryError("protocol", f"{self._peer} broke the protocol "
+                                f"({self._path}): {e}") from None
+        except BaseException:
+            self.close()
+            raise
+        self._transactions += 1
+        if result.state != "EOD" and self.usable:
+            await self._reset()
+        if not self.usable:
+            self.close()
+        return result
+
+    async def _send_pipelined(self, recipients: Sequence[str], mail: bytes, rcpts: list[bytes],
+                              body: bytes) -> TransactionResult:
+        t = self._timeouts.command
+        self._write(b"".join((mail, *rcpts, b"DATA\r\n")))
+        try:
+            replies = await self._read(len(rcpts) + 2, t)
+        except _ReadFailure as f:
+            raise self._read_error(f, "MAIL/RCPT/DATA", t) from None
+        mail_r, rcpt_rs, data_r = match_pipelined(replies, len(rcpts))
+        result = decide(recipients, mail_r, rcpt_rs, data_r)
+        if data_r.code == 354:
+            if result.state == "EOD":
+                eod = await self._end_data(body)
+                return decide(recipients, mail_r, rcpt_rs, data_r, eod)
+            # RFC 2920: DATA was accepted although MAIL or every RCPT failed; end it empty.
+            await self._end_data(b".\r\n")
+        return result
+
+    async def _send_lockstep(self, recipients: Sequence[str], mail: bytes, rcpts: list[bytes],
+                             body: bytes) -> TransactionResult:
+        mail_r = await self._command(mail, "MAIL")
+        if not _ok(mail_r):
+            return decide(recipients, mail_r)
+        rcpt_rs: list[Reply] = []
+        for line in rcpts:
+            r = await self._command(line, "RCPT")
+            rcpt_rs.append(r)
+            if r.code == 421:
+                rcpt_rs += [r] * (len(rcpts) - len(rcpt_rs))
+                return decide(recipients, mail_r, rcpt_rs)
+        if not any(_ok(r) for r in rcpt_rs):
+            return decide(recipients, mail_r, rcpt_rs)
+        data_r = await self._command(b"DATA\r\n", "DATA")
+        if data_r.code != 354:
+            return decide(recipients, mail_r, rcpt_rs, data_r)
+        eod = await self._end_data(body)
+        return decide(recipients, mail_r, rcpt_rs, data_r, eod)
+
+    async def _end_data(self, body: bytes) -> Reply:
+        t = self._timeouts.data
+        self._write(body)
+        try:
+            async with asyncio.timeout(t):
+                await self._conn.drain()
+        except TimeoutError:
+            self._broken = True
+            raise self._read_error(_ReadFailure("timeout"), "EOD", t) from None
+        try:
+            (reply,) = await self._read(1, t)
+        except _ReadFailure as f:
+            raise self._read_error(f, "EOD", t) from None
+        if reply.code == 421:
+            self._broken = True
+        return reply
+
+    async def _reset(self) -> None:
+        """RSET after a failed transaction; a connection that cannot reset is not reused."""
+        try:
+            reply = await self._command(b"RSET\r\n", "RSET")
+        except DeliveryError:
+            self._broken = True
+            return
+        if not _ok(reply):
+            self._broken = True
+
+    # ----------------------------------------------------------------- teardown
+
+    async def quit(self) -> None:
+        """QUIT (waiting briefly for the reply) and close; never raises."""
+        try:
+            if not (self._conn.closed or self._transport.is_closing()):
+                self._transport.write(b"QUIT\r\n")
+                await self._read(1, min(self._timeouts.command, QUIT_TIMEOUT))
+        except Exception:
+            pass
+        finally:
+            self._broken = True
+            self._transport.close()
+
+    def close(self) -> None:
+        """Close at once (no QUIT)."""
+        self._broken = True
+        if self._conn.closed:
+            self._transport.close()
+        else:
+            self._transport.abort()
+
+    def __repr__(self) -> str:
+        return f"<SMTPClient {self._path} tls={self._tls_started} usable={self.usable}>"
