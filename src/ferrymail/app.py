@@ -1,0 +1,257 @@
+"""The application: everything built from the startup and running configuration.
+
+``App`` owns the spool, the inbound SMTP servers and any further components (the outbound
+delivery engine plugs in as one), starts them in order, stops them in order, and swaps the
+running configuration on reload. ``run()`` adds the process side: pidfile and signals.
+
+A component is anything with ``name``, ``async start()`` and ``async stop()``; it reads the
+current running configuration through ``app.running`` whenever it needs it (the attribute is
+replaced as a whole on reload, never mutated) and may register ``app.on_reload(callback)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from ferrymail.config import (
+    ConfigError,
+    RunningConfig,
+    StartupConfig,
+    cross_check,
+    load_running,
+    load_startup,
+)
+from ferrymail.delivery.engine import DeliveryEngine
+from ferrymail.observe.log import log_event
+from ferrymail.smtp.server import SMTPServer
+from ferrymail.spool import SqliteSpool
+
+DEFAULT_GRACE = 5.0
+
+
+class Component(Protocol):
+    """Something the App starts after the spool and stops before closing it."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class _InboundServer:
+    """Adapts an SMTPServer to the Component interface (stop with the App's grace period)."""
+
+    def __init__(self, server: SMTPServer, grace: float) -> None:
+        self.server = server
+        self.name = f"smtp:{server.id}"
+        self.grace = grace
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop(self) -> None:
+        await self.server.stop(self.grace)
+
+
+class App:
+    """Spool + inbound servers + further components, with a swappable running config."""
+
+    def __init__(self, startup: StartupConfig, running: RunningConfig, *,
+                 startup_file: str | None = None, running_file: str | None = None,
+                 grace: float = DEFAULT_GRACE) -> None:
+        self.startup = startup
+        self.running = running
+        self.startup_file = startup_file
+        self.running_file = running_file
+        self.grace = grace
+        self.spool = SqliteSpool(startup.spool.path, fsync=startup.spool.fsync)
+        # Outbound: reads self.running at each attempt; servers wake it when they store mail.
+        self.delivery = DeliveryEngine(
+            self.spool, lambda: self.running, hostname=startup.environment.hostname,
+            hook_base_dir=Path(running_file).resolve().parent if running_file else None)
+        self.servers: list[SMTPServer] = [
+            SMTPServer(cfg, hostname=startup.hostname_for(cfg.id),
+                       spool=self.delivery.notifying(self.spool), running=lambda: self.running)
+            for cfg in startup.servers
+        ]
+        # Started in this order after the spool, stopped in this order before it closes:
+        # inbound first (stop taking mail), then whatever was added (e.g. delivery).
+        self.components: list[Component] = [_InboundServer(s, grace) for s in self.servers]
+        self.components.append(self.delivery)
+        self._reload_callbacks: list[Callable[[RunningConfig], None]] = [
+            self.delivery.config_changed]
+        self._started: list[Component] = []
+        self._stop_requested: asyncio.Event | None = None
+
+    @classmethod
+    def from_files(cls, startup_file: str | None = None, running_file: str | None = None,
+                   **kwargs: float) -> App:
+        """Load and cross-check both files (None: embedded defaults); raises ConfigError."""
+        startup = load_startup(startup_file)
+        running = load_running(running_file)
+        cross_check(startup, running, running_file or "<embedded running.yaml>")
+        return cls(startup, running, startup_file=startup_file, running_file=running_file,
+                   **kwargs)
+
+    # -- composition
+
+    def add_component(self, component: Component) -> None:
+        """Add a component (e.g. the outbound delivery engine); call before ``start()``."""
+        self.components.append(component)
+
+    def on_reload(self, callback: Callable[[RunningConfig], None]) -> None:
+        """Call ``callback(new_running)`` after each successful reload."""
+        self._reload_callbacks.append(callback)
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Open the spool, then start every component; on failure undo what was started."""
+        await self.spool.start()
+        try:
+            for component in self.components:
+                await component.start()
+                self._started.append(component)
+        except BaseException:
+            await self.stop()
+            raise
+        log_event("app.started", servers=",".join(s.id for s in self.servers),
+                  listeners=",".join(f"{h}:{p}" for s in self.servers for h, p in s.listeners),
+                  spool=str(self.startup.spool.path), pid=os.getpid())
+
+    async def stop(self) -> None:
+        """Stop components in start order, then close the spool."""
+        started, self._started = self._started, []
+        for component in started:
+            try:
+                await component.stop()
+            except Exception as exc:
+                log_event("app.stop_failed", "error", component=component.name,
+                          error=f"{type(exc).__name__}: {exc}")
+        await self.spool.close()
+
+    def reload(self) -> bool:
+        """Re-read the running file; on any error keep the current config and log why."""
+        name = self.running_file or "<embedded running.yaml>"
+        try:
+            new = load_running(self.running_file)
+            cross_check(self.startup, new, name)
+        except ConfigError as exc:
+            for err in exc.errors:
+                log_event("config.reload_failed", "error", file=err.file, line=err.line,
+                          key=err.path, error=err.message, detail=str(err))
+            return False
+        self.set_running(new)
+        log_event("config.reloaded", file=name)
+        return True
+
+    def set_running(self, running: RunningConfig) -> None:
+        """Swap the running configuration (sessions see it at their next RCPT)."""
+        self.running = running
+        for callback in self._reload_callbacks:
+            try:
+                callback(running)
+            except Exception as exc:
+                log_event("config.reload_callback_failed", "error",
+                          error=f"{type(exc).__name__}: {exc}")
+
+    def request_stop(self) -> None:
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def run(self) -> None:
+        """Start, write the pidfile, serve until SIGTERM/SIGINT (SIGHUP reloads), stop."""
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_log_loop_exception)
+        self._stop_requested = asyncio.Event()
+        pidfile = Path(self.startup.environment.pidfile)
+        other = running_pid(pidfile)
+        if other is not None:
+            raise RuntimeError(f"ferrymail is already running (pid {other} in {pidfile})")
+        try:
+            write_pidfile(pidfile)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot write pidfile {pidfile}: {exc.strerror}") from exc
+        try:
+            await self.start()
+        except BaseException:
+            remove_pidfile(pidfile)
+            raise
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        try:
+            await self._stop_requested.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+            remove_pidfile(pidfile)
+            log_event("app.stopped", pid=os.getpid())
+
+    def _on_stop_signal(self, sig: int) -> None:
+        log_event("app.stopping", signal=signal.Signals(sig).name)
+        self.request_stop()
+
+    def _on_hup(self) -> None:
+        self.reload()
+
+
+def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """Unhandled errors in callbacks and tasks: one log line instead of a traceback dump."""
+    exc = context.get("exception")
+    where = exc.__traceback__ if exc is not None else None
+    while where is not None and where.tb_next is not None:
+        where = where.tb_next
+    log_event(
+        "app.unhandled", "error", message=context.get("message"),
+        error=f"{type(exc).__name__}: {exc}" if exc is not None else None,
+        at=(f"{where.tb_frame.f_code.co_filename}:{where.tb_lineno}" if where else None),
+    )
+
+
+def write_pidfile(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def remove_pidfile(path: Path) -> None:
+    """Remove the pidfile if it is still ours."""
+    with contextlib.suppress(OSError, ValueError):
+        if int(path.read_text().strip()) == os.getpid():
+            path.unlink()
+
+
+def running_pid(path: Path) -> int | None:
+    """The pid in ``path`` if that process is alive (and not us), else None."""
+    try:
+        pid = read_pidfile(path)
+    except (OSError, ValueError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def read_pidfile(path: Path) -> int:
+    """The pid in ``path``; OSError/ValueError when missing or not a pid."""
+    text = path.read_text().strip()
+    pid = int(text)
+    if pid <= 0:
+        raise ValueError(f"{path}: {text!r} is not a process id")
+    return pid

@@ -1,0 +1,668 @@
+"""The outbound delivery engine: spool -> scheduler -> hook -> routing -> MX -> SMTP -> results.
+
+One `Job` (the due recipients of one message for one destination) is one attempt:
+
+1. the running config is read through the accessor (a reload applies to the next attempt);
+2. the pre-delivery hook, if configured, decides: try (with overrides), queue, bounce, delete;
+3. sources come from the transport (or the hook) with their HELO and proxy; MX hosts from DNS
+   (or the fixed ``connection.server``), tried in preference order, address by address;
+   a failing proxy or source is marked down and the next source is tried for the same MX
+   address, a failing MX moves on to the next address;
+4. the per-recipient outcome is: delivered (2xx), failed (5xx or a permanent error: a DSN
+   goes to the sender), or deferred (4xx or a temporary error) at the next retry time; a
+   recipient past ``retry.count`` / ``retry.during`` fails with a DSN.
+
+Ordering (nothing lost): a DSN is stored in the spool before the recipient it reports on is
+marked failed, so a crash in between can only repeat the DSN, never lose it. Recipient
+results are durable (`Spool.update`) before the job ends and the queue id is released.
+
+Hook "queue" and a hook error count as one attempt each (the retry count and age limit still
+apply, so a hook that always queues cannot keep a message forever); ``delay`` replaces the
+schedule's interval for that one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ferrymail.config.models import Connection, ResolvedTransport, Retry, RunningConfig
+from ferrymail.delivery import dsn as dsnlib
+from ferrymail.delivery.connect import ProxyRoute, Source, Timeouts
+from ferrymail.delivery.errors import DeliveryError, SMTPReplyError
+from ferrymail.delivery.mx import MXHost, Resolver
+from ferrymail.delivery.pool import ConnectionPool, PoolKey
+from ferrymail.delivery.routing import (
+    HookSource,
+    SourcePlan,
+    SourceRotation,
+    sources_from_hook,
+    transport_sources,
+)
+from ferrymail.delivery.scheduler import Job, Scheduler, plan_retry
+from ferrymail.hooks import HookContext, HookDecision, HookError, PredeliveryHook
+from ferrymail.observe.log import log_event
+from ferrymail.smtp.client import SMTPClient, TLSContextFactory, TLSMode
+from ferrymail.smtp.protocol import Reply
+from ferrymail.spool import (
+    Envelope,
+    MessageNotFound,
+    RecipientRecord,
+    RecipientState,
+    RecipientUpdate,
+    Spool,
+    SpoolError,
+)
+
+MAX_MX_ADDRESSES = 10  # MX addresses tried in one attempt (Postfix's smtp_mx_address_limit: 5)
+STOP_GRACE = 10.0
+
+# Enhanced status for permanent failures that carry no SMTP reply.
+_LOCAL_STATUS = {
+    "nxdomain": "5.1.2",
+    "nullmx": "5.1.10",
+    "nodata": "5.1.2",
+    "ipfamily": "5.4.4",
+    "config": "5.3.5",
+    "protocol": "5.3.4",
+    "tls": "5.7.10",
+}
+
+
+# -- what an attempt produced ------------------------------------------------------------------
+
+
+@dataclass
+class Route:
+    """Where the attempt went (for the log and the DSN's Remote-MTA)."""
+
+    source: Source | None = None
+    mx: str = ""
+    mx_ip: str = ""
+    local_ip: str | None = None
+    tls: bool = False
+
+
+@dataclass
+class Outcome:
+    """Either per-recipient replies, or one error/decision for all recipients of the job."""
+
+    replies: dict[str, Reply] = field(default_factory=dict)
+    error: DeliveryError | None = None
+    hook: HookDecision | None = None  # a queue/bounce/delete decision
+    hook_error: HookError | None = None
+    route: Route = field(default_factory=Route)
+
+
+@dataclass
+class _Result:
+    """One recipient's fate after the attempt."""
+
+    record: RecipientRecord
+    state: RecipientState
+    last_reply: str
+    next_attempt: float
+    notified: int | None = None
+    dsn: dsnlib.RecipientStatus | None = None  # a failed or delayed report to send
+
+
+class _NotifyingSpool:
+    """A spool whose `store` also wakes the engine: what the SMTP server is given."""
+
+    def __init__(self, spool: Spool, on_stored: Callable[[str], None]) -> None:
+        self._spool = spool
+        self._on_stored = on_stored
+
+    async def store(self, envelope: Envelope, data: bytes) -> str:
+        qid = await self._spool.store(envelope, data)
+        self._on_stored(qid)
+        return qid
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._spool, name)
+
+
+class DeliveryEngine:
+    """Delivers what the spool holds; an App component (``start``/``stop``)."""
+
+    name = "delivery"
+
+    def __init__(
+        self,
+        spool: Spool,
+        running: Callable[[], RunningConfig],
+        *,
+        hostname: str,
+        hook_base_dir: Path | None = None,
+        clock: Callable[[], float] = time.time,
+        tls_context_factory: TLSContextFactory | None = None,
+        stop_grace: float = STOP_GRACE,
+        enabled: bool = True,
+    ) -> None:
+        self.spool = spool
+        self.enabled = enabled  # False: mail is only kept (e.g. to measure reception alone)
+        self.running = running
+        self.hostname = hostname
+        self.hook_base_dir = hook_base_dir
+        self.clock = clock
+        self.tls_context_factory = tls_context_factory
+        self.stop_grace = stop_grace
+        self.scheduler = Scheduler(spool, running, self.run_job, clock=clock)
+        self.pool = ConnectionPool()
+        self.rotation = SourceRotation()
+        self._resolver: Resolver | None = None
+        self._resolver_key: object = None
+        self._hook: PredeliveryHook | None = None
+        self._hook_error: str | None = None  # set when the configured hook could not load
+        self._hook_cfg: RunningConfig | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Load the hook (ValueError if it cannot be), then start delivering."""
+        if not self.enabled:
+            log_event("delivery.disabled", reason="outbound delivery is switched off; "
+                      "mail stays in the spool")
+            return
+        cfg = self.running()
+        spec = cfg.scripting.hooks.predelivery
+        if spec is not None:
+            self._hook = PredeliveryHook.load(
+                spec, timeout=cfg.scripting.hooks.timeout, base_dir=self.hook_base_dir)
+        self._hook_cfg = cfg
+        self.pool.start()
+        self.scheduler.start()
+        log_event("delivery.started", hostname=self.hostname,
+                  predelivery=spec, concurrency=cfg.queues.concurrency,
+                  total_concurrency=cfg.queues.total_concurrency)
+
+    async def stop(self) -> None:
+        await self.scheduler.stop(self.stop_grace)
+        await self.pool.close()
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=5)
+
+    def wake(self, queue_id: str | None = None) -> None:
+        """Mail was stored: look at the spool now."""
+        self.scheduler.wake()
+
+    def notifying(self, spool: Spool) -> Spool:
+        """``spool`` with a `store` that wakes this engine (give it to the SMTP servers)."""
+        return _NotifyingSpool(spool, self.wake)  # type: ignore[return-value]
+
+    def config_changed(self, cfg: RunningConfig) -> None:
+        """Reload hook: load the pre-delivery hook again (a broken one keeps the old)."""
+        self._refresh_hook(cfg)
+
+    # -- helpers over the current config
+
+    def _refresh_hook(self, cfg: RunningConfig) -> None:
+        if cfg is self._hook_cfg:
+            return
+        self._hook_cfg = cfg
+        spec = cfg.scripting.hooks.predelivery
+        if spec is None:
+            self._hook, self._hook_error = None, None
+            return
+        try:
+            self._hook = PredeliveryHook.load(
+                spec, timeout=cfg.scripting.hooks.timeout, base_dir=self.hook_base_dir)
+            self._hook_error = None
+            log_event("hook.loaded", hook=spec)
+        except ValueError as e:
+            kept = self._hook.name if self._hook is not None else None
+            if kept is None:
+                self._hook_error = str(e)
+            log_event("hook.error", "error", hook=spec, error=str(e), kept=kept,
+                      effect="kept the previous hook" if kept else "deliveries are deferred")
+
+    def _resolver_for(self, cfg: RunningConfig) -> Resolver:
+        r = cfg.resolver
+        key = (r.nameservers, r.port, r.timeout, r.cache_size)
+        if self._resolver is None or key != self._resolver_key:
+            self._resolver = Resolver([str(n) for n in r.nameservers], port=r.port,
+                                      timeout=r.timeout, cache_size=r.cache_size)
+            self._resolver_key = key
+        return self._resolver
+
+    # -- one attempt
+
+    async def run_job(self, job: Job) -> float | None:
+        """Make one attempt for ``job`` and record every recipient's result in the spool.
+
+        Returns the earliest next attempt time of a recipient it deferred (None if none).
+        """
+        cfg = self.running()
+        self._refresh_hook(cfg)
+        started = time.monotonic()
+        now = self.clock()
+        msg = job.message
+        transport: ResolvedTransport | None
+        try:
+            transport = cfg.transport(job.destination.transport)
+        except KeyError:
+            transport = None
+        data: bytes | None = None
+        if transport is None:
+            what = (f"transport {job.destination.transport!r} is not in the running config"
+                    if job.destination.transport
+                    else f"server {msg.envelope.server_id!r} is not in the running config, "
+                    "so no transport can be chosen")
+            outcome = Outcome(error=DeliveryError("config", what))
+        else:
+            decided = await self._decide_and_deliver(job, cfg, transport)
+            if decided is None:
+                return None  # the message is gone from the spool
+            outcome, data = decided
+        return await self._record(job, cfg, transport, outcome, data, now, started)
+
+    async def _decide_and_deliver(self, job: Job, cfg: RunningConfig,
+                                  transport: ResolvedTransport
+                                  ) -> tuple[Outcome, bytes | None] | None:
+        msg = job.message
+        env = msg.envelope
+        decision: HookDecision | None = None
+        if self._hook_error is not None:
+            return Outcome(error=DeliveryError(
+                "config", f"the pre-delivery hook could not be loaded: {self._hook_error}")), None
+        if self._hook is not None:
+            ctx = HookContext(
+                queue_id=msg.queue_id, sender=env.sender,
+                recipients=tuple(r.address for r in job.recipients),
+                transport=transport.id, retry=min(r.attempts for r in job.recipients),
+                server_id=env.server_id, client_ip=env.client_ip, helo=env.helo,
+                size=env.size, received_at=env.received_at, metadata={},
+            )
+            try:
+                decision = await self._hook(ctx)
+            except HookError as e:
+                log_event("hook.error", "error", qid=msg.queue_id, hook=self._hook.name,
+                          error=str(e), traceback=e.traceback or None)
+                return Outcome(hook_error=e), None
+            if decision.action != "try":
+                return Outcome(hook=decision), None
+        try:
+            data = await self.spool.read(msg.queue_id)
+        except MessageNotFound:
+            log_event("delivery.gone", "warning", qid=msg.queue_id,
+                      reason="message no longer in the spool")
+            return None
+        except SpoolError as e:
+            return Outcome(error=DeliveryError("config", f"cannot read the message: {e}")), None
+        return await self._deliver(job, cfg, transport, decision, data), data
+
+    async def _deliver(self, job: Job, cfg: RunningConfig, transport: ResolvedTransport,
+                       decision: HookDecision | None, data: bytes) -> Outcome:
+        conn = transport.connection
+        d = decision or HookDecision("try")
+        port = d.port or conn.port
+        server = d.server or conn.server
+        tls = TLSMode(d.tls or conn.tls.mode)
+        t = conn.timeout
+        timeouts = Timeouts(connect=d.timeout or t.connect, banner=t.banner, command=t.command,
+                            data=t.data)
+        try:
+            plan = self._source_plan(cfg, transport, d)
+        except DeliveryError as e:
+            return Outcome(error=e)
+        families = [f for f, v in (("ipv4", 4), ("ipv6", 6)) if plan.for_family(v)]
+        if not families:
+            why = "; ".join(plan.problems) or (
+                f"transport {transport.id!r} has no usable source address family")
+            return Outcome(error=DeliveryError("config", why))
+        try:
+            hosts = await self._destinations(cfg, server, job.destination.domain, families)
+        except DeliveryError as e:
+            return Outcome(error=e)
+
+        recipients = [r.address for r in job.recipients]
+        last: DeliveryError | None = None
+        route = Route()
+        tried = 0
+        for host in hosts:
+            for ip in host.addresses:
+                if tried >= MAX_MX_ADDRESSES:
+                    break
+                tried += 1
+                version = ipaddress.ip_address(ip).version
+                family_sources = plan.for_family(version)
+                sources = self.rotation.order((transport.id, version, family_sources),
+                                              family_sources, self.clock(), plan.rotate)
+                if not sources:
+                    continue
+                route = Route(mx=host.name, mx_ip=ip)
+                result = await self._try_address(job, host, ip, port, tls, timeouts, sources,
+                                                 recipients, data, conn, route)
+                if isinstance(result, Outcome):
+                    return result
+                last = result  # this MX address failed or refused: on to the next
+        if last is None:
+            last = DeliveryError("config", f"no source address can reach any MX address of "
+                                 f"{job.destination.domain} ({', '.join(families)} only)")
+        if isinstance(last, SMTPReplyError):
+            out = Outcome(route=route)
+            out.replies = {a: last.reply for a in recipients}
+            return out
+        return Outcome(error=last, route=route)
+
+    def _source_plan(self, cfg: RunningConfig, transport: ResolvedTransport,
+                     d: HookDecision) -> SourcePlan:
+        if d.sourceip is None and d.proxyprotocol is None and not d.no_proxy:
+            plan = transport_sources(transport, self.hostname)
+            if not d.sourceip_random:
+                plan = SourcePlan(plan.ipv4, plan.ipv6, plan.problems, rotate=False)
+            return plan
+        proxy = d.proxyprotocol
+        return sources_from_hook(
+            None if d.sourceip is None else [HookSource(s.address, s.helo) for s in d.sourceip],
+            proxy=None if proxy is None else ProxyRoute(proxy.server, proxy.port, proxy.version),
+            no_proxy=d.no_proxy, transport=transport, cfg=cfg, hostname=self.hostname,
+            rotate=d.sourceip_random,
+        )
+
+    async def _destinations(self, cfg: RunningConfig, server: str | None, domain: str,
+                            families: Sequence[str]) -> list[MXHost]:
+        resolver = self._resolver_for(cfg)
+        if server is None:
+            return await resolver.mx(domain, families=families)
+        addresses = await resolver.addresses(server, families)
+        if not addresses:
+            raise DeliveryError("dns", f"next hop {server} has no {'/'.join(families)} address",
+                                dns="nodata")
+        return [MXHost(server, 0, addresses)]
+
+    async def _try_address(
+        self, job: Job, host: MXHost, ip: str, port: int, tls: TLSMode, timeouts: Timeouts,
+        sources: list[Source], recipients: list[str], data: bytes, conn: Connection,
+        route: Route,
+    ) -> Outcome | DeliveryError:
+        """Deliver via one MX address, trying sources in turn; an Outcome when a transaction
+        ran, else the error that ended the tries on this address."""
+        msg = job.message
+        env = msg.envelope
+        last: DeliveryError | None = None
+        pooled: tuple[Source, SMTPClient] | None = None
+        for src in sources:
+            client = self.pool.take(PoolKey(src, ip, port, tls.value))
+            if client is not None:
+                pooled = (src, client)
+                break
+        order = sources if pooled is None else [pooled[0], *[s for s in sources
+                                                              if s != pooled[0]]]
+        for src in order:
+            route.source = src
+            client = None
+            reused = False
+            if pooled is not None and pooled[0] == src:
+                client, reused = pooled[1], True
+                pooled = None
+            for _ in range(2):  # a reused session the peer dropped gets one fresh connection
+                if client is None:
+                    try:
+                        client = await SMTPClient.connect(
+                            src, ip, port, mx_host=host.name, tls=tls, timeouts=timeouts,
+                            tls_context_factory=self.tls_context_factory)
+                    except SMTPReplyError as e:
+                        self._log_connect_failure(job, src, host, ip, e, "next MX address")
+                        return e
+                    except DeliveryError as e:
+                        last = e
+                        if e.kind == "proxy" and src.proxy is not None:
+                            down_for = self.rotation.health.mark_failed(src.proxy, self.clock())
+                            self._log_connect_failure(job, src, host, ip, e, "next source",
+                                                      proxy_down_s=down_for)
+                            break
+                        if e.kind == "config":  # this source cannot be used (bind, family)
+                            self._log_connect_failure(job, src, host, ip, e, "next source")
+                            break
+                        self._log_connect_failure(job, src, host, ip, e, "next MX address")
+                        return e
+                    if src.proxy is not None:
+                        self.rotation.health.mark_ok(src.proxy)
+                route.local_ip = client.local_ip
+                route.tls = client.tls_started
+                extra = None
+                if "DSN" in client.extensions:
+                    extra = {k.upper(): v for k, v in env.mail_params
+                             if k.upper() in ("RET", "ENVID")} or None
+                try:
+                    result = await client.send(env.sender, recipients, data, mail_params=extra)
+                except DeliveryError as e:
+                    client.close()
+                    if reused and e.temporary and e.kind in ("network", "protocol"):
+                        client, reused = None, False
+                        continue
+                    return Outcome(error=e, route=route)
+                self.pool.put(PoolKey(src, ip, port, tls.value), client,
+                              idle=conn.reuse.idle, max_messages=conn.reuse.messages)
+                return Outcome(replies={a: result.reply_for(a) for a in recipients},
+                               route=route)
+        if pooled is not None:
+            self.pool.put(PoolKey(pooled[0], ip, port, tls.value), pooled[1],
+                          idle=conn.reuse.idle, max_messages=conn.reuse.messages)
+        assert last is not None
+        return last
+
+    def _log_connect_failure(self, job: Job, src: Source, host: MXHost, ip: str,
+                             e: DeliveryError, then: str, **extra: object) -> None:
+        log_event(
+            "delivery.connect_failed", "warning", qid=job.queue_id,
+            transport=job.destination.transport, kind=e.kind, temporary=e.temporary,
+            source_id=src.address_id, source_ip=src.address, helo=src.helo,
+            proxy=str(src.proxy) if src.proxy else "direct", mx=host.name, mx_ip=ip,
+            error=e.message, then=then, **extra,
+        )
+
+    # -- results
+
+    async def _record(self, job: Job, cfg: RunningConfig, transport: ResolvedTransport | None,
+                      outcome: Outcome, data: bytes | None, now: float, started: float
+                      ) -> float | None:
+        msg = job.message
+        env = msg.envelope
+        retry = transport.retry if transport is not None else Retry()
+        results = [self._result(r, outcome, retry, env.received_at, now)
+                   for r in job.recipients]
+
+        failed = [x for x in results if x.dsn is not None and x.dsn.action == "failed"]
+        delayed = [x for x in results if x.dsn is not None and x.dsn.action == "delayed"]
+        for group in (failed, delayed):
+            if not group:
+                continue
+            ok = await self._send_dsn(job, cfg, transport, group, data)
+            if not ok:
+                for x in group:
+                    if x.state is RecipientState.FAILED:  # keep it: try again, bounce later
+                        x.state = RecipientState.DEFERRED
+                        x.next_attempt = now + retry.intervals[0].interval
+                    else:
+                        x.notified = None
+        updates = [
+            RecipientUpdate(x.record.address, x.state, x.record.attempts + 1, x.next_attempt,
+                            x.last_reply, x.notified)
+            for x in results
+        ]
+        try:
+            await self.spool.update(msg.queue_id, updates)
+        except MessageNotFound:
+            log_event("delivery.gone", "warning", qid=msg.queue_id,
+                      reason="message removed from the spool during the attempt")
+        except SpoolError as e:
+            log_event("delivery.record_failed", "error", qid=msg.queue_id, error=str(e),
+                      effect="recipients stay as they were and will be tried again")
+            raise  # the scheduler rests the message instead of retrying it at once
+        finally:
+            self._log_attempt(job, outcome, results, started)
+        deferred = [x.next_attempt for x in results if x.state is RecipientState.DEFERRED]
+        return min(deferred) if deferred else None
+
+    def _result(self, rec: RecipientRecord, outcome: Outcome, retry: Retry, received_at: float,
+                now: float) -> _Result:
+        route = outcome.route
+        remote = route.mx or None
+        reply = outcome.replies.get(rec.address)
+        if reply is not None:
+            text = str(reply)
+            if 200 <= reply.code < 300:
+                return _Result(rec, RecipientState.DELIVERED, text, now)
+            if reply.code >= 500:
+                return _Result(rec, RecipientState.FAILED, text, now, dsn=dsnlib.RecipientStatus(
+                    rec.address, "failed", dsnlib.status_from_reply(reply),
+                    dsnlib.smtp_diagnostic(reply), remote, now))
+            return self._temporary(rec, retry, received_at, now, text,
+                                   dsnlib.smtp_diagnostic(reply),
+                                   dsnlib.status_from_reply(reply, "delayed"), remote)
+        hook = outcome.hook
+        if hook is not None:
+            reason = hook.reason or "no reason given"
+            if hook.action == "delete":
+                return _Result(rec, RecipientState.FAILED,
+                               f"deleted by the pre-delivery hook: {reason}", now)
+            if hook.action == "bounce":
+                text = f"bounced by the pre-delivery hook: {reason}"
+                return _Result(rec, RecipientState.FAILED, text, now, dsn=dsnlib.RecipientStatus(
+                    rec.address, "failed", "5.0.0", dsnlib.local_diagnostic(text), None, now))
+            text = f"queued by the pre-delivery hook: {reason}"
+            return self._temporary(rec, retry, received_at, now, text,
+                                   dsnlib.local_diagnostic(text), "4.0.0", None,
+                                   delay=hook.delay)
+        if outcome.hook_error is not None:
+            text = f"pre-delivery hook failed: {outcome.hook_error}"
+            return self._temporary(rec, retry, received_at, now, text,
+                                   dsnlib.local_diagnostic(text), "4.0.0", None)
+        err = outcome.error or DeliveryError("protocol", "no result")
+        text = f"{err.kind}: {err.message}"
+        if not err.temporary:
+            status = _LOCAL_STATUS.get(err.dns or err.kind, "5.0.0")
+            return _Result(rec, RecipientState.FAILED, text, now, dsn=dsnlib.RecipientStatus(
+                rec.address, "failed", status, dsnlib.local_diagnostic(text), remote, now))
+        return self._temporary(rec, retry, received_at, now, text,
+                               dsnlib.local_diagnostic(text), "4.0.0", remote)
+
+    def _temporary(self, rec: RecipientRecord, retry: Retry, received_at: float, now: float,
+                   text: str, diagnostic: str, status: str, remote: str | None,
+                   delay: float | None = None) -> _Result:
+        plan = plan_retry(retry, rec.attempts + 1, received_at, now, rec.notified)
+        if plan.expired:
+            failed_status = "5.4.7"
+            return _Result(rec, RecipientState.FAILED, f"{text} ({plan.reason})", now,
+                           dsn=dsnlib.RecipientStatus(rec.address, "failed", failed_status,
+                                                      diagnostic, remote, now))
+        next_attempt = plan.next_attempt
+        if delay is not None:
+            next_attempt = min(now + delay, received_at + retry.during)
+        out = _Result(rec, RecipientState.DEFERRED, text, next_attempt)
+        if plan.notify:
+            out.notified = plan.notified
+            out.dsn = dsnlib.RecipientStatus(rec.address, "delayed", status, diagnostic, remote,
+                                             now, received_at + retry.during)
+        return out
+
+    async def _send_dsn(self, job: Job, cfg: RunningConfig, transport: ResolvedTransport | None,
+                        group: list[_Result], data: bytes | None) -> bool:
+        """Store a DSN about ``group``; False if it could not be stored (try again later)."""
+        msg = job.message
+        env = msg.envelope
+        action = group[0].dsn.action if group[0].dsn else "failed"
+        rcpts = ",".join(x.record.address for x in group)
+        if env.sender == "":
+            log_event("dsn.suppressed", qid=msg.queue_id, action=action, rcpts=rcpts,
+                      reason="null sender")
+            return True
+        if data is None:
+            try:
+                data = await self.spool.read(msg.queue_id)
+            except MessageNotFound:
+                data = b""
+            except SpoolError as e:
+                log_event("dsn.failed", "error", qid=msg.queue_id, error=str(e))
+                return False
+        dsn_transport = env.transport or job.destination.transport or None
+        if transport is not None:
+            dsn_transport = transport.dsn.transport if transport.dsn else transport.id
+        envid = next((v for k, v in env.mail_params if k.upper() == "ENVID"), None)
+        now = self.clock()
+        body = dsnlib.build_dsn(
+            reporting_mta=self.hostname, original_sender=env.sender, queue_id=msg.queue_id,
+            arrival=env.received_at, recipients=[x.dsn for x in group if x.dsn], original=data,
+            now=now, envid=envid,
+        )
+        envelope = Envelope(
+            sender="", recipients=(env.sender,), client_ip="127.0.0.1", client_port=0,
+            helo=self.hostname, server_id=env.server_id, transport=dsn_transport,
+            size=len(body), received_at=now,
+        )
+        try:
+            qid = await self.spool.store(envelope, body)
+        except SpoolError as e:
+            log_event("dsn.failed", "error", qid=msg.queue_id, action=action, rcpts=rcpts,
+                      error=str(e), effect="recipients stay queued")
+            return False
+        log_event("dsn.queued", qid=msg.queue_id, dsn_qid=qid, action=action, rcpts=rcpts,
+                  to=env.sender, transport=dsn_transport)
+        self.scheduler.wake()
+        return True
+
+    def _log_attempt(self, job: Job, outcome: Outcome, results: list[_Result],
+                     started: float) -> None:
+        route = outcome.route
+        src = route.source
+        states = {x.state for x in results}
+        names = {RecipientState.DELIVERED: "delivered", RecipientState.FAILED: "failed",
+                 RecipientState.DEFERRED: "deferred"}
+        if outcome.hook is not None and outcome.hook.action == "delete":
+            result = "deleted"
+        elif len(states) == 1:
+            result = names.get(next(iter(states)), "deferred")
+        else:
+            result = "mixed"
+        deferred = [x.next_attempt for x in results if x.state is RecipientState.DEFERRED]
+        next_attempt = _iso(min(deferred)) if deferred else None
+        fields: dict[str, object] = {
+            "qid": job.queue_id,
+            "rcpts": ",".join(x.record.address for x in results),
+            "transport": job.destination.transport or None,
+            "attempt": min(x.record.attempts for x in results) + 1,
+        }
+        if src is not None:
+            fields.update(source_id=src.address_id, source_ip=src.address or route.local_ip,
+                          helo=src.helo, proxy=str(src.proxy) if src.proxy else "direct")
+        if route.mx:
+            fields.update(mx=route.mx, mx_ip=route.mx_ip)
+        event = "delivery.attempt"
+        level = "info"
+        if outcome.replies:
+            reply = next(iter(outcome.replies.values()))
+            worst = [r for r in outcome.replies.values() if r.code >= 300]
+            if worst:
+                reply = worst[0]
+            fields.update(
+                reply_code=reply.code,
+                enhanced=".".join(map(str, reply.enhanced)) if reply.enhanced else None,
+                reply=" / ".join(reply.lines), tls=route.tls,
+            )
+        elif outcome.hook is not None:
+            fields.update(hook=outcome.hook.action, reason=outcome.hook.reason)
+        elif outcome.hook_error is not None:
+            event, level = "delivery.error", "warning"
+            fields.update(kind="hook", temporary=True, error=str(outcome.hook_error))
+        elif outcome.error is not None:
+            event, level = "delivery.error", "warning"
+            err = outcome.error
+            fields.update(kind=err.kind, dns=err.dns, temporary=err.temporary,
+                          error=err.message)
+        fields.update(duration_ms=int((time.monotonic() - started) * 1000), result=result,
+                      next_attempt=next_attempt)
+        if result == "mixed":
+            fields["results"] = ",".join(f"{x.record.address}:{names.get(x.state, '?')}"
+                                         for x in results)
+        log_event(event, level, **fields)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -1,0 +1,92 @@
+"""Structured logging: one logfmt line per event on stderr.
+
+``log_event("smtp.transaction", client="1.2.3.4:5", qid="…")`` writes
+``ts=2024-05-01T12:00:00.123Z level=info event=smtp.transaction client=1.2.3.4:5 qid=…``.
+No ``logging`` module on the hot path: formatting is a few string operations and one write.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+_ALIASES = {"warn": "warning", "fatal": "critical", "err": "error"}
+
+_threshold = LEVELS["info"]
+_stream: TextIO | None = None  # None: whatever sys.stderr is at write time (pytest swaps it)
+_ts_cache: tuple[int, str] = (-1, "")
+
+
+def configure(level: str = "info", stream: TextIO | None = None) -> None:
+    """Set the minimum level (``debug``/``info``/``warning``/``error``) and the output stream."""
+    global _threshold, _stream
+    _threshold = LEVELS[normalise_level(level)]
+    _stream = stream
+
+
+def normalise_level(level: str) -> str:
+    name = level.strip().lower()
+    name = _ALIASES.get(name, name)
+    if name not in LEVELS:
+        raise ValueError(f"unknown log level {level!r} (one of {', '.join(LEVELS)})")
+    return name
+
+
+def enabled(level: str) -> bool:
+    """Whether a line at ``level`` would be written (to skip building costly fields)."""
+    return LEVELS.get(level, 20) >= _threshold
+
+
+def quote(value: object) -> str:
+    """A logfmt value: bare when safe, else double-quoted with ``\\`` escapes."""
+    if value is None:
+        return '""'
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    text = value if isinstance(value, str) else str(value)
+    if text and not any(c in text for c in ' ="\\\n\r\t') and text.isprintable():
+        return text
+    out = (text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+           .replace("\r", "\\r").replace("\t", "\\t"))
+    if not out.isprintable():
+        out = "".join(c if c.isprintable() else _escape(c) for c in out)
+    return f'"{out}"'
+
+
+def _escape(c: str) -> str:
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def _timestamp() -> str:
+    global _ts_cache
+    now = time.time()
+    sec = int(now)
+    if _ts_cache[0] != sec:
+        _ts_cache = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{_ts_cache[1]}.{int((now - sec) * 1000):03d}Z"
+
+
+def format_event(event: str, level: str = "info", **fields: object) -> str:
+    """The logfmt line (without newline); fields whose value is ``None`` are left out."""
+    parts = [f"ts={_timestamp()}", f"level={level}", f"event={quote(event)}"]
+    for key, value in fields.items():
+        if value is not None:
+            parts.append(f"{key}={quote(value)}")
+    return " ".join(parts)
+
+
+def log_event(event: str, level: str = "info", **fields: object) -> None:
+    """Write one event line to stderr if ``level`` passes the configured threshold."""
+    if LEVELS.get(level, 20) < _threshold:
+        return
+    stream = _stream or sys.stderr
+    try:
+        stream.write(format_event(event, level, **fields) + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass  # a closed stderr must not take the server down

@@ -1,0 +1,610 @@
+"""The inbound SMTP server: asyncio listeners driving the sans-IO ``ServerSession``.
+
+One ``SMTPServer`` per startup ``servers[]`` entry; each of its listeners is a plain or a
+PROXY-protocol socket. A connection on a proxied listener is checked against the server's
+``trusted_proxies`` (on the real TCP peer) before a byte is read, then the PROXY header is
+decoded before the banner; from then on the address the header names is *the* client:
+in logs, in the Received: header, in relay decisions and in the envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Any
+
+from ferrymail.config import RunningConfig, StartupServer
+from ferrymail.observe.log import enabled, log_event
+from ferrymail.proxy import ProxyDecoder, ProxyError, ProxyHeader
+from ferrymail.smtp.session import (
+    R_SPOOL_FAIL,
+    Close,
+    Deliver,
+    ServerSession,
+    SessionLimits,
+    SessionSettings,
+    StartTLS,
+    Transaction,
+)
+from ferrymail.spool import Envelope, ProxyInfo, Spool, SpoolError
+
+# Pause reading from a client once this much unprocessed input waits (e.g. while storing).
+MAX_BUFFERED = 256 * 1024
+
+_conn_ids = itertools.count(1)
+_ID_PREFIX = f"{os.getpid() & 0xFFFF:04x}{int(time.time()) & 0xFFFFFF:06x}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerInfo:
+    """One bound listener, as named in logs: ``127.0.0.1:25`` or ``*:25``."""
+
+    name: str
+    proxyprotocol: bool
+
+
+def normalise_ip(ip: str) -> str:
+    """``::ffff:1.2.3.4`` -> ``1.2.3.4``; IPv6 scope ids dropped; everything else unchanged."""
+    if ":" not in ip:
+        return ip
+    ip = ip.partition("%")[0]
+    with contextlib.suppress(ValueError):
+        mapped = ipaddress.IPv6Address(ip).ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
+    return ip
+
+
+def format_addr(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+_date_cache: list[Any] = [-1, ""]
+
+
+def _rfc5322_date() -> str:
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = formatdate(now, localtime=False).replace("-0000", "+0000")
+    return _date_cache[1]
+
+
+def _clean(text: str, limit: int = 200) -> str:
+    """A client-supplied word made safe for a header comment/clause."""
+    text = text[:limit]
+    if not text.isprintable() or "(" in text or ")" in text or "\\" in text:
+        text = "".join(c if c.isprintable() and c not in "()\\" else "?" for c in text)
+    return text or "unknown"
+
+
+def received_header(*, helo: str, client_ip: str, client_port: int, hostname: str,
+                    protocol: str, ident: str, recipients: list[str], tls: str | None,
+                    proxy_ip: str | None, proxy_version: int | None) -> bytes:
+    """The Received: trace header (RFC 5321 §4.4) we prepend, CRLF-terminated."""
+    ip = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
+    lines = [f"Received: from {_clean(helo)} ([{ip}] port {client_port})"]
+    if proxy_ip is not None:
+        lines.append(f"\t(via PROXY v{proxy_version} from {proxy_ip})")
+    if tls:
+        lines.append(f"\t(using {_clean(tls)})")
+    by = f"\tby {hostname} (ferrymail) with {protocol} id {ident}"
+    if len(recipients) == 1:  # never list several: that would disclose Bcc recipients
+        lines.append(by)
+        lines.append(f"\tfor <{_clean(recipients[0], 320)}>; {_rfc5322_date()}")
+    else:
+        lines.append(f"{by}; {_rfc5322_date()}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+class SMTPServer:
+    """One startup ``servers[]`` entry: its listeners and its live connections."""
+
+    def __init__(self, config: StartupServer, *, hostname: str, spool: Spool,
+                 running: Callable[[], RunningConfig]) -> None:
+        self.config = config
+        self.id = config.id
+        self.hostname = hostname
+        self.spool = spool
+        self._running = running
+        limits = config.limits
+        self.settings = SessionSettings(
+            hostname=hostname,
+            limits=SessionLimits(
+                line_length=limits.line_length,
+                message_size=limits.message_size,
+                recipients=limits.recipients,
+                errors=limits.errors,
+                # 0 in the config means "no limit"
+                messages=limits.messages or (1 << 62),
+            ),
+            starttls=config.tls.enabled,
+        )
+        self.ssl_context: ssl.SSLContext | None = None
+        if config.tls.enabled:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(config.tls.cert, config.tls.key)  # type: ignore[arg-type]
+            self.ssl_context = ctx
+        self.timeouts = config.timeouts
+        self.connections: set[InboundConnection] = set()
+        self._servers: list[asyncio.base_events.Server] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._policy_cache: tuple[RunningConfig | None, Any] = (None, None)
+        self.listeners: list[tuple[str, int]] = []
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for lst in self.config.listeners:
+            host = None if lst.address is None else str(lst.address)
+            name = format_addr(host or "*", lst.port)
+            info = ListenerInfo(name, lst.proxyprotocol)
+            try:
+                srv = await loop.create_server(
+                    lambda info=info: InboundConnection(self, info),
+                    host=host, port=lst.port, backlog=lst.backlog, reuse_address=True,
+                )
+            except OSError as exc:
+                await self.stop(0)
+                raise OSError(exc.errno, f"server {self.id}: cannot listen on {name}: "
+                              f"{exc.strerror}") from exc
+            self._servers.append(srv)
+            for sock in srv.sockets:
+                addr = sock.getsockname()
+                self.listeners.append((addr[0], addr[1]))
+            log_event("smtp.listening", server=self.id, listener=name,
+                      proxyprotocol=lst.proxyprotocol)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop listening; idle sessions get a 421 now, busy ones get ``grace`` seconds."""
+        for srv in self._servers:
+            srv.close()
+        self._servers.clear()
+        for conn in list(self.connections):
+            conn.shutdown()
+        if self.connections and grace > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
+        for conn in list(self.connections):
+            conn.abort("shutdown")
+        if self.connections:
+            await asyncio.sleep(0)
+
+    def _added(self, conn: InboundConnection) -> None:
+        self.connections.add(conn)
+        self._idle.clear()
+
+    def _removed(self, conn: InboundConnection) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            self._idle.set()
+
+    # -- policy
+
+    def may_accept(self, domain: str, client_ip: str) -> bool:
+        """RCPT policy: our domains from anyone, anything from relay networks; else no."""
+        running = self._running()
+        cached_for, srv = self._policy_cache
+        if cached_for is not running:
+            try:
+                srv = running.server(self.id)
+            except KeyError:
+                srv = None
+            self._policy_cache = (running, srv)
+        if srv is None:
+            return False  # no running settings for this server: accept nothing
+        return srv.accepts_domain(domain) or srv.may_relay(client_ip)
+
+    def transport_for(self, domain: str) -> str | None:
+        try:
+            return self._running().transport_for(self.id, domain)
+        except KeyError:
+            return None
+
+    def trusts(self, ip: str) -> bool:
+        try:
+            return self.config.trusts_proxy(ip)
+        except ValueError:
+            return False
+
+
+_PROXY, _SMTP, _TLS_PENDING, _CLOSED = 0, 1, 2, 3
+
+
+class InboundConnection(asyncio.Protocol):
+    """One client connection: PROXY header (if the listener wants one), then SMTP."""
+
+    def __init__(self, server: SMTPServer, listener: ListenerInfo) -> None:
+        self.server = server
+        self.listener = listener
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.state = _PROXY
+        self.conn_id = f"{_ID_PREFIX}{next(_conn_ids):x}"
+        self.peer_ip = ""
+        self.peer_port = 0
+        self.client_ip = ""
+        self.client_port = 0
+        self.proxy: ProxyHeader | None = None
+        self.decoder: ProxyDecoder | None = None
+        self.session: ServerSession | None = None
+        self.tls: str | None = None
+        self.started = 0.0
+        self.last_activity = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.draining = False
+        self.paused = False
+        self.received_bytes = 0
+        self.tls_early = bytearray()
+        self.txn_count = 0
+        self.close_reason: str | None = None
+
+    # -- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  (uvloop's is no subclass)
+        self.server._added(self)
+        self.started = self.last_activity = self.loop.time()
+        peer = transport.get_extra_info("peername")
+        if not peer or not peer[0]:
+            # Already reset by the peer (a proxy's connect-only health check does that).
+            self.close_reason = "reset before accepted"
+            self.state = _CLOSED
+            transport.abort()
+            return
+        self.peer_ip, self.peer_port = normalise_ip(str(peer[0])), int(peer[1])
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.listener.proxyprotocol:
+            self._begin(self.peer_ip, self.peer_port)
+            return
+        if not self.server.trusts(self.peer_ip):
+            log_event("smtp.proxy.untrusted", "warning", server=self.server.id,
+                      listener=self.listener.name, peer=format_addr(self.peer_ip, self.peer_port),
+                      error="peer is not in trusted_proxies; closed before banner")
+            self.close_reason = "untrusted proxy"
+            self._close()
+            return
+        self.decoder = ProxyDecoder()
+        self.timer = self.loop.call_later(self.server.timeouts.proxy, self._proxy_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        self.received_bytes += len(data)
+        if state == _SMTP:
+            self.last_activity = self.loop.time()
+            self._after(self.session.receive(data))  # type: ignore[union-attr]
+        elif state == _PROXY:
+            self._proxy_data(data)
+        elif state == _TLS_PENDING:
+            # Decrypted data can arrive with the client's last handshake flight, before
+            # _starttls resumes: it is the first TLS-protected input, keep it.
+            self.tls_early += data
+        # _CLOSED: ignore
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was = self.state
+        self.state = _CLOSED
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.server._removed(self)
+        if was == _PROXY and self.close_reason is None:
+            if self.decoder is not None and self.decoder.buffered:
+                log_event("smtp.proxy.error", "warning", server=self.server.id,
+                          listener=self.listener.name,
+                          peer=format_addr(self.peer_ip, self.peer_port),
+                          error=f"connection closed within the PROXY header "
+                                f"({len(self.decoder.buffered)} bytes received)")
+            else:
+                log_event("smtp.proxy.eof", "info", server=self.server.id,
+                          listener=self.listener.name,
+                          peer=format_addr(self.peer_ip, self.peer_port),
+                          error="closed before sending a PROXY header")
+            return
+        if enabled("debug"):
+            session = self.session
+            log_event("smtp.disconnect", "debug", server=self.server.id, conn=self.conn_id,
+                      listener=self.listener.name, client=self._client_text(),
+                      proxy=self._proxy_text(), commands=session.commands if session else 0,
+                      messages=self.txn_count, reason=self.close_reason or
+                      (f"{type(exc).__name__}: {exc}" if exc else "client closed"),
+                      duration_ms=int((self.loop.time() - self.started) * 1000))
+
+    def pause_writing(self) -> None:
+        if self.transport is not None and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and self.paused and self.state == _SMTP:
+            self.paused = False
+            self.transport.resume_reading()
+
+    # -- PROXY
+
+    def _proxy_data(self, data: bytes) -> None:
+        assert self.decoder is not None
+        try:
+            header = self.decoder.feed(data)
+        except ProxyError as exc:
+            log_event("smtp.proxy.error", "warning", server=self.server.id,
+                      listener=self.listener.name, peer=format_addr(self.peer_ip, self.peer_port),
+                      error=str(exc))
+            self.close_reason = "proxy error"
+            self._close()
+            return
+        if header is None:
+            return
+        rest = self.decoder.rest
+        self.decoder = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.proxy = header
+        src = header.source
+        if header.is_local or not isinstance(src, tuple):
+            # Health checks (v2 LOCAL, v1 UNKNOWN) and non-IP families: the peer is the client.
+            if enabled("debug"):
+                log_event("smtp.proxy.local", "debug", server=self.server.id,
+                          listener=self.listener.name,
+                          peer=format_addr(self.peer_ip, self.peer_port),
+                          version=header.version, command=header.command, family=header.family)
+            self._begin(self.peer_ip, self.peer_port)
+        else:
+            self._begin(normalise_ip(src[0]), src[1])
+        if rest and self.state == _SMTP:
+            self.data_received(rest)
+
+    def _proxy_timeout(self) -> None:
+        self.timer = None
+        if self.state != _PROXY:
+            return
+        got = len(self.decoder.buffered) if self.decoder else 0
+        log_event("smtp.proxy.timeout", "warning", server=self.server.id,
+                  listener=self.listener.name, peer=format_addr(self.peer_ip, self.peer_port),
+                  error=f"no complete PROXY header within {self.server.timeouts.proxy:g}s "
+                        f"({got} bytes received)")
+        self.close_reason = "proxy timeout"
+        self._close()
+
+    # -- SMTP
+
+    def _begin(self, client_ip: str, client_port: int) -> None:
+        self.client_ip, self.client_port = client_ip, client_port
+        self.state = _SMTP
+        self.session = ServerSession(self.server.settings, self.server.may_accept, client_ip)
+        self.transport.write(self.session.banner())  # type: ignore[union-attr]
+        self.last_activity = self.loop.time()
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        timeouts = self.server.timeouts
+        session = self.session
+        t = timeouts.data if session is not None and session.in_data else timeouts.command
+        self.timer = self.loop.call_at(self.last_activity + t, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        session = self.session
+        if self.state == _CLOSED or session is None:
+            return
+        if self.state == _SMTP and not session.busy:
+            timeouts = self.server.timeouts
+            limit = timeouts.data if session.in_data else timeouts.command
+            if self.loop.time() >= self.last_activity + limit:
+                log_event("smtp.timeout", "info", server=self.server.id, conn=self.conn_id,
+                          client=self._client_text(), proxy=self._proxy_text(),
+                          phase="data" if session.in_data else "command",
+                          timeout=f"{limit:g}s")
+                self.close_reason = "timeout"
+                self._write(session.timeout())
+                self._close()
+                return
+        else:
+            self.last_activity = self.loop.time()  # our own work (store, TLS) does not count
+        self._arm_timer()
+
+    def _after(self, event: Any) -> None:
+        """Flush the session's replies (one write) and act on its event."""
+        session = self.session
+        assert session is not None
+        out = session.take_output()
+        if out:
+            self._write(out)
+        if event is None:
+            if session.buffered > MAX_BUFFERED and not self.paused:
+                self.paused = True
+                self.transport.pause_reading()  # type: ignore[union-attr]
+            return
+        if isinstance(event, Deliver):
+            self.task = self.loop.create_task(self._deliver(event.transaction))
+        elif isinstance(event, StartTLS):
+            self.state = _TLS_PENDING
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.task = self.loop.create_task(self._starttls())
+        elif isinstance(event, Close):
+            if event.reason == "too many errors":
+                log_event("smtp.errors", "info", server=self.server.id, conn=self.conn_id,
+                          client=self._client_text(), proxy=self._proxy_text(),
+                          errors=session.errors)
+            self.close_reason = self.close_reason or event.reason
+            self._close()
+
+    def _resume(self) -> None:
+        """Continue with input that arrived while an event was outstanding."""
+        if self.state != _SMTP or self.session is None:
+            return
+        if self.draining and not self.session.in_data:
+            self.close_reason = "shutdown"
+            self._write(self.session.take_output() + self.session.shutdown())
+            self._close()
+            return
+        self._after(self.session.step())
+        if self.paused and not self.session.busy and self.session.buffered <= MAX_BUFFERED:
+            self.paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    async def _deliver(self, txn: Transaction) -> None:
+        server = self.server
+        received_at = time.time()
+        proxy = self.proxy
+        proxy_info = None
+        proxy_ip = None
+        if proxy is not None and not proxy.is_local and isinstance(proxy.source, tuple):
+            proxy_ip = self.peer_ip
+            dst = proxy.destination if isinstance(proxy.destination, tuple) else (None, None)
+            proxy_info = ProxyInfo(
+                version=proxy.version, proxy_ip=self.peer_ip, proxy_port=self.peer_port,
+                source_ip=self.client_ip, source_port=self.client_port,
+                dest_ip=dst[0], dest_port=dst[1], tlv_hex=proxy.tlv_hex(),
+            )
+        self.txn_count += 1
+        ident = f"{self.conn_id}.{self.txn_count}"
+        header = received_header(
+            helo=txn.helo, client_ip=self.client_ip, client_port=self.client_port,
+            hostname=server.hostname, protocol=txn.protocol, ident=ident,
+            recipients=txn.recipients, tls=self.tls, proxy_ip=proxy_ip,
+            proxy_version=proxy.version if proxy_ip else None,
+        )
+        data = header + txn.body
+        envelope = Envelope(
+            sender=txn.sender,
+            recipients=tuple(txn.recipients),
+            client_ip=self.client_ip,
+            client_port=self.client_port,
+            helo=txn.helo,
+            server_id=server.id,
+            transport=server.transport_for(txn.recipients[0].rpartition("@")[2].lower()),
+            proxy=proxy_info,
+            tls=self.tls,
+            mail_params=tuple(txn.mail_params.items()),
+            size=len(data),
+            received_at=received_at,
+        )
+        qid = None
+        level = "info"
+        error = None
+        try:
+            qid = await server.spool.store(envelope, data)
+        except asyncio.CancelledError:
+            raise
+        except SpoolError as exc:
+            level, error = "warning", str(exc)
+        except Exception as exc:  # a bug must not acknowledge mail nor kill the server
+            level, error = "error", f"{type(exc).__name__}: {exc}"
+        reply = (f"250 2.0.0 OK queued as {qid}\r\n".encode() if qid is not None
+                 else R_SPOOL_FAIL)
+        log_event(
+            "smtp.transaction", level, server=server.id, conn=self.conn_id, id=ident,
+            client=format_addr(self.client_ip, self.client_port), proxy=proxy_ip and
+            format_addr(self.peer_ip, self.peer_port), proxy_version=proxy_ip and proxy.version,
+            helo=txn.helo, tls=self.tls, **{"from": f"<{txn.sender}>"},
+            rcpts=",".join(f"<{r}>" for r in txn.recipients), size=len(data), qid=qid,
+            reply=reply.decode().rstrip(), error=error,
+            duration_ms=int((time.monotonic() - txn.started) * 1000),
+        )
+        session = self.session
+        if session is None:
+            return
+        session.finish_delivery(reply, queued=qid is not None)
+        self.task = None
+        if self.state == _CLOSED:
+            return
+        self._resume()
+
+    async def _starttls(self) -> None:
+        ctx = self.server.ssl_context
+        assert ctx is not None and self.transport is not None
+        try:
+            transport = await self.loop.start_tls(
+                self.transport, self, ctx, server_side=True,
+                ssl_handshake_timeout=self.server.timeouts.command,
+            )
+        except (OSError, ssl.SSLError, ConnectionError, TimeoutError, RuntimeError) as exc:
+            log_event("smtp.tls.failed", "info", server=self.server.id, conn=self.conn_id,
+                      client=self._client_text(), proxy=self._proxy_text(),
+                      error=f"{type(exc).__name__}: {exc}")
+            self.close_reason = "TLS handshake failed"
+            self.task = None
+            if self.state != _CLOSED:
+                self.transport.abort()
+            return
+        self.task = None
+        if transport is None or self.state == _CLOSED:
+            return
+        self.transport = transport  # type: ignore[assignment]
+        obj = transport.get_extra_info("ssl_object")
+        if obj is not None:
+            cipher = obj.cipher()
+            self.tls = f"{obj.version()} {cipher[0] if cipher else ''}".strip()
+        else:
+            self.tls = "TLS"
+        self.state = _SMTP
+        self.last_activity = self.loop.time()
+        assert self.session is not None
+        self.session.tls_started()
+        if self.paused:
+            self.paused = False
+            transport.resume_reading()
+        if self.tls_early:
+            early, self.tls_early = bytes(self.tls_early), bytearray()
+            self.data_received(early)
+
+    # -- helpers
+
+    def _client_text(self) -> str:
+        if not self.client_ip:
+            return format_addr(self.peer_ip, self.peer_port)
+        return format_addr(self.client_ip, self.client_port)
+
+    def _proxy_text(self) -> str | None:
+        if self.proxy is None or self.proxy.is_local:
+            return None
+        return format_addr(self.peer_ip, self.peer_port)
+
+    def _write(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+
+    def _close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """The server is stopping: close now if idle, else after the current transaction."""
+        self.draining = True
+        session = self.session
+        if self.state == _PROXY:
+            self.close_reason = "shutdown"
+            self._close()
+        elif self.state == _SMTP and session is not None and not session.busy \
+                and not session.in_data:
+            self.close_reason = "shutdown"
+            self._write(session.shutdown())
+            self._close()
+
+    def abort(self, reason: str) -> None:
+        self.close_reason = self.close_reason or reason
+        if self.task is not None:
+            self.task.cancel()
+        if self.transport is not None:
+            self.transport.abort()

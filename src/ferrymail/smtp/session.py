@@ -1,0 +1,619 @@
+"""The inbound SMTP session as a sans-IO state machine.
+
+``ServerSession.receive(bytes)`` consumes whatever arrived, appends the replies to an output
+buffer (``take_output()``), and returns an event when the I/O layer has to act:
+
+* ``Deliver`` — a message is complete; store it, then call ``finish_delivery(reply)``;
+* ``StartTLS`` — the 220 is in the output; upgrade the transport, then ``tls_started()``;
+* ``Close`` — write the output, then close.
+
+While a ``Deliver`` or ``StartTLS`` is outstanding, input is only buffered (pipelined commands
+after end-of-data wait for the store); ``step()`` resumes processing. Every complete command in
+the buffer is handled in one call, so a pipelined batch produces one write.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ferrymail.smtp.protocol import (
+    DataDecoder,
+    SMTPProtocolError,
+    parse_command,
+    parse_path,
+)
+
+# The policy hook: (recipient domain, client ip) -> may this recipient be accepted?
+RcptPolicy = Callable[[str, str], bool]
+
+_CMD, _DATA, _BDAT = 0, 1, 2
+
+
+def _r(text: str) -> bytes:
+    return text.encode() + b"\r\n"
+
+
+OK = _r("250 2.0.0 OK")
+R_SENDER_OK = _r("250 2.1.0 sender OK")
+R_RCPT_OK = _r("250 2.1.5 recipient OK")
+R_DATA = _r("354 end data with <CR><LF>.<CR><LF>")
+R_BYE = _r("221 2.0.0 bye")
+R_VRFY = _r("252 2.5.0 cannot VRFY user, but will accept message and attempt delivery")
+R_HELP = _r("214 2.0.0 commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS")
+R_TLS_GO = _r("220 2.0.0 ready to start TLS")
+R_UNKNOWN = _r("500 5.5.2 command not recognized")
+R_LINE_TOO_LONG = _r("500 5.5.2 line too long")
+R_NOT_IMPL = _r("502 5.5.1 command not implemented")
+R_NEED_HELO = _r("503 5.5.1 send HELO/EHLO first")
+R_NESTED_MAIL = _r("503 5.5.1 sender already specified")
+R_NEED_MAIL = _r("503 5.5.1 need MAIL command")
+R_NEED_RCPT = _r("503 5.5.1 need RCPT command")
+R_MIXED = _r("503 5.5.1 DATA and BDAT cannot be mixed in one transaction")
+R_TLS_ACTIVE = _r("503 5.5.1 TLS already active")
+R_NO_ARGS = _r("501 5.5.4 no arguments allowed")
+R_HELO_ARG = _r("501 5.5.4 domain name required")
+R_BDAT_ARG = _r("501 5.5.4 syntax: BDAT <size> [LAST]")
+R_TOO_MANY_RCPTS = _r("452 4.5.3 too many recipients")
+R_RELAY_DENIED = _r("554 5.7.1 relay access denied")
+R_TOO_BIG = _r("552 5.3.4 message size exceeds fixed maximum message size")
+R_BARE_LF = _r("550 5.6.11 bare CR or LF not allowed")
+R_NEED_UTF8 = _r("553 5.6.7 non-ASCII address requires SMTPUTF8")
+R_TOO_MANY_ERRORS = _r("421 4.7.0 too many errors, closing connection")
+R_TOO_MANY_MESSAGES = _r("421 4.7.0 too many messages in this session, closing connection")
+R_TIMEOUT = _r("421 4.4.2 timeout exceeded, closing connection")
+R_SHUTDOWN = _r("421 4.3.2 service shutting down, closing connection")
+R_SPOOL_FAIL = _r("451 4.3.0 temporary spool failure, try again later")
+
+_MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "ENVID", "RET", "AUTH"})
+_RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    line_length: int = 1000  # octets, CRLF included
+    message_size: int = 25 * 1024 * 1024
+    recipients: int = 100
+    errors: int = 10
+    messages: int = 100
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What a listener's sessions share; the EHLO replies are built once here."""
+
+    hostname: str
+    limits: SessionLimits = field(default_factory=SessionLimits)
+    starttls: bool = False  # a certificate is configured
+
+    def __post_init__(self) -> None:
+        base = [self.hostname, "PIPELINING", f"SIZE {self.limits.message_size}", "8BITMIME",
+                "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING"]
+        plain = base + (["STARTTLS"] if self.starttls else [])
+        object.__setattr__(self, "ehlo_plain", _multiline(250, plain))
+        object.__setattr__(self, "ehlo_tls", _multiline(250, base))
+        object.__setattr__(self, "banner", _r(f"220 {self.hostname} ESMTP ferrymail"))
+        object.__setattr__(self, "helo_reply", _r(f"250 {self.hostname}"))
+
+    ehlo_plain: bytes = field(init=False, repr=False)
+    ehlo_tls: bytes = field(init=False, repr=False)
+    banner: bytes = field(init=False, repr=False)
+    helo_reply: bytes = field(init=False, repr=False)
+
+
+def _multiline(code: int, lines: list[str]) -> bytes:
+    out = [f"{code}-{line}\r\n" for line in lines[:-1]]
+    out.append(f"{code} {lines[-1]}\r\n")
+    return "".join(out).encode()
+
+
+@dataclass(slots=True)
+class Transaction:
+    """One mail transaction, from MAIL to the end of its data."""
+
+    sender: str
+    mail_params: dict[str, str]
+    helo: str
+    protocol: str
+    started: float
+    recipients: list[str] = field(default_factory=list)
+    body: bytes = b""
+    size: int = 0
+    bdat: bool = False
+    failed: bytes | None = None  # a BDAT chunk failed: every later chunk gets this reply
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    transaction: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    reason: str
+
+
+Event = Deliver | StartTLS | Close
+
+_START_TLS = StartTLS()
+
+
+class ServerSession:
+    """The server side of one SMTP connection, without I/O."""
+
+    __slots__ = (
+        "_bdat_chunks", "_bdat_discard", "_bdat_last", "_bdat_left", "_buf", "_closed",
+        "_decoder", "_mode", "_out", "_pending", "_skipping", "client_ip", "commands",
+        "errors", "esmtp", "helo", "messages", "policy", "settings", "tls", "txn",
+    )
+
+    def __init__(self, settings: SessionSettings, policy: RcptPolicy, client_ip: str,
+                 *, tls: bool = False) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.client_ip = client_ip
+        self.tls = tls
+        self.helo: str | None = None
+        self.esmtp = False
+        self.txn: Transaction | None = None
+        self.errors = 0
+        self.messages = 0
+        self.commands = 0
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self._mode = _CMD
+        self._pending: Event | None = None
+        self._closed = False
+        self._skipping = False
+        self._decoder: DataDecoder | None = None
+        self._bdat_left = 0
+        self._bdat_last = False
+        self._bdat_discard: bytes | None = None
+        self._bdat_chunks: list[bytes] = []
+
+    # ------------------------------------------------------------------ I/O-facing API
+
+    def banner(self) -> bytes:
+        return self.settings.banner
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def busy(self) -> bool:
+        """An event is outstanding; input is only buffered meanwhile."""
+        return self._pending is not None
+
+    @property
+    def in_data(self) -> bool:
+        """Reading message content (DATA or a BDAT chunk): the data timeout applies."""
+        return self._mode != _CMD
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def take_output(self) -> bytes:
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return data
+
+    def receive(self, data: bytes) -> Event | None:
+        """Feed received bytes; return the event the I/O layer must handle, if any."""
+        if self._closed:
+            return None
+        if self._mode == _DATA and self._pending is None and not self._buf:
+            result = self._decoder.feed(data)  # type: ignore[union-attr]
+            if result is None:
+                return None
+            event = self._end_data(*result)
+            if event is not None or not self._buf:
+                return event
+            return self.step()
+        self._buf += data
+        if self._pending is not None:
+            return None
+        return self.step()
+
+    def step(self) -> Event | None:
+        """Process buffered input until an event occurs or no complete input is left."""
+        buf = self._buf
+        pos = 0
+        limit = self.settings.limits.line_length
+        event: Event | None = None
+        try:
+            while self._pending is None and not self._closed:
+                mode = self._mode
+                if mode == _CMD:
+                    end = buf.find(b"\n", pos)
+                    if end < 0:
+                        if len(buf) - pos >= limit and not self._skipping:
+                            self._skipping = True
+                            self._error(R_LINE_TOO_LONG)
+                        if self._skipping:
+                            pos = len(buf)
+                        break
+                    if self._skipping:
+                        self._skipping = False
+                        pos = end + 1
+                        continue
+                    if end + 1 - pos > limit:
+                        pos = end + 1
+                        self._error(R_LINE_TOO_LONG)
+                        continue
+                    line = bytes(buf[pos:end - 1] if end > pos and buf[end - 1] == 13
+                                 else buf[pos:end])
+                    pos = end + 1
+                    self._command(line)
+                    if self._mode == _DATA:
+                        # Everything after the DATA line is message content.
+                        rest = bytes(buf[pos:])
+                        del buf[:]
+                        pos = 0
+                        if rest:
+                            result = self._decoder.feed(rest)  # type: ignore[union-attr]
+                            if result is not None:
+                                event = self._end_data(*result)
+                                if event is not None:
+                                    return event
+                elif mode == _BDAT:
+                    avail = len(buf) - pos
+                    if avail == 0 and self._bdat_left:
+                        break
+                    take = min(avail, self._bdat_left)
+                    if take:
+                        self._bdat_take(buf, pos, take)
+                        pos += take
+                        self._bdat_left -= take
+                    if self._bdat_left:
+                        break
+                    self._mode = _CMD
+                    event = self._bdat_done()
+                    if event is not None:
+                        return event
+                else:  # _DATA with data left over in buf after a pause
+                    if pos == len(buf):
+                        break
+                    rest = bytes(buf[pos:])
+                    del buf[:]
+                    pos = 0
+                    result = self._decoder.feed(rest)  # type: ignore[union-attr]
+                    if result is None:
+                        break
+                    event = self._end_data(*result)
+                    if event is not None:
+                        return event
+            return self._pending if self._pending is not None else event
+        finally:
+            if pos:
+                del buf[:pos]
+
+    def finish_delivery(self, reply: bytes, *, queued: bool) -> None:
+        """The store for the outstanding ``Deliver`` finished; ``reply`` goes to the client."""
+        self._out.append(reply)
+        self._pending = None
+        self.txn = None
+        if queued:
+            self.messages += 1
+
+    def tls_started(self) -> None:
+        """The transport is TLS now: forget everything said before (RFC 3207 §4.2)."""
+        self._pending = None
+        self.tls = True
+        self.helo = None
+        self.esmtp = False
+        self.txn = None
+        self._buf.clear()
+        self._mode = _CMD
+        self._skipping = False
+
+    def timeout(self) -> bytes:
+        """The client was idle too long: the 421 to send before closing."""
+        self._closed = True
+        return R_TIMEOUT
+
+    def shutdown(self) -> bytes:
+        self._closed = True
+        return R_SHUTDOWN
+
+    # ------------------------------------------------------------------ commands
+
+    def _error(self, reply: bytes) -> None:
+        self._out.append(reply)
+        self.errors += 1
+        if self.errors >= self.settings.limits.errors:
+            self._out.append(R_TOO_MANY_ERRORS)
+            self._close("too many errors")
+
+    def _close(self, reason: str) -> None:
+        self._closed = True
+        self._pending = Close(reason)
+
+    def _command(self, line: bytes) -> None:
+        self.commands += 1
+        try:
+            cmd = parse_command(line)
+        except SMTPProtocolError:
+            self._error(R_UNKNOWN)
+            return
+        handler = _HANDLERS.get(cmd.verb)
+        if handler is None:
+            self._error(R_UNKNOWN)
+            return
+        handler(self, cmd.arg)
+
+    def _ehlo(self, arg: str) -> None:
+        if not arg:
+            self._error(R_HELO_ARG)
+            return
+        self.helo = arg
+        self.esmtp = True
+        self.txn = None
+        self._out.append(self.settings.ehlo_tls if self.tls else self.settings.ehlo_plain)
+
+    def _helo(self, arg: str) -> None:
+        if not arg:
+            self._error(R_HELO_ARG)
+            return
+        self.helo = arg
+        self.esmtp = False
+        self.txn = None
+        self._out.append(self.settings.helo_reply)
+
+    def _mail(self, arg: str) -> None:
+        if self.helo is None:
+            self._error(R_NEED_HELO)
+            return
+        if self.txn is not None:
+            self._error(R_NESTED_MAIL)
+            return
+        if self.messages >= self.settings.limits.messages:
+            self._out.append(R_TOO_MANY_MESSAGES)
+            self._close("too many messages")
+            return
+        try:
+            sender, params = parse_path(arg, "FROM", allow_null=True)
+        except SMTPProtocolError as exc:
+            self._error(_r(f"501 5.1.7 {exc}"))
+            return
+        if params:
+            reply = self._check_mail_params(params)
+            if reply is not None:
+                self._error(reply)
+                return
+        utf8 = "SMTPUTF8" in params
+        if not utf8 and not sender.isascii():
+            self._error(R_NEED_UTF8)
+            return
+        if not self.esmtp:
+            proto = "SMTP"
+        elif utf8:
+            proto = "UTF8SMTPS" if self.tls else "UTF8SMTP"
+        else:
+            proto = "ESMTPS" if self.tls else "ESMTP"
+        self.txn = Transaction(sender, params, self.helo, proto, time.monotonic())
+        self._out.append(R_SENDER_OK)
+
+    def _check_mail_params(self, params: dict[str, str]) -> bytes | None:
+        if not self.esmtp:
+            return _r("555 5.5.4 MAIL parameters need EHLO")
+        for key, value in params.items():
+            if key not in _MAIL_PARAMS:
+                return _r(f"555 5.5.4 MAIL parameter {key} not recognized")
+            if key == "SIZE":
+                if not value.isdigit() or len(value) > 20:
+                    return _r("501 5.5.4 SIZE needs a number")
+                if int(value) > self.settings.limits.message_size:
+                    return R_TOO_BIG
+            elif key == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    return _r(f"555 5.5.4 BODY={value} not supported")
+            elif key == "SMTPUTF8":
+                if value:
+                    return _r("501 5.5.4 SMTPUTF8 takes no value")
+            elif key == "RET" and value.upper() not in ("FULL", "HDRS"):
+                return _r("501 5.5.4 RET must be FULL or HDRS")
+        return None
+
+    def _rcpt(self, arg: str) -> None:
+        txn = self.txn
+        if txn is None:
+            self._error(R_NEED_HELO if self.helo is None else R_NEED_MAIL)
+            return
+        try:
+            rcpt, params = parse_path(arg, "TO", allow_null=False)
+        except SMTPProtocolError as exc:
+            self._error(_r(f"501 5.1.3 {exc}"))
+            return
+        for key in params:
+            if key not in _RCPT_PARAMS or not self.esmtp:
+                self._error(_r(f"555 5.5.4 RCPT parameter {key} not recognized"))
+                return
+        if not rcpt.isascii() and "SMTPUTF8" not in txn.mail_params:
+            self._error(R_NEED_UTF8)
+            return
+        if len(txn.recipients) >= self.settings.limits.recipients:
+            self._out.append(R_TOO_MANY_RCPTS)
+            return
+        domain = rcpt.rpartition("@")[2].lower()
+        if not self.policy(domain, self.client_ip):
+            self._error(R_RELAY_DENIED)
+            return
+        if rcpt not in txn.recipients:
+            txn.recipients.append(rcpt)
+        self._out.append(R_RCPT_OK)
+
+    def _data(self, arg: str) -> None:
+        txn = self._ready_for_data()
+        if txn is None:
+            return
+        if arg:
+            self._error(R_NO_ARGS)
+            return
+        if txn.bdat:
+            self._error(R_MIXED)
+            return
+        self._decoder = DataDecoder(self.settings.limits.message_size)
+        self._mode = _DATA
+        self._out.append(R_DATA)
+
+    def _ready_for_data(self) -> Transaction | None:
+        txn = self.txn
+        if txn is None:
+            self._error(R_NEED_HELO if self.helo is None else R_NEED_MAIL)
+        elif not txn.recipients:
+            self._error(R_NEED_RCPT)
+            return None
+        return txn
+
+    def _end_data(self, body: bytes, leftover: bytes) -> Event | None:
+        decoder = self._decoder
+        self._decoder = None
+        self._mode = _CMD
+        if leftover:
+            self._buf[:0] = leftover
+        txn = self.txn
+        assert txn is not None and decoder is not None
+        txn.size = decoder.size
+        if decoder.oversize:
+            self.txn = None
+            self._out.append(R_TOO_BIG)
+        elif DataDecoder.bare_line_ending(body):
+            self.txn = None
+            self._out.append(R_BARE_LF)
+        else:
+            txn.body = body
+            self._pending = Deliver(txn)
+            return self._pending
+        return None
+
+    def _bdat(self, arg: str) -> None:
+        parts = arg.split()
+        if not parts or len(parts) > 2 or not parts[0].isdigit() or len(parts[0]) > 18 or (
+                len(parts) == 2 and parts[1].upper() != "LAST"):
+            self._error(R_BDAT_ARG)
+            return
+        self._bdat_left = int(parts[0])
+        self._bdat_last = len(parts) == 2
+        self._mode = _BDAT
+        self._bdat_discard = None
+        txn = self.txn
+        if self.helo is None:
+            self._bdat_discard = R_NEED_HELO
+        elif txn is None:
+            self._bdat_discard = R_NEED_MAIL
+        elif not txn.recipients:
+            self._bdat_discard = R_NEED_RCPT
+        elif txn.failed is not None:
+            self._bdat_discard = txn.failed
+        else:
+            if not txn.bdat:
+                txn.bdat = True
+                self._bdat_chunks = []
+
+    def _bdat_take(self, buf: bytearray, pos: int, take: int) -> None:
+        if self._bdat_discard is not None:
+            return
+        txn = self.txn
+        assert txn is not None
+        txn.size += take
+        if txn.size > self.settings.limits.message_size:
+            txn.failed = R_TOO_BIG
+            self._bdat_discard = R_TOO_BIG
+            self._bdat_chunks = []
+            return
+        self._bdat_chunks.append(bytes(buf[pos:pos + take]))
+
+    def _bdat_done(self) -> Event | None:
+        discard = self._bdat_discard
+        txn = self.txn
+        if discard is not None:
+            self._bdat_discard = None
+            if discard is R_TOO_BIG:
+                self._out.append(discard)
+                if self._bdat_last and txn is not None:
+                    self.txn = None
+            else:
+                self._error(discard)
+            return None
+        assert txn is not None
+        if not self._bdat_last:
+            self._out.append(_r(f"250 2.0.0 {txn.size} octets received"))
+            return None
+        body = b"".join(self._bdat_chunks)
+        self._bdat_chunks = []
+        if DataDecoder.bare_line_ending(body):
+            self.txn = None
+            self._out.append(R_BARE_LF)
+            return None
+        txn.body = body
+        self._pending = Deliver(txn)
+        return self._pending
+
+    def _rset(self, arg: str) -> None:
+        self.txn = None
+        self._out.append(OK)
+
+    def _noop(self, arg: str) -> None:
+        self._out.append(OK)
+
+    def _quit(self, arg: str) -> None:
+        self._out.append(R_BYE)
+        self._close("quit")
+
+    def _vrfy(self, arg: str) -> None:
+        if not arg:
+            self._error(_r("501 5.5.4 VRFY needs an argument"))
+            return
+        self._out.append(R_VRFY)
+
+    def _help(self, arg: str) -> None:
+        self._out.append(R_HELP)
+
+    def _not_implemented(self, arg: str) -> None:
+        self._error(R_NOT_IMPL)
+
+    def _starttls(self, arg: str) -> None:
+        if not self.settings.starttls:
+            self._error(R_NOT_IMPL)
+            return
+        if self.tls:
+            self._error(R_TLS_ACTIVE)
+            return
+        if arg:
+            self._error(R_NO_ARGS)
+            return
+        self._out.append(R_TLS_GO)
+        # Anything pipelined after STARTTLS was sent in clear: never act on it (CVE-2011-0411).
+        self._buf.clear()
+        self._pending = _START_TLS
+
+
+_HANDLERS: dict[str, Callable[[ServerSession, str], None]] = {
+    "EHLO": ServerSession._ehlo,
+    "HELO": ServerSession._helo,
+    "MAIL": ServerSession._mail,
+    "RCPT": ServerSession._rcpt,
+    "DATA": ServerSession._data,
+    "BDAT": ServerSession._bdat,
+    "RSET": ServerSession._rset,
+    "NOOP": ServerSession._noop,
+    "QUIT": ServerSession._quit,
+    "VRFY": ServerSession._vrfy,
+    "HELP": ServerSession._help,
+    "EXPN": ServerSession._not_implemented,
+    "AUTH": ServerSession._not_implemented,
+    "TURN": ServerSession._not_implemented,
+    "ETRN": ServerSession._not_implemented,
+    "STARTTLS": ServerSession._starttls,
+}

@@ -1,0 +1,194 @@
+"""The scheduler over a real SQLite spool: concurrency bounds per destination and in total,
+no head-of-line blocking, no message in two attempts at once, wake-up on store and at the
+next due time, and a crashing job that does not spin.
+
+``run_job`` here is a recording coroutine that records results in the spool the way the
+engine does; the engine's own attempts are covered by the outbound tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+from ferrymail.config import parse_running
+from ferrymail.delivery.engine import DeliveryEngine
+from ferrymail.delivery.scheduler import Job, Scheduler
+from ferrymail.spool import Envelope, RecipientState, RecipientUpdate, SqliteSpool
+from tests.integration.outbound_harness import LogCapture, run
+from tests.integration.smtpscript import ScriptedSMTP
+from tests.realpeers import smtp_sink
+
+CFG = parse_running("""
+servers: [{id: in, transport: t}]
+routing: [{recipientdomain: slow.test, transport: slow}]
+queues: {concurrency: 2, total_concurrency: 3}
+transportgroups:
+  - id: g
+    transports: [{id: t}, {id: slow}]
+""")
+
+
+def envelope(*rcpts: str) -> Envelope:
+    return Envelope(sender="s@origin.test", recipients=rcpts, client_ip="127.0.0.1",
+                    client_port=1, helo="h", server_id="in", received_at=time.time())
+
+
+async def deliver(spool: SqliteSpool, job: Job, state=RecipientState.DELIVERED,
+                  next_attempt: float = 0.0) -> None:
+    await spool.update(job.queue_id, [
+        RecipientUpdate(r.address, state, r.attempts + 1, next_attempt, "250 ok")
+        for r in job.recipients])
+
+
+def test_concurrency_bounds_and_no_head_of_line_blocking(tmp_path):
+    async def main() -> None:
+        spool = SqliteSpool(tmp_path / "spool", fsync=False)
+        await spool.start()
+        active: Counter[str] = Counter()
+        peak: Counter[str] = Counter()
+        peak_total = 0
+        running_qids: set[str] = set()
+        overlap = []
+        done: list[str] = []
+
+        async def run_job(job: Job) -> None:
+            nonlocal peak_total
+            assert job.queue_id not in running_qids  # never twice at once
+            running_qids.add(job.queue_id)
+            dest = job.destination.domain
+            active[dest] += 1
+            peak[dest] = max(peak[dest], active[dest])
+            peak_total = max(peak_total, sum(active.values()))
+            if dest == "fast.test" and active["slow.test"]:
+                overlap.append(job.queue_id)
+            await asyncio.sleep(0.5 if dest == "slow.test" else 0.02)
+            await deliver(spool, job)
+            active[dest] -= 1
+            running_qids.discard(job.queue_id)
+            done.append(dest)
+
+        sched = Scheduler(spool, lambda: CFG, run_job)
+        for i in range(4):
+            await spool.store(envelope(f"s{i}@slow.test"), b"x\r\n")
+        for i in range(10):
+            await spool.store(envelope(f"f{i}@fast.test"), b"x\r\n")
+        sched.start()
+        async with asyncio.timeout(10):
+            while await spool.count():
+                await asyncio.sleep(0.02)
+        await sched.stop()
+        await spool.close()
+        assert peak["slow.test"] == 2 and peak["fast.test"] <= 2
+        assert peak_total == 3
+        # the fast destination finished while the slow one was still busy
+        assert overlap and done.index("slow.test") > done.index("fast.test")
+        assert done.count("fast.test") == 10 and done.count("slow.test") == 4
+
+    run(main)
+
+
+def test_wakes_on_store_and_at_next_due_and_crash_cools_down(tmp_path):
+    async def main() -> None:
+        spool = SqliteSpool(tmp_path / "spool", fsync=False)
+        await spool.start()
+        calls: list[tuple[str, float]] = []
+
+        async def run_job(job: Job) -> float | None:
+            calls.append((job.recipients[0].address, time.monotonic()))
+            addr = job.recipients[0].address
+            if addr.startswith("crash"):
+                raise RuntimeError("bug in a job")
+            if addr.startswith("later") and job.recipients[0].attempts == 0:
+                when = time.time() + 0.3
+                await deliver(spool, job, RecipientState.DEFERRED, when)
+                return when  # as the engine does: the crashed message hides it from next_due
+            await deliver(spool, job)
+            return None
+
+        sched = Scheduler(spool, lambda: CFG, run_job)
+        sched.start()
+        await asyncio.sleep(0.2)  # idle: asleep until woken
+        with LogCapture() as logs:
+            t0 = time.monotonic()
+            await spool.store(envelope("now@fast.test"), b"x\r\n")
+            sched.wake()
+            await spool.store(envelope("later@fast.test"), b"x\r\n")
+            await spool.store(envelope("crash@fast.test"), b"x\r\n")
+            sched.wake()
+            async with asyncio.timeout(5):
+                while len([c for c in calls if c[0] == "later@fast.test"]) < 2:
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)
+        await sched.stop()
+        await spool.close()
+        first = dict(calls)
+        assert first["now@fast.test"] - t0 < 1.0  # woken, not polled (the poll is 5 s)
+        later = [t for a, t in calls if a == "later@fast.test"]
+        assert later[1] - later[0] >= 0.25  # waited for next_attempt, no earlier
+        assert [a for a, _ in calls].count("crash@fast.test") == 1  # cooled down, no spin
+        (err,) = logs.lines("scheduler.job_error")
+        assert "bug in a job" in err
+
+    run(main)
+
+
+def test_dead_destination_does_not_delay_others_end_to_end(tmp_path):
+    """Engine + scheduler: a silent MX holds its own slots only; mail elsewhere flows."""
+    with smtp_sink() as sink, LogCapture() as logs:
+        async def main() -> None:
+            async with ScriptedSMTP(banner=None) as silent:
+                cfg = parse_running(f"""
+servers: [{{id: in, transport: ok}}]
+routing: [{{recipientdomain: dead.test, transport: dead}}]
+queues: {{concurrency: 1, total_concurrency: 4}}
+transportgroups:
+  - id: g
+    transports:
+      - id: ok
+        connection: {{server: 127.0.0.1, port: {sink.port}}}
+      - id: dead
+        connection:
+          server: 127.0.0.1
+          port: {silent.port}
+          timeout: {{banner: 3}}
+""")
+                spool = SqliteSpool(tmp_path / "spool", fsync=False)
+                await spool.start()
+                eng = DeliveryEngine(spool, lambda: cfg, hostname="mta.test", stop_grace=0.2)
+                await eng.start()
+                for i in range(3):
+                    await spool.store(envelope(f"d{i}@dead.test"), b"Subject: x\r\n\r\nx\r\n")
+                eng.wake()
+                await asyncio.sleep(0.2)  # the dead destination has its one slot taken
+                for i in range(5):
+                    await spool.store(envelope(f"ok{i}@fine.test"), b"Subject: x\r\n\r\nx\r\n")
+                eng.wake()
+                await logs.wait("rcpts=ok.@fine.test .*result=delivered", count=5, timeout=2.5)
+                assert len(silent.sessions) == 1  # concurrency 1 for the dead destination
+                await eng.stop()
+                await spool.close()
+
+        run(main)
+        assert len(sink.wait_dumps(5)) == 5
+
+
+def test_disabled_engine_keeps_mail_untouched(tmp_path):
+    async def main() -> None:
+        spool = SqliteSpool(tmp_path / "spool", fsync=False)
+        await spool.start()
+        eng = DeliveryEngine(spool, lambda: CFG, hostname="mta.test", enabled=False)
+        with LogCapture() as logs:
+            await eng.start()
+            await spool.store(envelope("kept@fast.test"), b"x\r\n")
+            eng.wake()
+            await asyncio.sleep(0.3)
+            await eng.stop()
+        (msg,) = await spool.list()
+        assert msg.recipients[0].state is RecipientState.QUEUED
+        assert msg.recipients[0].attempts == 0
+        assert logs.lines("delivery.disabled") and not logs.lines("delivery.attempt")
+        await spool.close()
+
+    run(main)
