@@ -118,7 +118,7 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
     async def listing() -> list:
-        spool = SqliteSpool(startup.spool.path, fsync=False)
+        spool = SqliteSpool(startup.spool.path, readonly=True)  # works beside a running daemon
         await spool.start()
         try:
             return await spool.list(args.limit)

@@ -223,16 +223,13 @@ def startup_yaml(workdir: Path, servers: list[dict[str, Any]], *, level: str = "
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-HOLD_HOOK = Path(__file__).with_name("hold_hook.py")
-
-
 def running_yaml(server_ids: Sequence[str], *, domains: Sequence[str] = ("example.com",),
                  relay_networks: Sequence[str] = ("127.0.0.0/8", "::1/128"),
                  hold: bool = True) -> str:
     """A running file: every server accepts ``domains`` and relays for ``relay_networks``.
 
-    ``hold`` installs a pre-delivery hook that keeps every message queued, so that what the
-    inbound side stored stays in the spool for the test to inspect.
+    ``hold`` sets ``queues.hold`` so that no delivery starts and what the inbound side
+    stored stays in the spool, untouched, for the test to inspect.
     """
     doc: dict[str, Any] = {
         "servers": [{"id": sid, "transport": "mx", "domains": list(domains),
@@ -240,7 +237,7 @@ def running_yaml(server_ids: Sequence[str], *, domains: Sequence[str] = ("exampl
         "transportgroups": [{"id": "default", "transports": [{"id": "mx"}]}],
     }
     if hold:
-        doc["scripting"] = {"hooks": {"predelivery": f"{HOLD_HOOK}:predelivery"}}
+        doc["queues"] = {"hold": True}
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -254,11 +251,11 @@ def listener(port: int, *, proxy: bool = False, address: str | None = "127.0.0.1
 
 
 def spool_messages(spool_path: Path) -> list:
-    """Every message in a spool (the owning ferrymail must be stopped: the spool is locked)."""
+    """Every message in a spool, read-only (works beside a running ferrymail)."""
     from ferrymail.spool import SqliteSpool
 
     async def read() -> list:
-        spool = SqliteSpool(spool_path)
+        spool = SqliteSpool(spool_path, readonly=True)
         await spool.start()
         try:
             return await spool.list(100000)

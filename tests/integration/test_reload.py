@@ -9,7 +9,13 @@ import smtplib
 import time
 from pathlib import Path
 
-from tests.integration.conftest import listener, server, spool_count, startup_yaml
+from tests.integration.conftest import (
+    listener,
+    server,
+    spool_count,
+    spool_messages,
+    startup_yaml,
+)
 from tests.integration.outbound_harness import field_of
 from tests.realpeers import free_port, smtp_sink
 
@@ -80,3 +86,37 @@ def test_reload_reroutes_and_broken_file_keeps_last_good(ferrymail_proc, tmp_pat
         "127.0.0.61", "127.0.0.62", "127.0.0.62"]
     assert all(field_of(ln, "result") == "delivered" for ln in attempts)
     assert not [ln for ln in fm.problems() if "config.reload_failed" not in ln]
+
+
+def test_hold_keeps_mail_until_a_reload_lifts_it(ferrymail_proc, tmp_path: Path):
+    port = free_port()
+    with smtp_sink() as sink:
+        held = running(sink.port, source="127.0.0.63") + "queues: {hold: true}\n"
+        fm = ferrymail_proc(startup_yaml(tmp_path, [server("in", [listener(port)])]), held,
+                            wait=[(HOST, port)])
+        send(port, "held@example.com")
+        time.sleep(1.0)
+        assert sink.dumps() == [] and spool_count(tmp_path / "spool") == 1
+        (msg,) = spool_messages(tmp_path / "spool")
+        assert msg.recipients[0].attempts == 0  # held mail is not even tried
+        # The Received: header names the queue id the message was stored under.
+        assert f"id {msg.queue_id}" in _spool_read(tmp_path / "spool", msg.queue_id)
+
+        assert fm.running_path is not None
+        fm.running_path.write_text(running(sink.port, source="127.0.0.63"))
+        fm.reload()
+        (dump,) = sink.wait_dumps(1)
+        assert dump.client_addr == "127.0.0.63" and dump.rcpts == ["<held@example.com>"]
+        assert fm.stop() == 0
+
+
+def _spool_read(path: Path, qid: str) -> str:
+    import asyncio
+
+    from ferrymail.spool import SqliteSpool
+
+    async def read() -> bytes:
+        async with SqliteSpool(path, readonly=True) as spool:
+            return await spool.read(qid)
+
+    return asyncio.run(read()).decode()

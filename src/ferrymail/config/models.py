@@ -416,6 +416,7 @@ class Resolver(_Model):
 class Queues(_Model):
     concurrency: PositiveInt = 20
     total_concurrency: PositiveInt = 500
+    hold: bool = False  # true: accept and keep mail, start no deliveries (reloadable)
 
 
 @dataclass(frozen=True)

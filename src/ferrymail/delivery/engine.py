@@ -117,8 +117,8 @@ class _NotifyingSpool:
         self._spool = spool
         self._on_stored = on_stored
 
-    async def store(self, envelope: Envelope, data: bytes) -> str:
-        qid = await self._spool.store(envelope, data)
+    async def store(self, envelope: Envelope, data: bytes, queue_id: str | None = None) -> str:
+        qid = await self._spool.store(envelope, data, queue_id)
         self._on_stored(qid)
         return qid
 
@@ -198,6 +198,7 @@ class DeliveryEngine:
     def config_changed(self, cfg: RunningConfig) -> None:
         """Reload hook: load the pre-delivery hook again (a broken one keeps the old)."""
         self._refresh_hook(cfg)
+        self.scheduler.wake()  # e.g. queues.hold was lifted
 
     # -- helpers over the current config
 

@@ -218,6 +218,8 @@ class Scheduler:
     async def _fill(self) -> float:
         """Fetch due messages into the ready queues; returns how long to sleep afterwards."""
         cfg = self.config()
+        if cfg.queues.hold:
+            return IDLE_POLL  # held: keep everything queued; a reload wakes us
         room = max(self.fetch_limit - self.waiting, 0)
         now = self.clock()
         if self._cooldown:

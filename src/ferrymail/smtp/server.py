@@ -206,12 +206,6 @@ class SMTPServer:
             return False  # no running settings for this server: accept nothing
         return srv.accepts_domain(domain) or srv.may_relay(client_ip)
 
-    def transport_for(self, domain: str) -> str | None:
-        try:
-            return self._running().transport_for(self.id, domain)
-        except KeyError:
-            return None
-
     def trusts(self, ip: str) -> bool:
         try:
             return self.config.trusts_proxy(ip)
@@ -474,7 +468,7 @@ class InboundConnection(asyncio.Protocol):
                 dest_ip=dst[0], dest_port=dst[1], tlv_hex=proxy.tlv_hex(),
             )
         self.txn_count += 1
-        ident = f"{self.conn_id}.{self.txn_count}"
+        ident = server.spool.new_queue_id()
         header = received_header(
             helo=txn.helo, client_ip=self.client_ip, client_port=self.client_port,
             hostname=server.hostname, protocol=txn.protocol, ident=ident,
@@ -489,7 +483,7 @@ class InboundConnection(asyncio.Protocol):
             client_port=self.client_port,
             helo=txn.helo,
             server_id=server.id,
-            transport=server.transport_for(txn.recipients[0].rpartition("@")[2].lower()),
+            transport=None,  # routed per recipient domain at delivery, with the config then
             proxy=proxy_info,
             tls=self.tls,
             mail_params=tuple(txn.mail_params.items()),
@@ -500,7 +494,7 @@ class InboundConnection(asyncio.Protocol):
         level = "info"
         error = None
         try:
-            qid = await server.spool.store(envelope, data)
+            qid = await server.spool.store(envelope, data, ident)
         except asyncio.CancelledError:
             raise
         except SpoolError as exc:

@@ -143,7 +143,10 @@ class Spool(Protocol):
     async def close(self) -> None:
         """Finish every write already issued, then release the store."""
 
-    async def store(self, envelope: Envelope, data: bytes) -> str:
+    def new_queue_id(self) -> str:
+        """Reserve a fresh queue id to pass to `store` (ids are never reused)."""
+
+    async def store(self, envelope: Envelope, data: bytes, queue_id: str | None = None) -> str:
         """Durably store a message; returns its queue id once it is on disk."""
 
     async def due(

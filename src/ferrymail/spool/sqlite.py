@@ -366,7 +366,15 @@ class SqliteSpool(Spool):
 
     # -- writes
 
-    async def store(self, envelope: Envelope, data: bytes) -> str:
+    def new_queue_id(self) -> str:
+        """Reserve a queue id now (e.g. to name it in a Received: header) for `store`."""
+        return self._ids.next()
+
+    async def store(self, envelope: Envelope, data: bytes, queue_id: str | None = None) -> str:
+        if queue_id is None:
+            msg_id = self._ids.next_int()
+        elif (msg_id := parse_queue_id(queue_id)) is None:  # type: ignore[assignment]
+            raise ValueError(f"malformed queue id {queue_id!r}")
         if not isinstance(envelope, Envelope):
             raise TypeError(f"store() needs an Envelope, not {type(envelope).__name__}")
         if not envelope.recipients:
@@ -376,7 +384,7 @@ class SqliteSpool(Spool):
                 raise ValueError(f"recipient {address!r} is not valid text")
         if not isinstance(data, bytes):
             data = bytes(data)  # a copy: the caller may reuse its buffer
-        return await self._write(lambda fut: _Store(fut, self._ids.next_int(), envelope, data))
+        return await self._write(lambda fut: _Store(fut, msg_id, envelope, data))
 
     async def update(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> None:
         msg_id = self._msg_id(queue_id)
