@@ -23,7 +23,6 @@ import os
 import socket
 import sys
 import time
-import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -419,16 +418,3 @@ def main_send(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(result, indent=4))
     return 0 if succeeded(result) else 1
-
-
-class _CallableModule(types.ModuleType):
-    """Once imported, ``ferrymail.send`` names this module (the import system sets it on the
-    package); calling it sends, so ``from ferrymail import send; send(...)`` always works."""
-
-    def __call__(self, message: bytes | str | MIME, sender: str,
-                 recipients: Sequence[str] | str, options: Mapping[str, Any] | None = None, *,
-                 log: Logger | None = None) -> dict[str, Any]:
-        return send(message, sender, recipients, options, log=log)
-
-
-sys.modules[__name__].__class__ = _CallableModule

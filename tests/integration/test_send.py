@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from ferrymail import MIME, send
-from ferrymail.send import send_async
+from ferrymail import MIME
+from ferrymail.send import send, send_async
 from tests.integration.conftest import run_cli
 from tests.realpeers import (
     free_port,
