@@ -504,7 +504,8 @@ class InboundConnection(asyncio.Protocol):
         reply = (f"250 2.0.0 OK queued as {qid}\r\n".encode() if qid is not None
                  else R_SPOOL_FAIL)
         log_event(
-            "smtp.transaction", level, server=server.id, conn=self.conn_id, id=ident,
+            "smtp.transaction", level, server=server.id, conn=self.conn_id,
+            id=ident if qid is None else None,  # the id it would have had (named in Received:)
             client=format_addr(self.client_ip, self.client_port), proxy=proxy_ip and
             format_addr(self.peer_ip, self.peer_port), proxy_version=proxy_ip and proxy.version,
             helo=txn.helo, tls=self.tls, **{"from": f"<{txn.sender}>"},
