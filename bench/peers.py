@@ -1,0 +1,539 @@
+"""Shared benchmark helpers: start and stop peers, drive smtp-source, account server CPU.
+
+Every peer is a context manager yielding a `Peer`; leaving the block stops it, also on
+exceptions and Ctrl-C. Processes started here get PR_SET_PDEATHSIG so that they die with the
+benchmark even if it is killed outright (Postfix's master daemonizes, and is stopped with
+`postfix stop` in a finally block instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import pty
+import resource
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(RuntimeError):
+    """A peer failed to start or a run went wrong; the message says which and why."""
+
+
+def binary(name: str) -> str:
+    """Absolute path of an installed program (also looked up in /usr/sbin)."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+    if path is None:
+        raise BenchError(f"{name} is not installed")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(host: str, port: int, timeout: float = 15.0,
+                   alive: Callable[[], bool] | None = None, what: str = "peer") -> None:
+    """Block until host:port accepts a connection; fail early if `alive()` turns false."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise BenchError(f"{what} exited before listening on {host}:{port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.2)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.02)
+    raise BenchError(f"{what}: nothing listening on {host}:{port} after {timeout}s")
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the benchmark process goes away."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `cmd` in its own session, output to `log`; dies with the benchmark."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    """Signal `proc`, wait for it, kill it if it lingers."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def tail(path: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+# --- CPU accounting -------------------------------------------------------------------------
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm may hold spaces and parentheses: split after the last ")".
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        f = _stat_fields(int(entry))
+        if f is not None:
+            children.setdefault(int(f[1]), []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """utime+stime of every process in the trees under `roots`, plus what they reaped.
+
+    A child that exits and is waited for moves its time into its parent's cutime/cstime, so
+    summing all four over the live tree never loses nor double-counts a process.
+    """
+    ticks = 0
+    for root in roots:
+        for pid in process_tree(root):
+            f = _stat_fields(pid)
+            if f is not None:  # fields 14-17 of stat: utime stime cutime cstime
+                ticks += sum(int(x) for x in f[11:15])
+    return ticks / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (user, nice, system, irq, softirq, steal)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+# --- smtp-source ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SourceRun:
+    """One smtp-source run: how many messages, how long, and what it cost."""
+
+    messages: int
+    size: int
+    sessions: int
+    wall: float
+    client_cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.wall if self.wall > 0 else float("inf")
+
+
+def smtp_source_cmd(host: str, port: int, messages: int, size: int, sessions: int) -> list[str]:
+    return [binary("smtp-source"), "-s", str(sessions), "-m", str(messages), "-l", str(size),
+            "-d", "-f", "a@bench.test", "-t", "b@example.com", f"{host}:{port}"]
+
+
+def run_smtp_source(host: str, port: int, messages: int, size: int, sessions: int = 20,
+                    timeout: float = 60.0) -> SourceRun:
+    """Send `messages` messages with smtp-source, timed by wall clock; raise if any failed.
+
+    smtp-source aborts with a non-zero exit on any unexpected reply, so exit 0 means every
+    message got its 250 after end of data.
+    """
+    cmd = smtp_source_cmd(host, port, messages, size, sessions)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise BenchError(f"smtp-source to {host}:{port} ({messages} x {size} B) took longer "
+                         f"than {timeout:.0f}s") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        msg = (err or out).decode(errors="replace").strip()
+        raise BenchError(f"smtp-source to {host}:{port} exited {proc.returncode}: {msg}")
+    client_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return SourceRun(messages, size, sessions, wall, client_cpu)
+
+
+# --- peers ----------------------------------------------------------------------------------
+
+@dataclass
+class Peer:
+    """A running SMTP server under test."""
+
+    name: str
+    host: str
+    port: int
+    pids: Callable[[], list[int]]  # roots of the process trees whose CPU counts as server CPU
+    workdir: Path
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pids())
+
+
+@contextlib.contextmanager
+def workdir(prefix: str, keep: bool = False) -> Iterator[Path]:
+    """A temp directory on disk (not tmpfs: fsync must mean something), removed afterwards."""
+    base = os.environ.get("BENCH_TMPDIR") or "/var/tmp"
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        if not keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def smtp_sink(d: Path, host: str = "127.0.0.1", backlog: int = 1024) -> Iterator[Peer]:
+    """Postfix's smtp-sink, discarding everything: the reference ceiling."""
+    port = free_port(host)
+    log = d / "smtp-sink.log"
+    proc = spawn([binary("smtp-sink"), "-u", "nobody", f"{host}:{port}", str(backlog)], log)
+    try:
+        wait_listening(host, port, alive=lambda: proc.poll() is None, what="smtp-sink")
+        yield Peer("smtp-sink", host, port, lambda: [proc.pid], d)
+    finally:
+        stop_process(proc)
+
+
+@contextlib.contextmanager
+def aiosmtpd(d: Path, mode: str, host: str = "127.0.0.1") -> Iterator[Peer]:
+    """bench/aiosmtpd_server.py in its own process; mode is "discard" or "fsync"."""
+    port = free_port(host)
+    log = d / f"aiosmtpd-{mode}.log"
+    store = d / "messages.mbox"
+    cmd = [sys.executable, str(Path(__file__).with_name("aiosmtpd_server.py")), "--mode", mode,
+           "--host", host, "--port", str(port)]
+    if mode == "fsync":
+        cmd += ["--file", str(store)]
+    proc = spawn(cmd, log)
+    try:
+        wait_listening(host, port, alive=lambda: proc.poll() is None, what=f"aiosmtpd {mode}")
+        yield Peer(f"aiosmtpd-{mode}", host, port, lambda: [proc.pid], d, {"store": store})
+    finally:
+        stop_process(proc)
+        if proc.returncode not in (0, -signal.SIGTERM):
+            print(f"aiosmtpd {mode} exited {proc.returncode}:\n{tail(log)}", file=sys.stderr)
+
+
+def haproxy_config(front_host: str, front_port: int, back_host: str, back_port: int) -> str:
+    """TCP pass-through that prepends a PROXY v2 header to each connection."""
+    return f"""global
+    maxconn 4096
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend bench_in
+    bind {front_host}:{front_port}
+    maxconn 4096
+    default_backend bench_smtp
+backend bench_smtp
+    server s {back_host}:{back_port} send-proxy-v2 maxconn 4096
+"""
+
+
+@contextlib.contextmanager
+def haproxy(d: Path, back_host: str, back_port: int, host: str = "127.0.0.1") -> Iterator[Peer]:
+    """HAProxy in the foreground, forwarding a free port to back_host:back_port with PROXY v2."""
+    port = free_port(host)
+    cfg = d / "haproxy.cfg"
+    cfg.write_text(haproxy_config(host, port, back_host, back_port))
+    check = subprocess.run([binary("haproxy"), "-c", "-f", str(cfg)], capture_output=True,
+                           text=True)
+    if check.returncode != 0:
+        raise BenchError(f"haproxy rejected its config:\n{check.stdout}{check.stderr}")
+    log = d / "haproxy.log"
+    proc = spawn([binary("haproxy"), "-db", "-f", str(cfg)], log)
+    try:
+        try:
+            wait_listening(host, port, alive=lambda: proc.poll() is None, what="haproxy")
+        except BenchError as e:
+            raise BenchError(f"{e}\n{tail(log)}") from None
+        yield Peer("haproxy", host, port, lambda: [proc.pid], d)
+    finally:
+        stop_process(proc, signal.SIGUSR1)
+
+
+POSTFIX_SERVICES = """\
+{port} inet n - n - - smtpd
+pickup unix n - n 60 1 pickup
+cleanup unix n - n - 0 cleanup
+qmgr unix n - n 300 1 qmgr
+rewrite unix - - n - - trivial-rewrite
+bounce unix - - n - 0 bounce
+defer unix - - n - 0 bounce
+trace unix - - n - 0 bounce
+verify unix - - n - 1 verify
+flush unix n - n 1000? 0 flush
+proxymap unix - - n - - proxymap
+proxywrite unix - - n - 1 proxymap
+showq unix n - n - - showq
+error unix - - n - - error
+retry unix - - n - - error
+discard unix - - n - - discard
+anvil unix - - n - 1 anvil
+scache unix - - n - 1 scache
+postlog unix-dgram n - n - 1 postlogd
+"""
+
+
+def postfix_main_cf(d: Path, host: str) -> str:
+    """main.cf of a private instance: accept for example.com, queue to disk, discard."""
+    return f"""\
+compatibility_level = 3.6
+config_directory = {d}/etc
+queue_directory = {d}/queue
+data_directory = {d}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.bench
+mydomain = bench
+myorigin = $myhostname
+inet_interfaces = {host}
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+relay_domains = example.com
+default_transport = discard
+relay_transport = discard
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_client_connection_rate_limit = 0
+smtpd_client_connection_count_limit = 0
+smtpd_client_message_rate_limit = 0
+smtpd_peername_lookup = no
+in_flow_delay = 0s
+default_process_limit = 100
+maillog_file = {d}/maillog
+maillog_file_prefixes = {d}
+biff = no
+"""
+
+
+@contextlib.contextmanager
+def postfix(d: Path, host: str = "127.0.0.1") -> Iterator[Peer]:
+    """A private Postfix instance on a free port, its config and queue under `d`.
+
+    smtpd hands each message to cleanup, which writes it to the queue file and fsyncs it
+    before smtpd says 250; qmgr then gives it to the discard transport.
+    """
+    if os.geteuid() != 0:
+        raise BenchError("the Postfix peer must run as root (mail_owner = postfix)")
+    postfix_bin = binary("postfix")
+    port = free_port(host)
+    etc = d / "etc"
+    etc.mkdir()
+    (d / "queue").mkdir()  # root-owned; `postfix check` makes its subdirectories and data/
+    (etc / "main.cf").write_text(postfix_main_cf(d, host))
+    (etc / "master.cf").write_text(POSTFIX_SERVICES.format(port=port))
+    env = {**os.environ, "MAIL_CONFIG": str(etc)}
+
+    def pf(*args: str, timeout: float = 60.0) -> tuple[int, str]:
+        return run_on_tty([postfix_bin, "-c", str(etc), *args], env=env, timeout=timeout)
+
+    rc, out = pf("check")
+    if rc != 0 or "fatal" in out:
+        raise BenchError(f"postfix -c {etc} check failed:\n{out}")
+    pidfile = d / "queue" / "pid" / "master.pid"
+    started = False
+    try:
+        rc, out = pf("start")
+        started = True
+        if rc != 0:
+            raise BenchError(f"postfix start failed:\n{out}\n{tail(d / 'maillog')}")
+
+        def master() -> list[int]:
+            try:
+                return [int(pidfile.read_text().split()[0])]
+            except (OSError, ValueError, IndexError):
+                return []
+
+        wait_listening(host, port, timeout=30.0, what="postfix smtpd")
+        yield Peer("postfix", host, port, master, d, {"maillog": d / "maillog"})
+    finally:
+        if started:
+            pids = []
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                pids = [int(pidfile.read_text().split()[0])]
+            with contextlib.suppress(BenchError):
+                pf("stop", timeout=30.0)
+            _wait_gone(pids, 15.0)
+
+
+def run_on_tty(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Run `cmd` with stdout/stderr on a pseudo-terminal; return (exit code, output).
+
+    Postfix commands write their errors to stderr only when it is a terminal (else to syslog,
+    which a container may not have), so a pty is how to see why `postfix check` failed.
+    """
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                                env=env)
+    finally:
+        os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise BenchError(f"{' '.join(cmd)} took longer than {timeout:.0f}s")
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # EIO: every writer closed the terminal
+                    data = b""
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        rc = proc.wait(max(0.1, deadline - time.monotonic()))
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return rc, b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    """Wait for pids (not our children) to exit; SIGKILL whatever remains after `timeout`."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.05)
+        if Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(ProcessLookupError):
+                for child in reversed(process_tree(pid)):
+                    os.kill(child, signal.SIGKILL)
+
+
+def postfix_queue_count(d: Path) -> int:
+    """Queue files still under the instance's queue directory (all queues)."""
+    q = d / "queue"
+    return sum(len(files) for sub in ("incoming", "active", "deferred", "hold", "maildrop")
+               for _, _, files in os.walk(q / sub))
+
+
+@dataclass(frozen=True)
+class FerrymailPorts:
+    direct: int
+    proxied: int
+
+
+def ferrymail_startup_yaml(host: str, ports: FerrymailPorts, d: Path) -> str:
+    return f"""\
+environment:
+  hostname: ferrymail.bench
+  pidfile: {d}/ferrymail.pid
+servers:
+  - id: bench
+    listeners:
+      - {{ address: {host}, port: {ports.direct} }}
+      - {{ address: {host}, port: {ports.proxied}, proxyprotocol: true }}
+    limits: {{ message_size: 10MiB }}
+spool: {{ path: {d}/spool, fsync: true }}
+"""
+
+
+def ferrymail_running_yaml(host: str, dead_port: int) -> str:
+    """Accept for example.com from loopback and keep the mail: `queues.hold` starts no
+    delivery, so the figures are reception alone. Should delivery run anyway, the transport
+    points at a port where nothing listens (never the network), and the bench's spool check
+    sees recipients leave the "queued" state and says so."""
+    return f"""\
+queues:
+  hold: true
+servers:
+  - id: bench
+    transport: mx
+    domains: [example.com]
+    relay_networks: [127.0.0.0/8]
+transportgroups:
+  - id: default
+    connection: {{ server: {host}, port: {dead_port} }}
+    transports:
+      - id: mx
+"""
+
+
+@contextlib.contextmanager
+def ferrymail(d: Path, host: str = "127.0.0.1") -> Iterator[Peer]:
+    """`ferrymail run` with a direct and a PROXY-protocol listener and an fsynced spool."""
+    exe = VENV_BIN / "ferrymail"
+    if not exe.exists():
+        raise BenchError(f"{exe} is missing: pip install -e . in the venv")
+    ports = FerrymailPorts(free_port(host), free_port(host))
+    spool = d / "spool"
+    startup, running = d / "startup.yaml", d / "running.yaml"
+    startup.write_text(ferrymail_startup_yaml(host, ports, d))
+    running.write_text(ferrymail_running_yaml(host, free_port(host)))
+    log = d / "ferrymail.log"
+    proc = spawn([str(exe), "run", "--startup", str(startup), "--running", str(running)], log)
+    try:
+        for p in (ports.direct, ports.proxied):
+            try:
+                wait_listening(host, p, alive=lambda: proc.poll() is None, what="ferrymail")
+            except BenchError as e:
+                raise BenchError(f"{e}\n{tail(log)}") from None
+        yield Peer("ferrymail", host, ports.direct, lambda: [proc.pid], d,
+                   {"proxied_port": ports.proxied, "spool": spool, "log": log,
+                    "startup": startup, "running": running})
+    finally:
+        stop_process(proc, timeout=20.0)

@@ -1,0 +1,87 @@
+"""Smoke test of bench/inbound.py: it runs against real peers, prints its table, and catches loss.
+
+No timing assertions: only that the harness works end to end and that its checks can fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.realpeers import require
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench"
+sys.path.insert(0, str(BENCH))
+
+import inbound  # noqa: E402  (bench/ is not a package)
+import peers  # noqa: E402
+
+VARIANTS = ["smtp-sink", "aiosmtpd-discard", "ferrymail-direct", "ferrymail-proxied"]
+
+
+def test_quick_run_prints_a_table_with_every_variant() -> None:
+    require("smtp-source")
+    require("smtp-sink")
+    require("haproxy")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "inbound.py"), "--quick", "--only", ",".join(VARIANTS)],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "| variant | size | msg/s (median) |" in out
+    labels = {v.key: v.label for v in inbound.VARIANTS}
+    for key in VARIANTS:
+        for size in ("2 KB", "100 KB"):
+            row = re.search(rf"^\| {re.escape(labels[key])} \| {size} \| ([\d,]+) \|", out, re.M)
+            assert row, f"no row for {key} {size} in:\n{out}"
+            assert int(row.group(1).replace(",", "")) > 0
+    assert re.search(r"spool (\d+)/\1, all PROXY v2", out), out
+    assert "| ferrymail-direct / aiosmtpd-discard |" in out
+    assert "| ferrymail-proxied / ferrymail-direct |" in out
+
+
+def test_spool_check_catches_a_message_that_was_not_stored() -> None:
+    """Claim one message more than was sent: the ferrymail spool check must refuse."""
+    require("smtp-source")
+    with peers.workdir("bench-test-") as d, contextlib.ExitStack() as stack:
+        target = inbound.start_ferrymail(False)(stack, d)
+        run = peers.run_smtp_source(target.host, target.port, 5, 2048, sessions=2)
+        assert run.messages == 5
+        with pytest.raises(peers.BenchError, match=r"messages 5 \(want 6\)"):
+            target.verify(6, 2048)
+
+
+def test_smtp_source_failure_is_an_error() -> None:
+    """A server that rejects at end of data makes the run fail, not count."""
+    require("smtp-source")
+    with peers.workdir("bench-test-") as d:
+        port = peers.free_port()
+        proc = peers.spawn([peers.binary("smtp-sink"), "-u", "nobody", "-f", ".",
+                            f"127.0.0.1:{port}", "16"], d / "sink.log")
+        try:
+            peers.wait_listening("127.0.0.1", port, alive=lambda: proc.poll() is None)
+            with pytest.raises(peers.BenchError, match="end of data rejected"):
+                peers.run_smtp_source("127.0.0.1", port, 3, 100, sessions=1, timeout=10)
+        finally:
+            peers.stop_process(proc)
+
+
+def test_write_results_replaces_only_the_inbound_section(tmp_path: Path) -> None:
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\nintro\n\n## Inbound\n\nold figures\n\n"
+                    "## Outbound\n\nkept as is\n")
+    inbound.write_results("new figures", path)
+    assert path.read_text() == ("# Benchmark results\n\nintro\n\n## Inbound\n\nnew figures\n\n"
+                                "## Outbound\n\nkept as is\n")
+    fresh = tmp_path / "new.md"
+    inbound.write_results("first", fresh)
+    text = fresh.read_text()
+    assert text.index("## Inbound") < text.index("## Outbound")
+    assert "first" in text
