@@ -12,11 +12,13 @@ import contextlib
 import ctypes
 import os
 import pty
+import re
 import resource
 import select
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -287,20 +289,29 @@ backend bench_smtp
 def haproxy(d: Path, back_host: str, back_port: int, host: str = "127.0.0.1") -> Iterator[Peer]:
     """HAProxy in the foreground, forwarding a free port to back_host:back_port with PROXY v2."""
     port = free_port(host)
-    cfg = d / "haproxy.cfg"
-    cfg.write_text(haproxy_config(host, port, back_host, back_port))
+    with _haproxy_process(d, haproxy_config(host, port, back_host, back_port), host,
+                          port) as peer:
+        yield peer
+
+
+@contextlib.contextmanager
+def _haproxy_process(d: Path, config: str, host: str, port: int,
+                     name: str = "haproxy") -> Iterator[Peer]:
+    """Check `config`, run HAProxy with it in the foreground until it listens on host:port."""
+    cfg = d / f"{name}.cfg"
+    cfg.write_text(config)
     check = subprocess.run([binary("haproxy"), "-c", "-f", str(cfg)], capture_output=True,
                            text=True)
     if check.returncode != 0:
         raise BenchError(f"haproxy rejected its config:\n{check.stdout}{check.stderr}")
-    log = d / "haproxy.log"
+    log = d / f"{name}.log"
     proc = spawn([binary("haproxy"), "-db", "-f", str(cfg)], log)
     try:
         try:
             wait_listening(host, port, alive=lambda: proc.poll() is None, what="haproxy")
         except BenchError as e:
             raise BenchError(f"{e}\n{tail(log)}") from None
-        yield Peer("haproxy", host, port, lambda: [proc.pid], d)
+        yield Peer("haproxy", host, port, lambda: [proc.pid], d, {"log": log})
     finally:
         stop_process(proc, signal.SIGUSR1)
 
@@ -364,11 +375,14 @@ biff = no
 
 
 @contextlib.contextmanager
-def postfix(d: Path, host: str = "127.0.0.1") -> Iterator[Peer]:
+def postfix(d: Path, host: str = "127.0.0.1", *, settings: dict[str, str] | None = None,
+            services: str = "") -> Iterator[Peer]:
     """A private Postfix instance on a free port, its config and queue under `d`.
 
     smtpd hands each message to cleanup, which writes it to the queue file and fsyncs it
-    before smtpd says 250; qmgr then gives it to the discard transport.
+    before smtpd says 250; qmgr then gives it to the discard transport. `settings` replace or
+    add main.cf parameters and `services` adds master.cf lines (e.g. `postfix_relay_settings`
+    and `POSTFIX_SMTP_SERVICE` to relay instead of discarding).
     """
     if os.geteuid() != 0:
         raise BenchError("the Postfix peer must run as root (mail_owner = postfix)")
@@ -377,8 +391,8 @@ def postfix(d: Path, host: str = "127.0.0.1") -> Iterator[Peer]:
     etc = d / "etc"
     etc.mkdir()
     (d / "queue").mkdir()  # root-owned; `postfix check` makes its subdirectories and data/
-    (etc / "main.cf").write_text(postfix_main_cf(d, host))
-    (etc / "master.cf").write_text(POSTFIX_SERVICES.format(port=port))
+    (etc / "main.cf").write_text(with_settings(postfix_main_cf(d, host), settings or {}))
+    (etc / "master.cf").write_text(POSTFIX_SERVICES.format(port=port) + services)
     env = {**os.environ, "MAIL_CONFIG": str(etc)}
 
     def pf(*args: str, timeout: float = 60.0) -> tuple[int, str]:
@@ -402,7 +416,7 @@ def postfix(d: Path, host: str = "127.0.0.1") -> Iterator[Peer]:
                 return []
 
         wait_listening(host, port, timeout=30.0, what="postfix smtpd")
-        yield Peer("postfix", host, port, master, d, {"maillog": d / "maillog"})
+        yield Peer("postfix", host, port, master, d, {"maillog": d / "maillog", "etc": etc})
     finally:
         if started:
             pids = []
@@ -537,3 +551,182 @@ def ferrymail(d: Path, host: str = "127.0.0.1") -> Iterator[Peer]:
                     "startup": startup, "running": running})
     finally:
         stop_process(proc, timeout=20.0)
+
+
+# --- outbound: a counting sink, the seed's outbound HAProxy, Postfix relaying, reloads ------
+
+@contextlib.contextmanager
+def dumping_sink(d: Path, host: str = "127.0.0.1", backlog: int = 1024) -> Iterator[Peer]:
+    """smtp-sink that appends every message it accepts to one dump file and counts them (-c).
+
+    The dump (smtp-sink's headers, among them X-Client-Addr, then the message) goes to tmpfs
+    when there is one: nothing in it needs to be durable, and it should not compete with the
+    spools' fsyncs for the disk. `sink_counter(peer)` reads the running count.
+    """
+    port = free_port(host)
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else d
+    dump_dir = Path(tempfile.mkdtemp(prefix="bench-sink-", dir=base))
+    try:
+        os.chmod(dump_dir, 0o777)  # smtp-sink writes as nobody
+        dump = dump_dir / "dump"
+        counter = d / "smtp-sink-counter.log"
+        proc = spawn([binary("smtp-sink"), "-u", "nobody", "-c", "-D", str(dump),
+                      f"{host}:{port}", str(backlog)], counter)
+        try:
+            wait_listening(host, port, alive=lambda: proc.poll() is None, what="smtp-sink")
+            yield Peer("smtp-sink", host, port, lambda: [proc.pid], d,
+                       {"dump": dump, "counter": counter})
+        finally:
+            stop_process(proc)
+    finally:
+        shutil.rmtree(dump_dir, ignore_errors=True)
+
+
+def sink_counter(sink: Peer) -> int:
+    """Messages a `dumping_sink` has received so far (the last complete `mesg=` counter)."""
+    try:
+        with open(Path(str(sink.extra["counter"])), "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(0, end - 512))
+            data = f.read()
+    except OSError:
+        return 0
+    found = re.findall(rb"mesg=(\d+)\r", data)
+    return int(found[-1]) if found else 0
+
+
+def seed_outbound_haproxy_config(bind_host: str, bind_port: int) -> str:
+    """The seed's outbound `listen` section: PROXY header in, the connection to the next hop
+    made transparently from the source address the header names (`usesrc clientip`)."""
+    return f"""global
+    log stderr format raw local0 info
+defaults
+    mode tcp
+    log global
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    retries 0
+listen outboundsmtp
+    acl is_local src 127.0.0.0/8
+    tcp-request connection reject if !is_local
+    bind {bind_host}:{bind_port} accept-proxy
+    mode tcp
+    option tcplog
+    use-server v4 if {{ src 0.0.0.0/0 }}
+    use-server v6 if {{ src ::/0 }}
+    server v4 0.0.0.0 source 0.0.0.0 usesrc clientip
+    server v6 ::: source ::: usesrc clientip
+"""
+
+
+@contextlib.contextmanager
+def outbound_haproxy(d: Path, host: str = "127.0.0.1") -> Iterator[Peer]:
+    """HAProxy with the seed's outbound config on a free port (needs root: `usesrc`)."""
+    if os.geteuid() != 0:
+        raise BenchError("the outbound HAProxy (usesrc clientip) must run as root")
+    port = free_port(host)
+    with _haproxy_process(d, seed_outbound_haproxy_config(host, port), host, port,
+                          name="haproxy-outbound") as peer:
+        yield peer
+
+
+POSTFIX_SMTP_SERVICE = "smtp unix - - n - - smtp\n"
+
+
+def with_settings(main_cf: str, settings: dict[str, str]) -> str:
+    """main.cf text with each of `settings` replaced where it is set, or else appended."""
+    lines = main_cf.splitlines()
+    left = dict(settings)
+    for i, line in enumerate(lines):
+        name = line.split("=", 1)[0].strip()
+        if "=" in line and not line[:1].isspace() and name in left:
+            lines[i] = f"{name} = {left.pop(name)}"
+    lines += [f"{k} = {v}" for k, v in left.items()]
+    return "\n".join(lines) + "\n"
+
+
+def postfix_relay_settings(relay_host: str, relay_port: int, bind_address: str,
+                           concurrency: int = 20, reuse: int = 100,
+                           hold: bool = False) -> dict[str, str]:
+    """main.cf parameters (for `postfix(settings=...)`, with `POSTFIX_SMTP_SERVICE`) that relay
+    all mail to relay_host:relay_port from bind_address, `concurrency` sessions from the start
+    (no slow start), a session reused for up to `reuse` messages.
+
+    hold: every message accepted goes straight to the hold queue (cleanup puts it there; qmgr
+    never sees it) until `postsuper -H` releases it.
+    """
+    s = {
+        "default_transport": "smtp",
+        "relay_transport": "smtp",
+        "relayhost": f"[{relay_host}]:{relay_port}",
+        "smtp_bind_address": bind_address,
+        "smtp_tls_security_level": "none",
+        "initial_destination_concurrency": str(concurrency),
+        "default_destination_concurrency_limit": str(concurrency),
+        "smtp_destination_concurrency_limit": str(concurrency),
+        "smtp_connection_cache_on_demand": "yes",
+        "smtp_connection_reuse_count_limit": str(reuse),
+    }
+    if hold:
+        s["smtpd_data_restrictions"] = "check_client_access static:HOLD"
+    return s
+
+
+def postfix_command(pf: Peer, program: str, *args: str, timeout: float = 60.0) -> str:
+    """Run a Postfix admin command (postsuper, postqueue, ...) against the instance `pf`."""
+    etc = Path(str(pf.extra["etc"]))
+    cmd = [binary(program), "-c", str(etc), *args]
+    rc, out = run_on_tty(cmd, env={**os.environ, "MAIL_CONFIG": str(etc)}, timeout=timeout)
+    if rc != 0:
+        raise BenchError(f"{' '.join(cmd)} exited {rc}:\n{out.strip()}")
+    return out
+
+
+def postfix_queue_counts(d: Path) -> dict[str, int]:
+    """Queue files per queue of the instance under `d`."""
+    q = d / "queue"
+    return {sub: sum(len(files) for _, _, files in os.walk(q / sub))
+            for sub in ("maildrop", "incoming", "active", "deferred", "hold")}
+
+
+def ferrymail_reload(fm: Peer, running_yaml: str, timeout: float = 10.0) -> None:
+    """Make `running_yaml` the running config of `ferrymail(d)`: write the file, SIGHUP, and
+    return once the process logged the reload (BenchError with its reason if it refused)."""
+    log = Path(str(fm.extra["log"]))
+    start = log.stat().st_size if log.exists() else 0
+    Path(str(fm.extra["running"])).write_text(running_yaml)
+    pids = fm.pids()
+    if not pids:
+        raise BenchError("ferrymail is not running")
+    os.kill(pids[0], signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(log, "rb") as f:
+            f.seek(start)
+            new = f.read().decode(errors="replace")
+        if "event=config.reloaded" in new:
+            return
+        if "event=config.reload_failed" in new:
+            why = [ln for ln in new.splitlines() if "config.reload_failed" in ln]
+            raise BenchError("ferrymail refused its running config:\n" + "\n".join(why))
+        if time.monotonic() > deadline:
+            raise BenchError(f"ferrymail did not log a reload within {timeout:.0f}s\n"
+                             f"{tail(log)}")
+        time.sleep(0.02)
+
+
+def spool_messages(spool: Path) -> int:
+    """Messages in a ferrymail spool, read-only; fine while ferrymail runs (WAL)."""
+    db = spool / "spool.db"
+    if not db.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise BenchError(f"cannot count the messages in {db}: {e}") from None

@@ -212,3 +212,57 @@ def test_decoder_never_raises(data):
     res = d.feed(data)
     if res is not None:
         assert len(res[1]) <= len(data)
+
+
+def _bare_reference(body: bytes) -> bool:
+    crlf = body.count(b"\r\n")
+    return body.count(b"\n") != crlf or body.count(b"\r") != crlf
+
+
+_wire_bytes = st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"a", b"\r\n.", b".."]),
+                       max_size=40).map(b"".join)
+
+
+@given(_wire_bytes, st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=20))
+def test_decoder_matches_reference_any_chunking(content, cuts):
+    """Terminator, unstuffing and the bare CR/LF verdict do not depend on how data arrives."""
+    wire = content + b"\r\n.\r\nREST"
+    end = (b"\r\n" + wire).find(b"\r\n.\r\n")  # the first real terminator, virtual CRLF first
+    stuffed = (b"\r\n" + wire)[2:end + 2]
+    expected = (b"\r\n" + stuffed).replace(b"\r\n.", b"\r\n")[2:]
+    d = DataDecoder(10_000_000)
+    result, pos, i = None, 0, 0
+    while result is None and pos < len(wire):
+        n = cuts[i % len(cuts)]
+        result = d.feed(wire[pos:pos + n])
+        pos, i = pos + n, i + 1
+    assert result is not None
+    body, rest = result
+    assert body == expected
+    assert rest + wire[pos:] == wire[end + 3:]
+    assert d.size == len(stuffed)
+    assert d.bare == _bare_reference(stuffed) == _bare_reference(body)
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"x", b"\n\r"]), max_size=30)
+       .map(b"".join))
+def test_bare_line_ending_matches_counting(body):
+    assert DataDecoder.bare_line_ending(body) == _bare_reference(body)
+
+
+def test_bare_line_ending_examples():
+    assert not DataDecoder.bare_line_ending(b"")
+    assert not DataDecoder.bare_line_ending(b"a\r\nb\r\n")
+    assert not DataDecoder.bare_line_ending(b"no line end at all")
+    for bad in (b"a\rb\r\n", b"a\nb\r\n", b"\n", b"\r", b"a\n\r", b"x\r\n\r"):
+        assert DataDecoder.bare_line_ending(bad), bad
+
+
+def test_data_dot_line_split_across_chunks_is_unstuffed():
+    d = DataDecoder(1000)
+    assert d.feed(b"a\r") is None
+    assert d.feed(b"\n") is None
+    assert d.feed(b".") is None
+    assert d.feed(b".b\r\n.") is None
+    assert d.feed(b"\r\n") == (b"a\r\n.b\r\n", b"")
+    assert not d.bare

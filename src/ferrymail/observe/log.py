@@ -47,8 +47,12 @@ def quote(value: object) -> str:
         return "true"
     if value is False:
         return "false"
+    if type(value) is int:
+        return str(value)
     text = value if isinstance(value, str) else str(value)
-    if text and not any(c in text for c in ' ="\\\n\r\t') and text.isprintable():
+    # isprintable() is False for \n, \r, \t and every other control character
+    if (text and text.isprintable() and " " not in text and "=" not in text
+            and '"' not in text and "\\" not in text):
         return text
     out = (text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
            .replace("\r", "\\r").replace("\t", "\\t"))
@@ -73,10 +77,8 @@ def _timestamp() -> str:
 
 def format_event(event: str, level: str = "info", **fields: object) -> str:
     """The logfmt line (without newline); fields whose value is ``None`` are left out."""
-    parts = [f"ts={_timestamp()}", f"level={level}", f"event={quote(event)}"]
-    for key, value in fields.items():
-        if value is not None:
-            parts.append(f"{key}={quote(value)}")
+    parts = [f"ts={_timestamp()} level={level} event={quote(event)}"]
+    parts += [f"{key}={quote(value)}" for key, value in fields.items() if value is not None]
     return " ".join(parts)
 
 

@@ -244,6 +244,8 @@ class InboundConnection(asyncio.Protocol):
         self.tls_early = bytearray()
         self.txn_count = 0
         self.close_reason: str | None = None
+        self._proxy_cache: tuple[ProxyInfo | None, str | None] | None = None
+        self._client_text_cache: str | None = None
 
     # -- asyncio callbacks
 
@@ -453,32 +455,44 @@ class InboundConnection(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
 
+    def _proxy_info(self) -> tuple[ProxyInfo | None, str | None]:
+        """What the PROXY header said, for envelopes, and the proxy's address for logs;
+        the same for every transaction of the connection, so built once."""
+        cached = self._proxy_cache
+        if cached is None:
+            proxy = self.proxy
+            info = None
+            text = None
+            if proxy is not None and not proxy.is_local and isinstance(proxy.source, tuple):
+                dst = proxy.destination if isinstance(proxy.destination, tuple) else (None, None)
+                info = ProxyInfo(
+                    version=proxy.version, proxy_ip=self.peer_ip, proxy_port=self.peer_port,
+                    source_ip=self.client_ip, source_port=self.client_port,
+                    dest_ip=dst[0], dest_port=dst[1], tlv_hex=proxy.tlv_hex(),
+                )
+                text = format_addr(self.peer_ip, self.peer_port)
+            cached = self._proxy_cache = (info, text)
+        return cached
+
     async def _deliver(self, txn: Transaction) -> None:
         server = self.server
         received_at = time.time()
-        proxy = self.proxy
-        proxy_info = None
-        proxy_ip = None
-        if proxy is not None and not proxy.is_local and isinstance(proxy.source, tuple):
-            proxy_ip = self.peer_ip
-            dst = proxy.destination if isinstance(proxy.destination, tuple) else (None, None)
-            proxy_info = ProxyInfo(
-                version=proxy.version, proxy_ip=self.peer_ip, proxy_port=self.peer_port,
-                source_ip=self.client_ip, source_port=self.client_port,
-                dest_ip=dst[0], dest_port=dst[1], tlv_hex=proxy.tlv_hex(),
-            )
+        proxy_info, proxy_text = self._proxy_info()
         self.txn_count += 1
         ident = server.spool.new_queue_id()
+        recipients = txn.recipients
         header = received_header(
             helo=txn.helo, client_ip=self.client_ip, client_port=self.client_port,
             hostname=server.hostname, protocol=txn.protocol, ident=ident,
-            recipients=txn.recipients, tls=self.tls, proxy_ip=proxy_ip,
-            proxy_version=proxy.version if proxy_ip else None,
+            recipients=recipients, tls=self.tls,
+            proxy_ip=proxy_info and proxy_info.proxy_ip,
+            proxy_version=proxy_info and proxy_info.version,
         )
         data = header + txn.body
+        size = len(data)
         envelope = Envelope(
             sender=txn.sender,
-            recipients=tuple(txn.recipients),
+            recipients=tuple(recipients),
             client_ip=self.client_ip,
             client_port=self.client_port,
             helo=txn.helo,
@@ -487,7 +501,7 @@ class InboundConnection(asyncio.Protocol):
             proxy=proxy_info,
             tls=self.tls,
             mail_params=tuple(txn.mail_params.items()),
-            size=len(data),
+            size=size,
             received_at=received_at,
         )
         qid = None
@@ -501,16 +515,23 @@ class InboundConnection(asyncio.Protocol):
             level, error = "warning", str(exc)
         except Exception as exc:  # a bug must not acknowledge mail nor kill the server
             level, error = "error", f"{type(exc).__name__}: {exc}"
-        reply = (f"250 2.0.0 OK queued as {qid}\r\n".encode() if qid is not None
-                 else R_SPOOL_FAIL)
+        if qid is not None:
+            reply_text = f"250 2.0.0 OK queued as {qid}"
+            reply = f"{reply_text}\r\n".encode()
+        else:
+            reply = R_SPOOL_FAIL
+            reply_text = reply.decode().rstrip()
+        if self._client_text_cache is None:
+            self._client_text_cache = format_addr(self.client_ip, self.client_port)
         log_event(
             "smtp.transaction", level, server=server.id, conn=self.conn_id,
             id=ident if qid is None else None,  # the id it would have had (named in Received:)
-            client=format_addr(self.client_ip, self.client_port), proxy=proxy_ip and
-            format_addr(self.peer_ip, self.peer_port), proxy_version=proxy_ip and proxy.version,
+            client=self._client_text_cache, proxy=proxy_text,
+            proxy_version=proxy_info and proxy_info.version,
             helo=txn.helo, tls=self.tls, **{"from": f"<{txn.sender}>"},
-            rcpts=",".join(f"<{r}>" for r in txn.recipients), size=len(data), qid=qid,
-            reply=reply.decode().rstrip(), error=error,
+            rcpts=f"<{recipients[0]}>" if len(recipients) == 1
+            else ",".join([f"<{r}>" for r in recipients]),
+            size=size, qid=qid, reply=reply_text, error=error,
             duration_ms=int((time.monotonic() - txn.started) * 1000),
         )
         session = self.session

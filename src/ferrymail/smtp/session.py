@@ -488,7 +488,7 @@ class ServerSession:
         if decoder.oversize:
             self.txn = None
             self._out.append(R_TOO_BIG)
-        elif DataDecoder.bare_line_ending(body):
+        elif decoder.bare:
             self.txn = None
             self._out.append(R_BARE_LF)
         else:
