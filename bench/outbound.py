@@ -119,12 +119,18 @@ class Ferrymail(MTA):
 
     def hold(self) -> None:
         if not self.held:
-            peers.ferrymail_reload(self.peer, self.running(True))
+            self._reload(True)
             self.held = True
 
     def release(self) -> None:
-        peers.ferrymail_reload(self.peer, self.running(False))
+        self._reload(False)
         self.held = False
+
+    def _reload(self, hold: bool) -> None:
+        pids = self.peer.pids()
+        if pids:
+            wait_catching_sighup(pids[0])
+        peers.ferrymail_reload(self.peer, self.running(hold))
 
     def queued(self) -> int:
         return peers.spool_messages(self.spool)
@@ -135,6 +141,33 @@ class Ferrymail(MTA):
             rows = db.execute("SELECT state, last_reply, COUNT(*) FROM recipients"
                               " GROUP BY state, last_reply ORDER BY 3 DESC LIMIT 3").fetchall()
         return "; ".join(f"{n} {state}: {reply or '-'}" for state, reply, n in rows)
+
+
+def catches_sighup(pid: int) -> bool | None:
+    """Whether process `pid` has a handler for SIGHUP (SigCgt in /proc); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("State:") and line.split()[1] in ("Z", "X"):
+                    return None
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & 1)  # SIGHUP is 1: the lowest bit
+    except FileNotFoundError:
+        return None
+    return False
+
+
+def wait_catching_sighup(pid: int, timeout: float = 15.0) -> None:
+    """Wait until `pid` handles SIGHUP. ferrymail listens before it installs its handler,
+    and a SIGHUP in between would terminate it (the default action): seen as a reload that
+    never came, now and then, when a reload followed the start on a busy machine."""
+    deadline = time.monotonic() + timeout
+    while not (caught := catches_sighup(pid)):
+        if caught is None:
+            raise BenchError(f"process {pid} exited")
+        if time.monotonic() > deadline:
+            raise BenchError(f"process {pid} does not handle SIGHUP after {timeout:.0f}s")
+        time.sleep(0.005)
 
 
 class Postfix(MTA):

@@ -110,9 +110,9 @@ def main() -> int:
         if args.pyspy:
             exe = shutil.which("py-spy") or str(peers.VENV_BIN / "py-spy")
             cmd = [exe, "record", "-p", str(pid), "-f", "raw", "-o", str(args.pyspy),
-                   "-r", "250", "--nonblocking", "--threads"]
-            if args.native:
-                cmd.append("--native")
+                   "-r", "250", "--threads"]
+            # py-spy refuses --native together with --nonblocking (it must pause the process)
+            cmd.append("--native" if args.native else "--nonblocking")
             if args.gil:
                 cmd.append("--gil")
             prof = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

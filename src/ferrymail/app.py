@@ -179,14 +179,22 @@ class App:
             write_pidfile(pidfile)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot write pidfile {pidfile}: {exc.strerror}") from exc
+        # Handlers go in before the listeners open: a SIGHUP's default action would kill us.
+        # A reload asked for while starting is done once everything has started.
+        hup_during_start: list[bool] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, hup_during_start.append, True)
         try:
             await self.start()
         except BaseException:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
             remove_pidfile(pidfile)
             raise
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        if hup_during_start:
+            self.reload()
         try:
             await self._stop_requested.wait()
         finally:

@@ -109,6 +109,30 @@ def test_check_catches_a_wrong_source_address(one_cycle) -> None:
         outbound.verify_delivery(mta, dump, 5, offset, sink_received=lambda: 5, settle=0)
 
 
+def test_reload_waits_until_the_process_handles_sighup() -> None:
+    """ferrymail listens before it installs its SIGHUP handler; a reload sent in between
+    killed it (the default action) and failed a fixture's setup now and then."""
+    code = ("import signal, sys, time; time.sleep(0.4); "
+            "signal.signal(signal.SIGHUP, lambda *a: print('hup', flush=True)); "
+            "print('ready', flush=True); time.sleep(20)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert outbound.catches_sighup(proc.pid) is False
+        t0 = time.monotonic()
+        outbound.wait_catching_sighup(proc.pid, timeout=10)
+        assert time.monotonic() - t0 >= 0.3
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGHUP)
+        assert proc.stdout.readline() == "hup\n"  # handled, not killed
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+    assert outbound.catches_sighup(proc.pid) is None  # reaped: gone
+    with pytest.raises(peers.BenchError, match="exited"):
+        outbound.wait_catching_sighup(proc.pid, timeout=1)
+
+
 def _our_processes(marker: str) -> list[str]:
     """Command lines of live processes whose command line or environment names `marker`."""
     found = []

@@ -134,6 +134,136 @@ def test_wakes_on_store_and_at_next_due_and_crash_cools_down(tmp_path):
     run(main)
 
 
+def test_a_dead_destination_with_a_full_ready_queue_does_not_hold_back_new_mail(tmp_path):
+    """More mail for a hung destination than fetch_limit: its queue fills up, yet new mail for
+    another destination is fetched and delivered at once; the hung destination's overflow is
+    parked (left in the spool) and comes back once its queue drains; nothing runs twice."""
+    async def main() -> None:
+        spool = SqliteSpool(tmp_path / "spool", fsync=False)
+        await spool.start()
+        hung = asyncio.Event()
+        runs: Counter[str] = Counter()
+        running: set[str] = set()
+        delivered: dict[str, float] = {}
+
+        async def run_job(job: Job) -> None:
+            assert job.queue_id not in running  # never twice at once
+            running.add(job.queue_id)
+            runs[job.queue_id] += 1
+            if job.destination.domain == "slow.test":
+                await hung.wait()
+            await deliver(spool, job)
+            running.discard(job.queue_id)
+            delivered[job.recipients[0].address] = time.monotonic()
+
+        sched = Scheduler(spool, lambda: CFG, run_job, fetch_limit=10)
+        for i in range(40):
+            await spool.store(envelope(f"s{i}@slow.test"), b"x\r\n")
+        sched.start()
+        async with asyncio.timeout(5):
+            while sched.running < 2 or not sched.parked():
+                await asyncio.sleep(0.01)
+        assert sched.waiting == 10  # its ready queue is full ...
+        slow_parked = len(sched.parked())
+        assert 0 < slow_parked <= 30  # ... and the rest waits in the spool, looked past
+        t0 = time.monotonic()
+        for i in range(15):
+            await spool.store(envelope(f"f{i}@fast.test"), b"x\r\n")
+            sched.wake()
+        async with asyncio.timeout(5):
+            while sum(a.endswith("@fast.test") for a in delivered) < 15:
+                await asyncio.sleep(0.01)
+        assert max(delivered.values()) - t0 < 3.0  # not stuck behind the hung destination
+        assert sched.waiting <= 20  # bounded: fetch_limit plus as much again for new mail
+        assert not any(a.endswith("@slow.test") for a in delivered)
+        hung.set()  # the destination recovers: the queue drains, the parked mail comes back
+        async with asyncio.timeout(10):
+            while await spool.count():
+                await asyncio.sleep(0.02)
+        await sched.stop()
+        await spool.close()
+        assert len(delivered) == 55 and set(runs.values()) == {1}
+        assert not sched.parked()
+
+    run(main)
+
+
+def test_refills_below_the_low_water_mark_not_after_every_job(tmp_path):
+    """A deep queue drains with a few fetches, not one per finished job."""
+    async def main() -> None:
+        spool = SqliteSpool(tmp_path / "spool", fsync=False)
+        await spool.start()
+        runs: Counter[str] = Counter()
+
+        async def run_job(job: Job) -> None:
+            runs[job.queue_id] += 1
+            await asyncio.sleep(0)
+            await deliver(spool, job)
+
+        for i in range(300):
+            await spool.store(envelope(f"f{i}@fast.test"), b"x\r\n")
+        sched = Scheduler(spool, lambda: CFG, run_job, fetch_limit=100)
+        assert sched.low_water == 20
+        sched.start()
+        async with asyncio.timeout(20):
+            while await spool.count():
+                await asyncio.sleep(0.02)
+        await sched.stop()
+        await spool.close()
+        assert len(runs) == 300 and set(runs.values()) == {1}
+        assert sched.fetches <= 30  # one per job would be 300
+
+    run(main)
+
+
+def test_a_job_recording_its_results_frees_its_slot_but_stays_in_flight(tmp_path):
+    """After `release` the next job of the destination starts although concurrency is 1,
+    while the released job's message is still excluded from fetching."""
+    one = parse_running("""
+servers: [{id: in, transport: t}]
+queues: {concurrency: 1, total_concurrency: 1}
+transportgroups:
+  - id: g
+    transports: [{id: t}]
+""")
+
+    async def main() -> None:
+        spool = SqliteSpool(tmp_path / "spool", fsync=False)
+        await spool.start()
+        recording = asyncio.Event()
+        started: list[str] = []
+        runs: Counter[str] = Counter()
+
+        async def run_job(job: Job) -> None:
+            runs[job.queue_id] += 1
+            started.append(job.recipients[0].address)
+            if job.recipients[0].address == "a@fast.test":
+                sched.release(job)
+                sched.release(job)  # twice: no effect
+                await recording.wait()  # "recording its results"
+            await deliver(spool, job)
+
+        sched = Scheduler(spool, lambda: one, run_job)
+        a = await spool.store(envelope("a@fast.test"), b"x\r\n")
+        await spool.store(envelope("b@fast.test"), b"x\r\n")
+        sched.start()
+        async with asyncio.timeout(5):
+            while "b@fast.test" not in started:
+                await asyncio.sleep(0.01)
+            assert sched.running == 0 and a in sched.in_flight()
+            sched.wake()
+            await asyncio.sleep(0.2)
+            assert runs[a] == 1  # in flight: not fetched again
+            recording.set()
+            while await spool.count():
+                await asyncio.sleep(0.01)
+        await sched.stop()
+        await spool.close()
+        assert started == ["a@fast.test", "b@fast.test"] and set(runs.values()) == {1}
+
+    run(main)
+
+
 def test_dead_destination_does_not_delay_others_end_to_end(tmp_path):
     """Engine + scheduler: a silent MX holds its own slots only; mail elsewhere flows."""
     with smtp_sink() as sink, LogCapture() as logs:

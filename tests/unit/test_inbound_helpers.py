@@ -10,7 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ferrymail.observe import log
-from ferrymail.smtp.server import format_addr, normalise_ip, received_header
+from ferrymail.smtp.server import (
+    format_addr,
+    normalise_ip,
+    received_header,
+    transaction_log_fields,
+    transaction_log_head,
+)
 
 _PAIR = re.compile(r'(\w[\w.]*)=("(?:[^"\\]|\\.)*"|\S*)')
 _UNESCAPE = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\"}
@@ -101,3 +107,42 @@ def test_received_header_hides_several_recipients_and_cleans_helo():
     assert "example.com" not in h and "for <" not in h
     assert h.startswith("Received: from evil???? ([IPv6:2001:db8::5] port 1)\r\n")
     assert "with SMTP id i; " in h
+
+
+_TEXT = st.text(max_size=12) | st.sampled_from(["mx.example", "a b", 'q"x', "t\\", ""])
+
+
+@given(server=st.sampled_from(["bench", "in 1"]), proxy=st.sampled_from([None, "10.0.0.1:443"]),
+       proxy_version=st.sampled_from([None, 1, 2]), helo=_TEXT,
+       tls=st.none() | st.sampled_from(["TLSv1.3 TLS_AES_256_GCM_SHA384", "TLS"]),
+       sender=_TEXT, recipients=st.lists(_TEXT, min_size=1, max_size=3),
+       size=st.integers(min_value=0, max_value=10**9),
+       qid=st.none() | st.sampled_from(["0123456789abcdef"]), reply=_TEXT,
+       error=st.none() | _TEXT, duration=st.integers(min_value=0, max_value=10**6))
+def test_transaction_line_is_what_log_event_writes(server, proxy, proxy_version, helo, tls,
+                                                    sender, recipients, size, qid, reply,
+                                                    error, duration):
+    # The server formats its per-transaction line itself (log_formatted); the line must be
+    # exactly the one log_event would write for the same fields.
+    failed_id = "fedcba9876543210" if qid is None else None
+    expected = log.format_event(
+        "smtp.transaction", "info", server=server, conn="3f2a0001", id=failed_id,
+        client="192.0.2.1:25", proxy=proxy, proxy_version=proxy_version, helo=helo, tls=tls,
+        **{"from": f"<{sender}>"},
+        rcpts=f"<{recipients[0]}>" if len(recipients) == 1
+        else ",".join(f"<{r}>" for r in recipients),
+        size=size, qid=qid, reply=reply, error=error, duration_ms=duration)
+    head = transaction_log_head(server, "3f2a0001", "192.0.2.1:25", proxy, proxy_version)
+    fields = transaction_log_fields(head, failed_id, helo, tls, sender, recipients, size, qid,
+                                    reply, error, duration)
+    buf = io.StringIO()
+    log.configure("info", buf)
+    try:
+        log.log_formatted("smtp.transaction", "info", fields)
+        log.log_formatted("smtp.transaction", "debug", fields)  # below the threshold
+    finally:
+        log.configure("info", None)
+    line = buf.getvalue()
+    assert line.count("\n") == 1 and line.endswith("\n")
+    assert line.split(" ", 1)[1] == expected.split(" ", 1)[1] + "\n"  # all but ts=
+    assert parse_logfmt(line.rstrip("\n"))["helo"] == helo

@@ -19,9 +19,11 @@ from ferrymail.smtp.protocol import (
     parse_ehlo,
     parse_path,
     rcpt_command,
+    split_command,
     take_line,
     valid_mailbox,
 )
+from ferrymail.smtp.protocol import _valid_mailbox as uncached_valid_mailbox
 
 
 def test_format_reply_multiline():
@@ -119,6 +121,49 @@ def test_valid_mailbox():
     assert valid_mailbox("a.b+c@example.com")
     assert not valid_mailbox("no-at-sign")
     assert not valid_mailbox("a@-bad-.com")
+
+
+@given(st.text(max_size=40)
+       | st.from_regex(r"[a-z.\"]{1,8}@[a-z-]{1,8}\.[a-z]{2,3}", fullmatch=True))
+def test_valid_mailbox_answers_the_same_when_asked_again(address):
+    # valid_mailbox remembers its answers: the second (cached) one must equal the first.
+    first = valid_mailbox(address)
+    assert first == uncached_valid_mailbox(address)
+    assert valid_mailbox(address) == first
+
+
+def test_valid_mailbox_memory_is_bounded():
+    from ferrymail.smtp import protocol
+
+    for i in range(protocol._MAILBOX_CACHE_MAX + 10):
+        assert valid_mailbox(f"u{i}@example.com")
+    assert len(protocol._MAILBOX_CACHE) <= protocol._MAILBOX_CACHE_MAX
+    assert not valid_mailbox("x" * 400 + "@example.com")
+    assert "x" * 400 + "@example.com" not in protocol._MAILBOX_CACHE
+
+
+@given(st.binary(max_size=40))
+def test_split_command_agrees_with_parse_command(line):
+    try:
+        cmd = parse_command(line)
+    except SMTPProtocolError:
+        with pytest.raises(SMTPProtocolError):
+            split_command(line)
+        return
+    assert split_command(line) == (cmd.verb, cmd.arg)
+    assert split_command(bytearray(line)) == (cmd.verb, cmd.arg)
+
+
+@given(st.text(alphabet='ab@.<>" \\', max_size=20))
+def test_path_with_and_without_quotes_finds_the_same_bracket(middle):
+    # Without a double quote the closing ">" is found by str.find; with one, by the scanner.
+    arg = f"TO:<{middle}>"
+    try:
+        got = parse_path(arg, "TO", allow_null=False)
+    except SMTPProtocolError:
+        got = None
+    if '"' not in middle and ">" in middle:
+        assert got is None or got[0] == middle[:middle.index(">")]
 
 
 def test_commands_refuse_injection():

@@ -439,3 +439,56 @@ def test_arbitrary_input_never_raises(data, cuts):
         elif isinstance(event, StartTLS):
             s.tls_started()
     s.take_output()
+
+
+_LINES = [
+    b"EHLO c\r\n", b"HELO c\r\n", b"helo\r\n", b"MAIL FROM:<a@x.test>\r\n",
+    b"mail from:<a@x.test> SIZE=10\r\n", b"MAIL FROM:<a@x.test> BODY=BAD\r\n",
+    b"RCPT TO:<b@example.com>\r\n", b"RCPT TO:<c@elsewhere.test>\r\n", b"RCPT TO:<>\r\n",
+    b"DATA\r\n", b"DATA x\r\n", b"hello\r\n.\r\n", b"..dot\r\nx\r\n.\r\n", b"bare\nlf\r\n.\r\n",
+    b"BDAT 3\r\nabc", b"BDAT 0 LAST\r\n", b"BDAT 2 LAST\r\nyz", b"BDAT x\r\n", b"RSET\r\n",
+    b"NOOP\r\n", b"NOOP\n", b"\r\n", b"\n", b"VRFY\r\n", b"HELP\r\n", b"STARTTLS\r\n",
+    b"XYZZY\r\n", b"\xff\xfe\r\n", b"NOOP \x00\r\n", b"NOOP a\rb\r\n", b"X" * 30 + b"\r\n",
+    b"NOOP " + b"x" * 40 + b"\r\n", b"QUIT\r\n",
+]
+
+
+def _drive(reads: list[bytes]) -> tuple[bytes, list[object]]:
+    """Everything the session answers and does for these reads (stores all succeed)."""
+    s = make(line_length=40, errors=50, recipients=2)
+    out = []
+    seen: list[object] = []
+    for data in reads:
+        event = s.receive(data)
+        while isinstance(event, Deliver):
+            seen.append(event.transaction.body)
+            s.finish_delivery(b"250 2.0.0 OK queued\r\n", queued=True)
+            event = s.step()
+        if event is not None:
+            seen.append(event)
+        out.append(s.take_output())
+    seen += [s.commands, s.errors, s.messages, s.closed]
+    return b"".join(out), seen
+
+
+@settings(max_examples=300, deadline=None)
+@given(script=st.lists(st.sampled_from(_LINES), max_size=25),
+       cuts=st.lists(st.integers(min_value=0, max_value=800), max_size=10))
+def test_one_line_per_read_is_the_same_as_any_split(script, cuts):
+    # A read holding exactly one command line takes a shortcut past the input buffer; it
+    # must answer exactly as the general path does for the same bytes cut anywhere.
+    wire = b"".join(script)
+    points = sorted({c for c in cuts if c < len(wire)} | {0, len(wire)})
+    split = [wire[a:b] for a, b in itertools.pairwise(points)]
+    per_line = _drive(script)
+    assert per_line == _drive(split)
+    assert per_line == _drive([wire[i:i + 1] for i in range(len(wire))])
+
+
+def test_line_at_the_length_limit_in_one_read():
+    s = make(line_length=20)
+    s.receive(b"NOOP " + b"x" * 13 + b"\r\n")  # 20 octets with CRLF: allowed
+    s.receive(b"NOOP " + b"x" * 14 + b"\r\n")  # 21: refused
+    s.receive(b"NOOP\r\nNOOP\r\n")  # two lines in one read
+    assert codes(s) == [250, 500, 250, 250]
+    assert s.commands == 3

@@ -416,13 +416,24 @@ def test_due_next_due_and_exclude(tmp_path):
         assert await spool.next_due() == 100.0
         assert [m.queue_id for m in await spool.due(99.0)] == []
         assert [m.queue_id for m in await spool.due(100.0)] == [m2]
-        assert [m.queue_id for m in await spool.due(1000.0)] == [m1, m2, m3]  # oldest first
-        assert [m.queue_id for m in await spool.due(1000.0, limit=2)] == [m1, m2]
-        assert [m.queue_id for m in await spool.due(1000.0, exclude={m1, "junk"})] == [m2, m3]
+        # soonest due first (here: oldest received first), not in the order stored
+        assert [m.queue_id for m in await spool.due(1000.0)] == [m2, m3, m1]
+        assert [m.queue_id for m in await spool.due(1000.0, limit=2)] == [m2, m3]
+        assert [m.queue_id for m in await spool.due(1000.0, exclude={m2, "junk"})] == [m3, m1]
+        # after: only messages stored after that id, in the order stored
+        assert [m.queue_id for m in await spool.due(1000.0, after=m1)] == [m2, m3]
+        assert [m.queue_id for m in await spool.due(1000.0, after=m2)] == [m3]
+        assert [m.queue_id for m in await spool.due(150.0, after=m1)] == [m2]
+        assert [m.queue_id for m in await spool.due(1000.0, after=m1, limit=1)] == [m2]
+        assert [m.queue_id for m in await spool.due(1000.0, after=m1, exclude=[m2])] == [m3]
+        assert await spool.due(1000.0, after=m3) == []
+        with pytest.raises(ValueError, match="malformed queue id"):
+            await spool.due(1000.0, after="junk")
         # a due message comes with all its recipients, whatever their state
         await spool.update(m2, [upd("b@x", DELIVERED), upd("c@x", DEFERRED, 1, 500.0, "451")])
         assert await spool.next_due() == 200.0
-        assert [m.queue_id for m in await spool.due(400.0)] == [m1, m3]
+        assert [m.queue_id for m in await spool.due(400.0)] == [m3, m1]
+        assert [m.queue_id for m in await spool.due(1000.0, after=m1)] == [m2, m3]
         (msg,) = await spool.due(500.0, exclude=[m1, m3])
         assert msg.queue_id == m2
         assert [(r.address, r.state) for r in msg.recipients] == [
@@ -437,6 +448,47 @@ def test_due_next_due_and_exclude(tmp_path):
         await spool.update(m2, [upd("c@x", FAILED, 2, 0, "550")])
         assert await spool.next_due() is None
         assert await spool.count() == 0
+
+    with_spool(tmp_path, body)
+
+
+def test_due_pages_through_a_deep_queue_by_exclusion_and_by_id(tmp_path):
+    """`due` walks the pending index in due order and stops at `limit`; the scheduler pages
+    on by excluding what it holds, or by id for new mail; reads mix with it."""
+    async def body(spool: SqliteSpool):
+        ids = [await spool.store(envelope(f"r{i}@x", received_at=float(i)), b"%d" % i)
+               for i in range(300)]
+        first = await spool.due(1e9, limit=100)
+        assert [m.queue_id for m in first] == ids[:100]
+        nxt = await spool.due(1e9, limit=100, exclude=ids[:100])
+        assert [m.queue_id for m in nxt] == ids[100:200]
+        assert [m.queue_id for m in await spool.due(1e9, limit=5, after=ids[-3])] == ids[-2:]
+        due, data = await asyncio.gather(spool.due(1e9, limit=300), spool.read(ids[7]))
+        assert len(due) == 300 and data == b"7"
+
+    with_spool(tmp_path, body)
+
+
+def test_deleting_a_big_body_does_not_rewrite_its_pages(tmp_path):
+    """secure_delete=FAST: removing a delivered message frees its body's pages without
+    zeroing them, so the commit writes a few pages to the WAL, not the whole body again."""
+    size = 2 * 1024 * 1024
+
+    async def body(spool: SqliteSpool):
+        qid = await spool.store(envelope("a@x"), b"x" * size)
+        wal = spool.db_path.with_name(spool.db_path.name + "-wal")
+        other = sqlite3.connect(spool.db_path, timeout=5)
+        try:
+            for _ in range(100):  # busy while the spool's own checkpointer runs
+                if other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            other.close()
+        assert wal.stat().st_size == 0
+        await spool.update(qid, [upd("a@x", DELIVERED)])
+        assert await spool.count() == 0
+        assert 0 < wal.stat().st_size < size // 8
 
     with_spool(tmp_path, body)
 

@@ -260,6 +260,9 @@ class DeliveryEngine:
             if decided is None:
                 return None  # the message is gone from the spool
             outcome, data = decided
+        # The connection is back in the pool: let the next job use the slot while the results
+        # are recorded (the queue id stays in flight until they are durable).
+        self.scheduler.release(job)
         return await self._record(job, cfg, transport, outcome, data, now, started)
 
     async def _decide_and_deliver(self, job: Job, cfg: RunningConfig,

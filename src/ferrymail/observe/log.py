@@ -51,9 +51,12 @@ def quote(value: object) -> str:
         return str(value)
     text = value if isinstance(value, str) else str(value)
     # isprintable() is False for \n, \r, \t and every other control character
-    if (text and text.isprintable() and " " not in text and "=" not in text
-            and '"' not in text and "\\" not in text):
-        return text
+    if text.isprintable():
+        if '"' not in text and "\\" not in text:
+            if text and " " not in text and "=" not in text:
+                return text
+            return f'"{text}"'
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     out = (text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
            .replace("\r", "\\r").replace("\t", "\\t"))
     if not out.isprintable():
@@ -86,9 +89,21 @@ def log_event(event: str, level: str = "info", **fields: object) -> None:
     """Write one event line to stderr if ``level`` passes the configured threshold."""
     if LEVELS.get(level, 20) < _threshold:
         return
+    _write(format_event(event, level, **fields) + "\n")
+
+
+def log_formatted(event: str, level: str, fields: str) -> None:
+    """``log_event`` for a hot path that formats its fields itself: ``fields`` is the
+    ``key=value`` pairs, space-separated, each value already passed through ``quote``."""
+    if LEVELS.get(level, 20) < _threshold:
+        return
+    _write(f"ts={_timestamp()} level={level} event={quote(event)} {fields}\n")
+
+
+def _write(line: str) -> None:
     stream = _stream or sys.stderr
     try:
-        stream.write(format_event(event, level, **fields) + "\n")
+        stream.write(line)
         stream.flush()
     except (OSError, ValueError):
         pass  # a closed stderr must not take the server down

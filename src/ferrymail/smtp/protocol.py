@@ -177,14 +177,20 @@ def take_line(buf: bytearray, start: int, limit: int) -> tuple[bytes | None, int
 
 def parse_command(line: bytes) -> Command:
     """``b"MAIL FROM:<a@b>"`` -> ``Command("MAIL", "FROM:<a@b>")``."""
+    return Command(*split_command(line))
+
+
+def split_command(line: bytes | bytearray) -> tuple[str, str]:
+    """``parse_command`` as a plain ``(verb, arg)`` tuple (the server's hot path)."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SMTPProtocolError("command is not valid UTF-8") from exc
-    if "\r" in text or "\n" in text or "\0" in text:
+    # UTF-8 encodes CR, LF and NUL only as themselves: checking the octets is enough.
+    if b"\r" in line or b"\n" in line or b"\0" in line:
         raise SMTPProtocolError("control character in command")
     verb, _, arg = text.partition(" ")
-    return Command(verb.upper(), arg.strip())
+    return verb.upper(), arg.strip()
 
 
 _DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+"
@@ -196,8 +202,25 @@ _DOMAIN = re.compile(r"^(?:[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\x80-\U0010fff
 _ADDR_LITERAL = re.compile(r"^\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]$")
 
 
+# Addresses already judged by valid_mailbox: clients send the same few over and over.
+_MAILBOX_CACHE: dict[str, bool] = {}
+_MAILBOX_CACHE_MAX = 2048
+
+
 def valid_mailbox(address: str) -> bool:
     """``local@domain`` per RFC 5321/6531 (dot-atom or quoted local part, domain or literal)."""
+    known = _MAILBOX_CACHE.get(address)
+    if known is not None:
+        return known
+    ok = _valid_mailbox(address)
+    if len(address) <= 320:  # never keep what cannot be valid anyway (bounded memory)
+        if len(_MAILBOX_CACHE) >= _MAILBOX_CACHE_MAX:
+            _MAILBOX_CACHE.clear()
+        _MAILBOX_CACHE[address] = ok
+    return ok
+
+
+def _valid_mailbox(address: str) -> bool:
     if len(address) > 320:
         return False
     local, at, domain = address.rpartition("@")
@@ -247,6 +270,8 @@ def parse_path(arg: str, keyword: str, *, allow_null: bool) -> tuple[str, dict[s
 
 def _closing_bracket(text: str) -> int:
     """Index of the ``>`` closing the path, skipping quoted local parts."""
+    if '"' not in text:
+        return text.find(">", 1)
     quoted = False
     i = 1
     while i < len(text):

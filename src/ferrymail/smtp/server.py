@@ -23,7 +23,7 @@ from email.utils import formatdate
 from typing import Any
 
 from ferrymail.config import RunningConfig, StartupServer
-from ferrymail.observe.log import enabled, log_event
+from ferrymail.observe.log import enabled, log_event, log_formatted, quote
 from ferrymail.proxy import ProxyDecoder, ProxyError, ProxyHeader
 from ferrymail.smtp.session import (
     R_SPOOL_FAIL,
@@ -39,6 +39,7 @@ from ferrymail.spool import Envelope, ProxyInfo, Spool, SpoolError
 
 # Pause reading from a client once this much unprocessed input waits (e.g. while storing).
 MAX_BUFFERED = 256 * 1024
+_DECISIONS_MAX = 4096  # RCPT policy answers kept per server (see SMTPServer.may_accept)
 
 _conn_ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid() & 0xFFFF:04x}{int(time.time()) & 0xFFFFFF:06x}"
@@ -106,6 +107,39 @@ def received_header(*, helo: str, client_ip: str, client_port: int, hostname: st
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
 
+def transaction_log_head(server_id: str, conn: str, client: str, proxy: str | None,
+                         proxy_version: int | None) -> tuple[str, str]:
+    """The fields of a connection's ``smtp.transaction`` lines that are the same every
+    time, formatted once: those before the optional ``id`` and those after it."""
+    after = f"client={quote(client)}"
+    if proxy is not None:
+        after += f" proxy={quote(proxy)}"
+    if proxy_version is not None:
+        after += f" proxy_version={proxy_version}"
+    return f"server={quote(server_id)} conn={quote(conn)}", after
+
+
+def transaction_log_fields(head: tuple[str, str], failed_id: str | None, helo: str,
+                           tls: str | None, sender: str, recipients: list[str], size: int,
+                           qid: str | None, reply: str, error: str | None,
+                           duration_ms: int) -> str:
+    """The ``smtp.transaction`` fields, as ``log_event`` would format them (for
+    ``log_formatted``): ``id`` only for a failed store, ``None`` values left out."""
+    rcpts = (f"<{recipients[0]}>" if len(recipients) == 1
+             else ",".join([f"<{r}>" for r in recipients]))
+    text = (f"{head[0]} id={quote(failed_id)} {head[1]} helo={quote(helo)}"
+            if failed_id is not None else f"{head[0]} {head[1]} helo={quote(helo)}")
+    if tls is not None:
+        text += f" tls={quote(tls)}"
+    text += f" from={quote(f'<{sender}>')} rcpts={quote(rcpts)} size={quote(size)}"
+    if qid is not None:
+        text += f" qid={quote(qid)}"
+    text += f" reply={quote(reply)}"
+    if error is not None:
+        text += f" error={quote(error)}"
+    return f"{text} duration_ms={quote(duration_ms)}"
+
+
 class SMTPServer:
     """One startup ``servers[]`` entry: its listeners and its live connections."""
 
@@ -140,6 +174,9 @@ class SMTPServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._policy_cache: tuple[RunningConfig | None, Any] = (None, None)
+        # may_accept's answers under _policy_cache's configuration: the same few
+        # (domain, client) pairs come again and again
+        self._decisions: dict[tuple[str, str], bool] = {}
         self.listeners: list[tuple[str, int]] = []
 
     # -- lifecycle
@@ -202,9 +239,17 @@ class SMTPServer:
             except KeyError:
                 srv = None
             self._policy_cache = (running, srv)
+            self._decisions.clear()  # judged under the previous configuration
         if srv is None:
             return False  # no running settings for this server: accept nothing
-        return srv.accepts_domain(domain) or srv.may_relay(client_ip)
+        key = (domain, client_ip)
+        ok = self._decisions.get(key)
+        if ok is None:
+            ok = srv.accepts_domain(domain) or srv.may_relay(client_ip)
+            if len(self._decisions) >= _DECISIONS_MAX:
+                self._decisions.clear()
+            self._decisions[key] = ok
+        return ok
 
     def trusts(self, ip: str) -> bool:
         try:
@@ -245,7 +290,7 @@ class InboundConnection(asyncio.Protocol):
         self.txn_count = 0
         self.close_reason: str | None = None
         self._proxy_cache: tuple[ProxyInfo | None, str | None] | None = None
-        self._client_text_cache: str | None = None
+        self._log_head: tuple[str, str] | None = None  # see transaction_log_head
 
     # -- asyncio callbacks
 
@@ -283,7 +328,19 @@ class InboundConnection(asyncio.Protocol):
         self.received_bytes += len(data)
         if state == _SMTP:
             self.last_activity = self.loop.time()
-            self._after(self.session.receive(data))  # type: ignore[union-attr]
+            session = self.session
+            assert session is not None
+            event = session.receive(data)
+            if event is not None:
+                self._after(event)
+                return
+            # _after for the usual case, inlined: the replies (one write), nothing to do
+            out = session.take_output()
+            if out:
+                self._write(out)
+            if session.buffered > MAX_BUFFERED and not self.paused:
+                self.paused = True
+                self.transport.pause_reading()  # type: ignore[union-attr]
         elif state == _PROXY:
             self._proxy_data(data)
         elif state == _TLS_PENDING:
@@ -521,19 +578,16 @@ class InboundConnection(asyncio.Protocol):
         else:
             reply = R_SPOOL_FAIL
             reply_text = reply.decode().rstrip()
-        if self._client_text_cache is None:
-            self._client_text_cache = format_addr(self.client_ip, self.client_port)
-        log_event(
-            "smtp.transaction", level, server=server.id, conn=self.conn_id,
-            id=ident if qid is None else None,  # the id it would have had (named in Received:)
-            client=self._client_text_cache, proxy=proxy_text,
-            proxy_version=proxy_info and proxy_info.version,
-            helo=txn.helo, tls=self.tls, **{"from": f"<{txn.sender}>"},
-            rcpts=f"<{recipients[0]}>" if len(recipients) == 1
-            else ",".join([f"<{r}>" for r in recipients]),
-            size=size, qid=qid, reply=reply_text, error=error,
-            duration_ms=int((time.monotonic() - txn.started) * 1000),
-        )
+        head = self._log_head
+        if head is None:
+            head = self._log_head = transaction_log_head(
+                server.id, self.conn_id, format_addr(self.client_ip, self.client_port),
+                proxy_text, proxy_info and proxy_info.version)
+        log_formatted("smtp.transaction", level, transaction_log_fields(
+            head,
+            ident if qid is None else None,  # the id it would have had (named in Received:)
+            txn.helo, self.tls, txn.sender, recipients, size, qid, reply_text, error,
+            int((time.monotonic() - txn.started) * 1000)))
         session = self.session
         if session is None:
             return

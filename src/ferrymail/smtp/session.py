@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from ferrymail.smtp.protocol import (
     DataDecoder,
     SMTPProtocolError,
-    parse_command,
     parse_path,
+    split_command,
 )
 
 # The policy hook: (recipient domain, client ip) -> may this recipient be accepted?
@@ -212,14 +212,25 @@ class ServerSession:
         """Feed received bytes; return the event the I/O layer must handle, if any."""
         if self._closed:
             return None
-        if self._mode == _DATA and self._pending is None and not self._buf:
-            result = self._decoder.feed(data)  # type: ignore[union-attr]
-            if result is None:
-                return None
-            event = self._end_data(*result)
-            if event is not None or not self._buf:
-                return event
-            return self.step()
+        if self._pending is None and not self._buf:
+            mode = self._mode
+            if mode == _DATA:
+                result = self._decoder.feed(data)  # type: ignore[union-attr]
+                if result is None:
+                    return None
+                event = self._end_data(*result)
+                if event is not None or not self._buf:
+                    return event
+                return self.step()
+            if mode == _CMD and not self._skipping and type(data) is bytes:
+                # The usual read of a client that waits for each reply: one whole command
+                # line. Handled without the buffer; anything else takes the general path.
+                n = len(data)
+                if 0 < n <= self.settings.limits.line_length and data.find(b"\n") == n - 1:
+                    self._command(data[:-2] if n > 1 and data[n - 2] == 13 else data[:-1])
+                    if self._mode == _BDAT:
+                        return self.step()  # BDAT 0 completes without more input
+                    return self._pending
         self._buf += data
         if self._pending is not None:
             return None
@@ -342,15 +353,15 @@ class ServerSession:
     def _command(self, line: bytes) -> None:
         self.commands += 1
         try:
-            cmd = parse_command(line)
+            verb, arg = split_command(line)
         except SMTPProtocolError:
             self._error(R_UNKNOWN)
             return
-        handler = _HANDLERS.get(cmd.verb)
+        handler = _HANDLERS.get(verb)
         if handler is None:
             self._error(R_UNKNOWN)
             return
-        handler(self, cmd.arg)
+        handler(self, arg)
 
     def _ehlo(self, arg: str) -> None:
         if not arg:

@@ -150,10 +150,13 @@ class Spool(Protocol):
         """Durably store a message; returns its queue id once it is on disk."""
 
     async def due(
-        self, now: float, limit: int = 1000, exclude: Collection[str] = ()
+        self, now: float, limit: int = 1000, exclude: Collection[str] = (),
+        after: str | None = None,
     ) -> builtins.list[QueuedMessage]:
-        """Messages with a QUEUED/DEFERRED recipient whose next_attempt <= now, oldest first
-        (in the order stored), each with all its recipients. `exclude`: queue ids in flight.
+        """Messages with a QUEUED/DEFERRED recipient whose next_attempt <= now, each with all
+        its recipients: soonest due first (ties in the order stored). `exclude`: queue ids in
+        flight. `after`: only messages stored after that queue id, in the order stored (new
+        mail, at a cost that follows what is returned); ValueError if it is no queue id.
         """
 
     async def next_due(self) -> float | None:
