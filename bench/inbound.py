@@ -417,21 +417,9 @@ Notes:
 
 def write_results(section_body: str, path: Path = RESULTS) -> None:
     """(Re)write the Inbound section of RESULTS.md, keeping every other section."""
-    new = f"{SECTION}\n\n{section_body.rstrip()}\n\n"
-    if path.exists():
-        text = path.read_text()
-    else:
-        text = "# Benchmark results\n\n## Outbound\n\nNot measured yet.\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
-    if start is None:  # insert before the first other "## " section, or append
-        at = next((i for i, ln in enumerate(lines) if ln.startswith("## ")), len(lines))
-        lines[at:at] = [new]
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        lines[start:end] = [new]
-    path.write_text("".join(lines).rstrip() + "\n")
+    if not path.exists():  # a new file keeps the usual order: Inbound, then Outbound
+        path.write_text(f"# Benchmark results\n\n{SECTION}\n\n## Outbound\n\nNot measured yet.\n")
+    peers.replace_section(path, SECTION, section_body)
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -452,17 +440,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def select(only: str | None) -> list[Variant]:
-    if not only:
-        return VARIANTS
-    wanted: list[str] = []
-    for name in (s.strip() for s in only.split(",") if s.strip()):
-        wanted += ALIASES.get(name, [name])
-    known = {v.key for v in VARIANTS}
-    unknown = [w for w in wanted if w not in known]
-    if unknown:
-        raise SystemExit(f"unknown variant(s): {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(known | set(ALIASES)))}")
-    return [v for v in VARIANTS if v.key in wanted]
+    return peers.select_variants(VARIANTS, ALIASES, only)
 
 
 @contextlib.contextmanager

@@ -591,20 +591,8 @@ Notes:
 
 
 def write_results(section_body: str, path: Path = RESULTS) -> None:
-    """(Re)write the Outbound section of RESULTS.md (up to the next `## ` or the end)."""
-    new = f"{SECTION}\n\n{section_body.rstrip()}\n\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
-    if start is None:
-        if lines and not lines[-1].endswith("\n"):
-            lines[-1] += "\n"
-        lines += ["\n", new]
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        lines[start:end] = [new]
-    path.write_text(re.sub(r"\n{3,}", "\n\n", "".join(lines)).rstrip() + "\n")
+    """(Re)write the Outbound section of RESULTS.md, keeping every other section."""
+    peers.replace_section(path, SECTION, section_body)
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -628,17 +616,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def select(only: str | None) -> list[Variant]:
-    if not only:
-        return VARIANTS
-    wanted: list[str] = []
-    for name in (s.strip() for s in only.split(",") if s.strip()):
-        wanted += ALIASES.get(name, [name])
-    known = {v.key for v in VARIANTS}
-    unknown = [w for w in wanted if w not in known]
-    if unknown:
-        raise SystemExit(f"unknown variant(s): {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(known | set(ALIASES)))}")
-    return [v for v in VARIANTS if v.key in wanted]
+    return peers.select_variants(VARIANTS, ALIASES, only)
 
 
 def main(argv: list[str] | None = None) -> int:

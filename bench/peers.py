@@ -730,3 +730,38 @@ def spool_messages(spool: Path) -> int:
             conn.close()
     except sqlite3.Error as e:
         raise BenchError(f"cannot count the messages in {db}: {e}") from None
+
+
+def replace_section(path: Path, heading: str, body: str) -> None:
+    """(Re)write one `## ` section of a Markdown file, keeping every other section.
+
+    A missing section is added at the end (a missing file starts as "# Benchmark results").
+    """
+    new = f"{heading}\n\n{body.rstrip()}\n\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == heading), None)
+    if start is None:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        lines += ["\n", new]
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                   len(lines))
+        lines[start:end] = [new]
+    path.write_text(re.sub(r"\n{3,}", "\n\n", "".join(lines)).rstrip() + "\n")
+
+
+def select_variants(variants: list, aliases: dict[str, list[str]], only: str | None) -> list:
+    """The variants named in a comma-separated `--only` (aliases expand), in table order."""
+    if not only:
+        return variants
+    wanted: list[str] = []
+    for name in (s.strip() for s in only.split(",") if s.strip()):
+        wanted += aliases.get(name, [name])
+    known = {v.key for v in variants}
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise SystemExit(f"unknown variant(s): {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(known | set(aliases)))}")
+    return [v for v in variants if v.key in wanted]
