@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import re
-import shlex
 import signal
 import sqlite3
 import statistics
@@ -482,11 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     env = environment()
-    exe = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        exe = exe.relative_to(peers.REPO)
-    command = shlex.join([str(exe), "bench/inbound.py",
-                          *(sys.argv[1:] if argv is None else argv)])
+    command = peers.command_line("bench/inbound.py", argv)
     results: list[Result] = []
     t0 = time.monotonic()
     with signals_as_interrupt():

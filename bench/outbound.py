@@ -22,7 +22,6 @@ import contextlib
 import json
 import re
 import resource
-import shlex
 import sqlite3
 import statistics
 import sys
@@ -644,11 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     env = environment()
-    exe = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        exe = exe.relative_to(peers.REPO)
-    command = shlex.join([str(exe), "bench/outbound.py",
-                          *(sys.argv[1:] if argv is None else argv)])
+    command = peers.command_line("bench/outbound.py", argv)
     results: list[Result] = []
     t0 = time.monotonic()
     with signals_as_interrupt():

@@ -15,6 +15,7 @@ import pty
 import re
 import resource
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -765,3 +766,11 @@ def select_variants(variants: list, aliases: dict[str, list[str]], only: str | N
         raise SystemExit(f"unknown variant(s): {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(known | set(aliases)))}")
     return [v for v in variants if v.key in wanted]
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How this run was started, for the results (interpreter path relative to the repo)."""
+    exe = Path(sys.executable)
+    with contextlib.suppress(ValueError):
+        exe = exe.relative_to(REPO)
+    return shlex.join([str(exe), script, *(sys.argv[1:] if argv is None else argv)])
