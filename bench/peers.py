@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ferrymail.haproxy import outbound_listen
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -609,17 +611,7 @@ defaults
     timeout client 60s
     timeout server 60s
     retries 0
-listen outboundsmtp
-    acl is_local src 127.0.0.0/8
-    tcp-request connection reject if !is_local
-    bind {bind_host}:{bind_port} accept-proxy
-    mode tcp
-    option tcplog
-    use-server v4 if {{ src 0.0.0.0/0 }}
-    use-server v6 if {{ src ::/0 }}
-    server v4 0.0.0.0 source 0.0.0.0 usesrc clientip
-    server v6 ::: source ::: usesrc clientip
-"""
+{outbound_listen(bind_host, bind_port)}"""
 
 
 @contextlib.contextmanager

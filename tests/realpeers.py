@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from ferrymail.haproxy import outbound_listen
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now."""
@@ -186,17 +188,7 @@ defaults
     timeout client 30s
     timeout server 30s
     retries {retries}
-listen outboundsmtp
-    acl is_local src 127.0.0.0/8
-    tcp-request connection reject if !is_local
-    bind {bind_host}:{bind_port} accept-proxy
-    mode tcp
-    option tcplog
-    use-server v4 if {{ src 0.0.0.0/0 }}
-    use-server v6 if {{ src ::/0 }}
-    server v4 0.0.0.0 source 0.0.0.0 usesrc clientip
-    server v6 ::: source ::: usesrc clientip
-"""
+{outbound_listen(bind_host, bind_port)}"""
 
 
 @dataclass
