@@ -1,0 +1,70 @@
+"""``ferrymail queue …``: inspect the spool."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from ferrymail.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, print_config_error
+from ferrymail.config import ConfigError, load_startup
+
+
+def _age(seconds: float) -> str:
+    """``42s``, ``7m``, ``3h``, ``2d``."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def cmd_queue_list(args: argparse.Namespace) -> int:
+    from ferrymail.spool import SpoolError, SqliteSpool
+
+    try:
+        startup = load_startup(args.startup)
+    except ConfigError as exc:
+        print_config_error(exc)
+        return EXIT_CONFIG
+
+    async def listing() -> list:
+        spool = SqliteSpool(startup.spool.path, readonly=True)  # works beside a running daemon
+        await spool.start()
+        try:
+            return await spool.list(args.limit)
+        finally:
+            await spool.close()
+
+    if not Path(startup.spool.path).exists():
+        print(f"ferrymail queue list: no spool at {startup.spool.path}", file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        messages = asyncio.run(listing())
+    except SpoolError as exc:
+        print(f"ferrymail queue list: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    now = time.time()
+    for msg in messages:
+        env = msg.envelope
+        print(f"{msg.queue_id}  {_age(now - env.received_at):>4}  <{env.sender}>  "
+              f"client={env.client_ip}  size={env.size}  server={env.server_id}")
+        for rcpt in msg.recipients:
+            extra = f"  attempts={rcpt.attempts}" if rcpt.attempts else ""
+            reply = f'  last="{rcpt.last_reply}"' if rcpt.last_reply else ""
+            print(f"    <{rcpt.address}>  {rcpt.state.value}{extra}{reply}")
+    print(f"{len(messages)} message(s)" + (" (limit reached)" if len(messages) >= args.limit
+                                         else ""))
+    return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``queue list`` to the ``ferrymail`` subparsers."""
+    q = sub.add_parser("queue", help="inspect the spool")
+    q_sub = q.add_subparsers(dest="queue_command", metavar="SUBCOMMAND", required=True)
+    p = q_sub.add_parser("list", help="list pending messages", description="list pending messages")
+    p.set_defaults(func=cmd_queue_list)
+    p.add_argument("--startup", metavar="FILE", help="startup configuration (for the spool)")
+    p.add_argument("--limit", type=int, default=1000, help="show at most this many")

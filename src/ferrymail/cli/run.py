@@ -1,0 +1,92 @@
+"""``ferrymail run``, ``ferrymail config check`` and ``ferrymail reload``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ferrymail.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, print_config_error
+from ferrymail.config import ConfigError, check_files, load_startup
+from ferrymail.observe import log
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from ferrymail.app import App
+
+    try:
+        app = App.from_files(args.startup, args.running)
+    except ConfigError as exc:
+        print_config_error(exc)
+        return EXIT_CONFIG
+    log.configure(app.startup.environment.logging.level)
+    try:
+        uvloop.run(app.run())
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:  # startup failures: port in use, spool unusable, pidfile…
+        log.log_event("app.start_failed", "error", error=f"{type(exc).__name__}: {exc}")
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    errors = check_files(list(args.files))
+    bad = {e.file for e in errors}
+    for err in errors:
+        print(str(err))
+    for name in args.files:
+        if name not in bad:
+            print(f"{name}: OK")
+    return EXIT_FAIL if errors else EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from ferrymail.app import read_pidfile
+
+    try:
+        startup = load_startup(args.startup)
+    except ConfigError as exc:
+        print_config_error(exc)
+        return EXIT_CONFIG
+    pidfile = Path(startup.environment.pidfile)
+    try:
+        pid = read_pidfile(pidfile)
+    except (OSError, ValueError) as exc:
+        print(f"ferrymail reload: cannot read pidfile {pidfile}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"ferrymail reload: no process {pid} (stale pidfile {pidfile})", file=sys.stderr)
+        return EXIT_FAIL
+    except PermissionError as exc:
+        print(f"ferrymail reload: cannot signal process {pid}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"sent SIGHUP to ferrymail (pid {pid})")
+    return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``run``, ``config check`` and ``reload`` to the ``ferrymail`` subparsers."""
+    p = sub.add_parser("run", help="run the MTA (embedded defaults without options)",
+                       description="run the MTA (embedded defaults without options)")
+    p.set_defaults(func=cmd_run)
+    p.add_argument("--startup", metavar="FILE", help="startup configuration (YAML)")
+    p.add_argument("--running", metavar="FILE", help="running configuration (YAML)")
+
+    cfg = sub.add_parser("config", help="configuration tools")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    p = cfg_sub.add_parser("check", help="validate configuration files",
+                           description="validate configuration files")
+    p.set_defaults(func=cmd_config_check)
+    p.add_argument("files", nargs="+", metavar="FILE")
+
+    p = sub.add_parser("reload", help="make the running instance re-read its running config",
+                       description="make the running instance re-read its running config")
+    p.set_defaults(func=cmd_reload)
+    p.add_argument("--startup", metavar="FILE", help="startup configuration (for the pidfile)")
