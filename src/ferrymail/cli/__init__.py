@@ -5,6 +5,8 @@
 ``ferrymail reload [--startup FILE]``                 SIGHUP the running instance (pidfile)
 ``ferrymail queue list [--startup FILE]``             pending messages in the spool
 ``ferrymail send …``                                  one message now, without queuing
+``ferrymail haproxy-config|keepalived-config …``      the proxy tier's configs
+``ferrymail proxy status``                            proxy and (proxy, source) health
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from ferrymail import __version__
-from ferrymail.cli import queue, run
+from ferrymail.cli import proxytier, queue, run
 from ferrymail.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAIL", "EXIT_OK", "build_parser", "main"]
@@ -23,6 +25,7 @@ __all__ = ["EXIT_CONFIG", "EXIT_FAIL", "EXIT_OK", "build_parser", "main"]
 FAMILIES = [
     run.register,
     queue.register,
+    proxytier.register,
 ]
 
 

@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from .proxyha import Cluster, ProxyCheck, ProxyHealthPolicy
 from .types import (
     DomainPattern,
     Duration,
@@ -169,6 +170,7 @@ class StartupConfig(_Model):
     environment: Environment = Field(default_factory=Environment)
     servers: tuple[StartupServer, ...] = ()
     spool: Spool = Field(default_factory=Spool)
+    cluster: Cluster = Field(default_factory=Cluster)
 
     _source: str | None = PrivateAttr(default=None)
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)
@@ -245,6 +247,7 @@ class ProxyProtocol(_Model):
     server: Host
     port: Port
     version: ProxyVersion = 1
+    check: ProxyCheck | None = None
 
 
 ProxyOrFalse = _tagged(
@@ -489,6 +492,7 @@ class RunningConfig(_Model):
     scripting: Scripting = Field(default_factory=Scripting)
     resolver: Resolver = Field(default_factory=Resolver)
     queues: Queues = Field(default_factory=Queues)
+    proxyhealth: ProxyHealthPolicy = Field(default_factory=ProxyHealthPolicy)
 
     _source: str | None = PrivateAttr(default=None)
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)

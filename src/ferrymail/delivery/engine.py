@@ -34,12 +34,23 @@ from ferrymail.config.models import Connection, ResolvedTransport, Retry, Runnin
 from ferrymail.delivery import dsn as dsnlib
 from ferrymail.delivery.connect import ProxyRoute, Source, Timeouts
 from ferrymail.delivery.errors import DeliveryError, SMTPReplyError
+from ferrymail.delivery.health import (
+    CheckTarget,
+    HealthBook,
+    HealthChecker,
+    HealthEntry,
+    HealthStore,
+    LocalHealthStore,
+    classify,
+    log_transition,
+)
 from ferrymail.delivery.mx import MXHost, Resolver
 from ferrymail.delivery.pool import ConnectionPool, PoolKey
 from ferrymail.delivery.routing import (
     HookSource,
     SourcePlan,
     SourceRotation,
+    check_targets,
     sources_from_hook,
     transport_sources,
 )
@@ -142,6 +153,7 @@ class DeliveryEngine:
         tls_context_factory: TLSContextFactory | None = None,
         stop_grace: float = STOP_GRACE,
         enabled: bool = True,
+        health_store: HealthStore | None = None,
     ) -> None:
         self.spool = spool
         self.enabled = enabled  # False: mail is only kept (e.g. to measure reception alone)
@@ -153,7 +165,11 @@ class DeliveryEngine:
         self.stop_grace = stop_grace
         self.scheduler = Scheduler(spool, running, self.run_job, clock=clock)
         self.pool = ConnectionPool()
-        self.rotation = SourceRotation()
+        self.health_store: HealthStore = health_store or LocalHealthStore()
+        self.rotation = SourceRotation(HealthBook(running().proxyhealth,
+                                                  on_transition=self._health_changed))
+        self.checker = HealthChecker(self.rotation.health, self._check_targets, clock=clock)
+        self._targets: tuple[RunningConfig | None, list[CheckTarget]] = (None, [])
         self._resolver: Resolver | None = None
         self._resolver_key: object = None
         self._hook: PredeliveryHook | None = None
@@ -175,6 +191,8 @@ class DeliveryEngine:
             self._hook = PredeliveryHook.load(
                 spec, timeout=cfg.scripting.hooks.timeout, base_dir=self.hook_base_dir)
         self._hook_cfg = cfg
+        await self.health_store.start(self._health_remote)
+        self.checker.start()
         self.pool.start()
         self.scheduler.start()
         log_event("delivery.started", hostname=self.hostname,
@@ -183,9 +201,11 @@ class DeliveryEngine:
 
     async def stop(self) -> None:
         await self.scheduler.stop(self.stop_grace)
+        await self.checker.stop()
         await self.pool.close()
         if self._background:
             await asyncio.wait(set(self._background), timeout=5)
+        await self.health_store.close()
 
     def wake(self, queue_id: str | None = None) -> None:
         """Mail was stored: look at the spool now."""
@@ -198,7 +218,26 @@ class DeliveryEngine:
     def config_changed(self, cfg: RunningConfig) -> None:
         """Reload hook: load the pre-delivery hook again (a broken one keeps the old)."""
         self._refresh_hook(cfg)
+        self.rotation.health.policy = cfg.proxyhealth
         self.scheduler.wake()  # e.g. queues.hold was lifted
+
+    # -- proxy health
+
+    def _health_changed(self, entry: HealthEntry) -> None:
+        log_transition(entry)
+        task = asyncio.get_running_loop().create_task(self.health_store.publish(entry))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _health_remote(self, entry: HealthEntry) -> None:
+        if self.rotation.health.apply(entry):
+            log_transition(entry)
+
+    def _check_targets(self) -> list[CheckTarget]:
+        cfg = self.running()
+        if self._targets[0] is not cfg:
+            self._targets = (cfg, check_targets(cfg, self.hostname))
+        return self._targets[1]
 
     # -- helpers over the current config
 
@@ -390,15 +429,15 @@ class DeliveryEngine:
         msg = job.message
         env = msg.envelope
         last: DeliveryError | None = None
+        health = self.rotation.health
         pooled: tuple[Source, SMTPClient] | None = None
-        for src in sources:
-            client = self.pool.take(PoolKey(src, ip, port, tls.value))
-            if client is not None:
-                pooled = (src, client)
-                break
-        order = sources if pooled is None else [pooled[0], *[s for s in sources
-                                                              if s != pooled[0]]]
-        for src in order:
+        # The message's source is sources[0] (chosen per message); only ITS sessions are reused.
+        client, dead = self.pool.take_or_dead(PoolKey(sources[0], ip, port, tls.value))
+        if client is not None:
+            pooled = (sources[0], client)
+        if dead:  # its proxy may have gone: this job reconnects, others go elsewhere meanwhile
+            health.suspect(sources[0], self.clock(), job)
+        for n, src in enumerate(sources):
             route.source = src
             client = None
             reused = False
@@ -407,6 +446,9 @@ class DeliveryEngine:
                 pooled = None
             for _ in range(2):  # a reused session the peer dropped gets one fresh connection
                 if client is None:
+                    if (src.proxy is not None and n + 1 < len(sources)
+                            and health.blocked(src, self.clock(), job)):
+                        break  # its proxy is down, or another job is finding out: next source
                     try:
                         client = await SMTPClient.connect(
                             src, ip, port, mx_host=host.name, tls=tls, timeouts=timeouts,
@@ -416,18 +458,24 @@ class DeliveryEngine:
                         return e
                     except DeliveryError as e:
                         last = e
-                        if e.kind == "proxy" and src.proxy is not None:
-                            down_for = self.rotation.health.mark_failed(src.proxy, self.clock())
+                        failure = classify(e) if src.proxy is not None else None
+                        if failure is not None:
+                            health.failure(src, failure, e.message, self.clock())
                             self._log_connect_failure(job, src, host, ip, e, "next source",
-                                                      proxy_down_s=down_for)
+                                                      failure_class=failure)
                             break
-                        if e.kind == "config":  # this source cannot be used (bind, family)
+                        if e.kind == "config" or (e.kind == "network" and src.proxy):
+                            # config: this source cannot be used (bind, family); network via
+                            # a proxy: the session broke during setup (e.g. the proxy died
+                            # under it), another source (proxy) may carry the message now
                             self._log_connect_failure(job, src, host, ip, e, "next source")
                             break
                         self._log_connect_failure(job, src, host, ip, e, "next MX address")
                         return e
+                    finally:
+                        health.resolved(src, job)
                     if src.proxy is not None:
-                        self.rotation.health.mark_ok(src.proxy)
+                        health.success(src, self.clock())
                 route.local_ip = client.local_ip
                 route.tls = client.tls_started
                 extra = None
@@ -440,6 +488,7 @@ class DeliveryEngine:
                     client.close()
                     if reused and e.temporary and e.kind in ("network", "protocol"):
                         client, reused = None, False
+                        health.suspect(src, self.clock(), job)
                         continue
                     return Outcome(error=e, route=route)
                 self.pool.put(PoolKey(src, ip, port, tls.value), client,
