@@ -156,3 +156,28 @@ def test_keepalived_config_mixed_families_and_bad_values() -> None:
         keepalived_config(running, proxy="127.0.0.12:2525", router_id=0)
     with pytest.raises(ValueError, match="priority"):
         keepalived_config(running, proxy="127.0.0.12:2525", priority=255)
+
+
+def test_proxy_status_without_cluster_says_what_it_needs(tmp_path: Path) -> None:
+    s, r = files(tmp_path)
+    res = run_cli("proxy", "status", "--startup", str(s), "--running", str(r))
+    assert res.returncode == 1
+    assert "needs cluster.redis" in res.stderr and "admin API" in res.stderr
+
+
+def test_health_keys_are_validated_with_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "running.yaml"
+    bad.write_text(RUNNING + "proxyhealth:\n  bind: {failures: 0}\n")
+    res = run_cli("config", "check", str(bad))
+    assert res.returncode == 1
+    assert f"{bad}:13: proxyhealth.bind.failures: expected a value >= 1" in res.stdout, \
+        res.stdout
+    bad.write_text(RUNNING + "proxyhealth:\n  suspend: 60\n  suspend_max: 10\n")
+    res = run_cli("config", "check", str(bad))
+    assert res.returncode == 1
+    assert "proxyhealth: " in res.stdout, res.stdout
+    assert "suspend_max must be at least suspend" in res.stdout, res.stdout
+    start = tmp_path / "startup.yaml"
+    start.write_text(STARTUP + "cluster: {redis: 'http://x'}\n")
+    res = run_cli("config", "check", str(start))
+    assert res.returncode == 1 and f"{start}:4: cluster.redis:" in res.stdout, res.stdout

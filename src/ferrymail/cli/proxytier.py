@@ -84,14 +84,16 @@ def cmd_proxy_status(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print_config_error(exc)
         return EXIT_CONFIG
-    if not startup.cluster.redis:
+    if startup.cluster is None:
         print("ferrymail proxy status: needs cluster.redis in the startup config (the health "
               "store); a single instance keeps its proxy health in memory and the admin API "
               "that would expose it is not built yet", file=sys.stderr)
         return EXIT_FAIL
 
+    url = startup.cluster.redis
+
     async def read() -> list[HealthEntry]:
-        store = RedisHealthStore(startup.cluster.redis)
+        store = RedisHealthStore(url)
         try:
             return await store.entries()
         finally:

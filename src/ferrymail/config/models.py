@@ -170,7 +170,7 @@ class StartupConfig(_Model):
     environment: Environment = Field(default_factory=Environment)
     servers: tuple[StartupServer, ...] = ()
     spool: Spool = Field(default_factory=Spool)
-    cluster: Cluster = Field(default_factory=Cluster)
+    cluster: Cluster | None = None  # instances sharing state through Redis
 
     _source: str | None = PrivateAttr(default=None)
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)

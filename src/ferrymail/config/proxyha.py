@@ -68,4 +68,4 @@ class ProxyHealthPolicy(_Model):
 class Cluster(_Model):
     """Instances that share state through Redis (``redis://host:port/db``)."""
 
-    redis: Annotated[StrictStr, Field(pattern=r"^(redis|rediss|unix)://")] | None = None
+    redis: Annotated[StrictStr, Field(pattern=r"^(redis|rediss|unix)://")]

@@ -606,6 +606,6 @@ class HealthChecker:
 
 def health_store_for(startup: StartupConfig) -> HealthStore:
     """Redis when ``cluster.redis`` is set (health shared by the cluster), else in-process."""
-    if startup.cluster.redis:
+    if startup.cluster is not None:
         return RedisHealthStore(startup.cluster.redis)
     return LocalHealthStore()
