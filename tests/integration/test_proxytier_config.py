@@ -152,6 +152,9 @@ def test_keepalived_config_mixed_families_and_bad_values() -> None:
     text = keepalived_config(running, proxy="127.0.0.12:2525", interface="lo")
     assert "virtual_ipaddress_excluded {\n        ::1/128 dev lo" in text
     assert "unicast_peer" not in text  # multicast unless peers are given
+    split = keepalived_config(running, proxy="127.0.0.12:2525", interface="vrrp",
+                              vip_interface="front")
+    assert "interface vrrp" in split and "127.0.0.12/32 dev front" in split
     with pytest.raises(ValueError, match="virtual_router_id"):
         keepalived_config(running, proxy="127.0.0.12:2525", router_id=0)
     with pytest.raises(ValueError, match="priority"):

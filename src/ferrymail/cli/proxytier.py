@@ -58,7 +58,8 @@ def cmd_keepalived_config(args: argparse.Namespace) -> int:
         text = keepalived_config(running, proxy=args.proxy, interface=args.interface,
                                  router_id=args.router_id, priority=args.priority,
                                  unicast_src=args.unicast_src, unicast_peers=args.unicast_peer,
-                                 check=args.check, name=args.name)
+                                 check=args.check, name=args.name,
+                                 vip_interface=args.vip_interface)
     except ConfigError as exc:
         print_config_error(exc)
         return EXIT_CONFIG
@@ -151,7 +152,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "active/passive proxy pair",
                        description="write keepalived.conf for one node of a proxy pair")
     _common(p)
-    p.add_argument("--interface", default="eth0")
+    p.add_argument("--interface", default="eth0", help="the interface VRRP talks on")
+    p.add_argument("--vip-interface", metavar="IF",
+                   help="the interface the virtual addresses go on (default: --interface)")
     p.add_argument("--router-id", type=int, default=51)
     p.add_argument("--priority", type=int, default=100)
     p.add_argument("--unicast-src", metavar="IP")

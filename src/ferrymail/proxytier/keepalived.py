@@ -30,18 +30,21 @@ def keepalived_config(running: RunningConfig, *, proxy: str | None = None,
                       interface: str = "eth0", router_id: int = 51, priority: int = 100,
                       unicast_src: str | None = None, unicast_peers: Sequence[str] = (),
                       check: str = DEFAULT_CHECK, check_interval: int = 1, fall: int = 2,
-                      rise: int = 2, name: str = "ferrymail_proxy") -> str:
+                      rise: int = 2, name: str = "ferrymail_proxy",
+                      vip_interface: str | None = None) -> str:
     """``keepalived.conf`` for one node of the pair serving proxy ``proxy`` (``host:port``).
 
     ``check`` is the command run by ``vrrp_script`` (exit 0 = HAProxy fine). ``unicast_src``
-    and ``unicast_peers`` switch VRRP to unicast. ValueError for an unknown proxy, a bad IP,
-    a router id outside 1..255 or a priority outside 1..254.
+    and ``unicast_peers`` switch VRRP to unicast. ``vip_interface`` (default ``interface``)
+    carries the virtual addresses when VRRP talks over another link. ValueError for an
+    unknown proxy, a bad IP, a router id outside 1..255 or a priority outside 1..254.
     """
     if not 1 <= router_id <= 255:
         raise ValueError(f"virtual_router_id must be 1..255, got {router_id}")
     if not 1 <= priority <= 254:
         raise ValueError(f"priority must be 1..254, got {priority}")
     host = select_proxy(running, proxy)
+    vip_dev = vip_interface or interface
     try:
         listener = str(ipaddress.ip_address(host.server))
     except ValueError:
@@ -86,11 +89,11 @@ def keepalived_config(running: RunningConfig, *, proxy: str | None = None,
         out += [f"        {p}" for p in unicast_peers]
         out.append("    }")
     out.append("    virtual_ipaddress {")
-    out += [f"        {_vip(a, interface)}" for a in (v4 or v6)]
+    out += [f"        {_vip(a, vip_dev)}" for a in (v4 or v6)]
     out.append("    }")
     if v4 and v6:  # one instance advertises one family; the others still move with it
         out.append("    virtual_ipaddress_excluded {")
-        out += [f"        {_vip(a, interface)}" for a in v6]
+        out += [f"        {_vip(a, vip_dev)}" for a in v6]
         out.append("    }")
     out += [
         "    track_script {",
