@@ -70,15 +70,9 @@ def cmd_keepalived_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _ago(ts: float | None, now: float) -> str:
-    if ts is None:
-        return "-"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) + f" ({now - ts:.0f}s ago)"
-
-
 def cmd_proxy_status(args: argparse.Namespace) -> int:
     from ferrymail.delivery.health import HealthEntry, RedisHealthStore
-    from ferrymail.proxytier.haproxy import proxies
+    from ferrymail.proxytier.status import status_rows, status_table
 
     try:
         startup, running = _load(args)
@@ -90,7 +84,6 @@ def cmd_proxy_status(args: argparse.Namespace) -> int:
               "store); a single instance keeps its proxy health in memory and the admin API "
               "that would expose it is not built yet", file=sys.stderr)
         return EXIT_FAIL
-
     url = startup.cluster.redis
 
     async def read() -> list[HealthEntry]:
@@ -100,27 +93,8 @@ def cmd_proxy_status(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
-    entries = {e.key: e for e in asyncio.run(read())}
     now = time.time()
-    rows = []
-    for host in proxies(running):
-        name = str(host)
-        for source in (None, *host.sources):
-            rows.append(entries.pop((name, source), None) or HealthEntry(name, source, "up"))
-    rows += list(entries.values())  # known to the cluster, no longer in this config
-    header = ("PROXY", "SOURCE", "STATE", "CLASS", "SINCE", "UNTIL", "LAST FAILURE", "BY",
-              "REASON")
-    table = [header]
-    for e in rows:
-        state = e.state
-        if state == "suspended" and e.until is not None and e.until <= now:
-            state = "probing"
-        table.append((e.proxy, e.source or "*", state, e.failure_class or "-",
-                      _ago(e.since or None, now), _ago(e.until, now) if e.until else "-",
-                      _ago(e.last_failure, now), e.origin or "-", e.reason or "-"))
-    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
-    for r in table:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    sys.stdout.write(status_table(status_rows(running, asyncio.run(read()), now), now))
     return EXIT_OK
 
 
