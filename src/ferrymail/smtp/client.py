@@ -21,6 +21,7 @@ from enum import StrEnum
 
 from ferrymail.delivery.connect import Source, Timeouts, describe_path, hostport, open_socket
 from ferrymail.delivery.errors import DeliveryError, SMTPReplyError
+from ferrymail.observe.log import log_event
 from ferrymail.smtp.protocol import (
     Reply,
     ReplyParser,
@@ -179,7 +180,7 @@ def transaction_parameters(extensions: dict[str, str], sender: str, recipients: 
     size = len(data)
     if "SIZE" in extensions:
         limit_text = extensions["SIZE"].split(" ", 1)[0]
-        limit = int(limit_text) if limit_text.isdigit() else 0
+        limit = int(limit_text) if limit_text.isascii() and limit_text.isdigit() else 0
         if limit and size > limit:
             raise DeliveryError("protocol", f"message of {size} bytes exceeds the {limit}-byte "
                                 f"size limit of {peer}", temporary=False)
@@ -342,6 +343,7 @@ class SMTPClient:
         self._tls_cipher: str | None = None
         self._transactions = 0
         self._broken = False
+        self._in_sync = True  # False once a reply may be missing (timeout, EOF, bad reply)
         self._peer = (f"{mx_host} [{dest_ip}]:{dest_port}" if mx_host and mx_host != dest_ip
                       else hostport(dest_ip, dest_port))
         self._path = describe_path(source, dest_ip, dest_port, mx_host)
@@ -608,11 +610,18 @@ class SMTPClient:
                 await conn.wait_replies(n)
         except TimeoutError:
             self._broken = True
+            self._in_sync = False
             raise _ReadFailure("timeout") from None
         got = conn.take(n)
+        for r in got:
+            if r.mixed_codes:
+                log_event("smtp.reply_inconsistent", "warning", peer=self._peer,
+                          code=r.code, other_codes=",".join(map(str, r.mixed_codes)),
+                          reply=str(r), effect="the last line's code is taken")
         if len(got) == n or (got and got[-1].code == 421):
             return got
         self._broken = True
+        self._in_sync = False
         if conn.error is not None:
             raise _ReadFailure("protocol", str(conn.error))
         raise _ReadFailure("eof")
@@ -687,7 +696,12 @@ class SMTPClient:
         if result.state != "EOD" and self.usable:
             await self._reset()
         if not self.usable:
-            self.close()
+            # RFC 5321 §4.1.1.10: end with QUIT, also after a refused RSET, while the
+            # replies still match the commands; a session out of step is only closed.
+            if self._in_sync and not self._conn.closing_reply:
+                await self.quit()
+            else:
+                self.close()
         return result
 
     async def _send_pipelined(self, recipients: Sequence[str], mail: bytes, rcpts: list[bytes],
@@ -736,6 +750,7 @@ class SMTPClient:
                 await self._conn.drain()
         except TimeoutError:
             self._broken = True
+            self._in_sync = False
             raise self._read_error(_ReadFailure("timeout"), "EOD", t) from None
         try:
             (reply,) = await self._read(1, t)
@@ -746,7 +761,8 @@ class SMTPClient:
         return reply
 
     async def _reset(self) -> None:
-        """RSET after a failed transaction; a connection that cannot reset is not reused."""
+        """RSET after a failed transaction; a connection that cannot reset is not reused
+        (the caller then sends QUIT)."""
         try:
             reply = await self._command(b"RSET\r\n", "RSET")
         except DeliveryError:

@@ -1,0 +1,174 @@
+"""Outbound interop hardening (issue 7, items 19-23) against real peers: smtp-sink, a scripted
+asyncio server, and the ``ferrymail send`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from ferrymail.delivery import Source, Timeouts
+from ferrymail.delivery.errors import SMTPReplyError
+from ferrymail.observe import log
+from ferrymail.smtp.client import SMTPClient
+from tests.integration.conftest import ferrymail_command
+from tests.integration.smtpscript import ScriptedSMTP
+from tests.realpeers import smtp_sink
+from tests.unit.test_outbound_wire import BARE, SMUGGLING
+
+SRC = Source("127.0.0.5", "helo5.example")
+FAST = Timeouts(connect=3, banner=3, command=3, data=5)
+
+
+def run(coro_fn: Callable[[], Awaitable[None]]) -> str:
+    """Run ``coro_fn`` on uvloop (bounded) and return the log lines it wrote."""
+    buf = io.StringIO()
+
+    async def bounded() -> None:
+        await asyncio.wait_for(coro_fn(), 30)
+
+    log.configure("info", buf)
+    try:
+        uvloop.run(bounded())
+    finally:
+        log.configure("info", None)
+    return buf.getvalue()
+
+
+def verbs(commands: list[str]) -> list[str]:
+    return [c.split(" ")[0].upper() for c in commands]
+
+
+# --------------------------------------------------------------------------- item 21: QUIT
+
+
+def test_quit_after_a_refused_rset():
+    async def main() -> None:
+        async with ScriptedSMTP(rcpt=lambda a: "550 5.1.1 no such user",
+                                rset="500 5.5.1 RSET? never heard of it") as srv:
+            c = await SMTPClient.connect(SRC, "127.0.0.1", srv.port, timeouts=FAST)
+            r = await c.send("a@example.com", ["b@example.net"], b"hi\r\n")
+            assert r.state == "RCPT" and r.reply.code == 550
+            assert not c.usable
+            for _ in range(100):  # the server records QUIT when it reads it
+                if srv.sessions[0].commands[-1:] == ["QUIT"]:
+                    break
+                await asyncio.sleep(0.02)
+            assert verbs(srv.sessions[0].commands) == ["EHLO", "MAIL", "RCPT", "DATA", "RSET",
+                                                       "QUIT"]
+
+    run(main)
+
+
+def test_no_quit_when_the_session_is_out_of_step():
+    async def main() -> None:
+        # A malformed reply to RSET: the replies no longer match, so the client only closes.
+        async with ScriptedSMTP(rcpt=lambda a: "550 5.1.1 no", rset="") as srv:
+            c = await SMTPClient.connect(SRC, "127.0.0.1", srv.port, timeouts=FAST)
+            r = await c.send("a@example.com", ["b@example.net"], b"hi\r\n")
+            assert r.reply.code == 550 and not c.usable
+            await asyncio.sleep(0.2)
+            assert verbs(srv.sessions[0].commands)[-1] == "RSET"
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- item 20: codes
+
+
+def test_mixed_code_refusal_is_permanent_and_logged():
+    async def main() -> None:
+        async with ScriptedSMTP(rcpt=lambda a: "250-2.1.5 fine\n550 5.1.1 no such user") as srv:
+            c = await SMTPClient.connect(SRC, "127.0.0.1", srv.port, timeouts=FAST)
+            r = await c.send("a@example.com", ["b@example.net"], b"hi\r\n")
+            assert r.state == "RCPT" and r.reply_for("b@example.net").code == 550
+            assert r.reply.enhanced == (5, 1, 1) and r.reply.permanent
+            await c.quit()
+
+    logs = run(main)
+    assert re.search(r"event=smtp.reply_inconsistent .*code=550 other_codes=250", logs), logs
+
+
+def test_mixed_code_banner_is_a_permanent_refusal():
+    async def main() -> None:
+        async with ScriptedSMTP(banner="220-mx.example ESMTP\n521 5.7.1 go away") as srv:
+            with pytest.raises(SMTPReplyError) as ei:
+                await SMTPClient.connect(SRC, "127.0.0.1", srv.port, timeouts=FAST)
+            assert ei.value.reply.code == 521 and not ei.value.temporary
+
+    logs = run(main)
+    assert "other_codes=220" in logs
+
+
+# --------------------------------------------------------------------------- item 22: wire
+
+
+def _smuggling_message(seq: bytes) -> bytes:
+    return (b"Subject: t\r\n\r\nhello" + seq
+            + b"MAIL FROM:<x@example.com>\r\nRCPT TO:<y@example.com>\r\n")
+
+
+def test_client_writer_against_every_smuggling_sequence():
+    async def main() -> None:
+        async with ScriptedSMTP() as srv:
+            c = await SMTPClient.connect(SRC, "127.0.0.1", srv.port, timeouts=FAST)
+            for seq in SMUGGLING:
+                r = await c.send("a@example.com", ["b@example.net"], _smuggling_message(seq))
+                assert r.state == "EOD" and r.reply.code == 250
+            await c.quit()
+            s = srv.sessions[0]
+            assert verbs(s.commands).count("MAIL") == len(SMUGGLING)  # nothing smuggled
+            assert len(s.messages) == len(SMUGGLING)
+            for m in s.messages:
+                assert not BARE.search(m.data), m.data
+                assert b"\r\nMAIL FROM:<x@example.com>\r\n" in m.data
+
+    run(main)
+
+
+def test_smtp_sink_sees_one_message_per_transaction():
+    with smtp_sink() as sink:
+        async def main() -> None:
+            c = await SMTPClient.connect(SRC, "127.0.0.1", sink.port, timeouts=FAST)
+            for seq in SMUGGLING:
+                r = await c.send("a@example.com", ["b@example.net"], _smuggling_message(seq))
+                assert r.reply.code == 250
+            await c.quit()
+
+        run(main)
+        dumps = sink.wait_dumps(len(SMUGGLING))
+        assert len(dumps) == len(SMUGGLING)
+        assert all(d.rcpts == ["<b@example.net>"] for d in dumps)
+
+
+@pytest.mark.parametrize("content", [
+    b"hello\r.\rMAIL FROM:<x@example.com>\r\n.\r\n",
+    b"Subject: t\rBcc: x@example.com",
+])
+def test_send_file_puts_no_bare_line_ending_on_the_wire(tmp_path: Path, content: bytes):
+    path = tmp_path / "msg.eml"
+    path.write_bytes(content)
+
+    async def main() -> None:
+        async with ScriptedSMTP() as srv:
+            proc = await asyncio.create_subprocess_exec(
+                *ferrymail_command("send", "--from", "a@example.com", "--to", "b@example.net",
+                                   "--server", "127.0.0.1", "--port", str(srv.port),
+                                   "--tls", "disabled", "--timeout", "5", "--file", str(path)),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await proc.communicate()
+            assert proc.returncode == 0, (out, err)
+            s = srv.sessions[0]
+            assert verbs(s.commands) == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
+            (m,) = s.messages
+            assert not BARE.search(m.data), m.data
+            assert m.data == content.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(
+                b"\n", b"\r\n").rstrip(b"\r\n") + b"\r\n"
+
+    run(main)
+
