@@ -6,16 +6,18 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import uvloop
 
-from ferrymail.delivery import Source, Timeouts
+from ferrymail.delivery import DeliveryError, Source, Timeouts
 from ferrymail.delivery.errors import SMTPReplyError
 from ferrymail.observe import log
-from ferrymail.smtp.client import SMTPClient
+from ferrymail.send import send_async
+from ferrymail.smtp.client import SMTPClient, TLSMode
 from tests.integration.conftest import ferrymail_command
 from tests.integration.smtpscript import ScriptedSMTP
 from tests.realpeers import smtp_sink
@@ -172,3 +174,56 @@ def test_send_file_puts_no_bare_line_ending_on_the_wire(tmp_path: Path, content:
 
     run(main)
 
+
+
+# --------------------------------------------------------------------------- item 19: TLS
+
+
+def _broken_tls() -> ssl.SSLContext:
+    """A server context with no certificate: STARTTLS is offered, every handshake fails."""
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+
+def test_optional_tls_falls_back_to_plaintext_on_the_same_attempt():
+    async def main() -> None:
+        async with ScriptedSMTP(tls_context=_broken_tls()) as srv:
+            c = await SMTPClient.connect(SRC, "127.0.0.1", srv.port, tls=TLSMode.OPTIONAL,
+                                         timeouts=FAST)
+            assert c.tls_fallback and not c.tls_started
+            r = await c.send("a@example.com", ["b@example.net"], b"hi\r\n")
+            assert r.reply.code == 250
+            await c.quit()
+            first, second = srv.sessions
+            assert verbs(first.commands) == ["EHLO", "STARTTLS"]
+            assert verbs(second.commands) == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
+            assert not second.messages[0].tls
+
+    logs = run(main)
+    assert re.search(r"event=smtp.tls_fallback .*then=\"plaintext on a new connection\"", logs)
+
+
+@pytest.mark.parametrize("mode", [TLSMode.OPTIONAL_VERIFY, TLSMode.REQUIRE,
+                                  TLSMode.REQUIRE_VERIFY])
+def test_verify_and_require_modes_never_fall_back(mode):
+    async def main() -> None:
+        async with ScriptedSMTP(tls_context=_broken_tls()) as srv:
+            with pytest.raises(DeliveryError) as ei:
+                await SMTPClient.connect(SRC, "127.0.0.1", srv.port, tls=mode, timeouts=FAST)
+            assert ei.value.kind == "tls" and "handshake" in ei.value.message
+            assert len(srv.sessions) == 1
+
+    logs = run(main)
+    assert "tls_fallback" not in logs
+
+
+def test_send_with_optional_tls_delivers_in_plaintext():
+    async def main() -> None:
+        async with ScriptedSMTP(tls_context=_broken_tls()) as srv:
+            res = await send_async(b"Subject: t\r\n\r\nhi\r\n", "a@example.com",
+                                   ["b@example.net"], {"server": "127.0.0.1", "port": srv.port,
+                                                       "tls": "optional", "timeout": 5},
+                                   log=lambda line: None)
+            assert res["result"]["code"] == 250 and res["connection"]["tls"]["started"] is False
+            assert len(srv.sessions) == 2
+
+    run(main)

@@ -85,6 +85,7 @@ class Route:
     mx_ip: str = ""
     local_ip: str | None = None
     tls: bool = False
+    tls_fallback: bool = False  # the TLS handshake failed: this is the plaintext retry
 
 
 @dataclass
@@ -430,6 +431,7 @@ class DeliveryEngine:
                         self.rotation.health.mark_ok(src.proxy)
                 route.local_ip = client.local_ip
                 route.tls = client.tls_started
+                route.tls_fallback = client.tls_fallback
                 extra = None
                 if "DSN" in client.extensions:
                     extra = {k.upper(): v for k, v in env.mail_params
@@ -650,6 +652,8 @@ class DeliveryEngine:
                 enhanced=".".join(map(str, reply.enhanced)) if reply.enhanced else None,
                 reply=" / ".join(reply.lines), tls=route.tls,
             )
+            if route.tls_fallback:
+                fields["tls_fallback"] = True
         elif outcome.hook is not None:
             fields.update(hook=outcome.hook.action, reason=outcome.hook.reason)
         elif outcome.hook_error is not None:

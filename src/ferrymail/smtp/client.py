@@ -231,6 +231,15 @@ class _ReadFailure(Exception):
         self.detail = detail
 
 
+class _HandshakeFailed(Exception):
+    """The TLS handshake after a 220 to STARTTLS failed; ``error`` is what to report."""
+
+    def __init__(self, peer: str, error: DeliveryError) -> None:
+        super().__init__(error.message)
+        self.peer = peer
+        self.error = error
+
+
 class _Connection(asyncio.Protocol):
     """Feeds received bytes into the reply parser and wakes the reader when enough arrived."""
 
@@ -343,6 +352,7 @@ class SMTPClient:
         self._tls_cipher: str | None = None
         self._transactions = 0
         self._broken = False
+        self._tls_fallback = False
         self._in_sync = True  # False once a reply may be missing (timeout, EOF, bad reply)
         self._peer = (f"{mx_host} [{dest_ip}]:{dest_port}" if mx_host and mx_host != dest_ip
                       else hostport(dest_ip, dest_port))
@@ -403,6 +413,11 @@ class SMTPClient:
         return self._tls_started
 
     @property
+    def tls_fallback(self) -> bool:
+        """True when the TLS handshake failed and this is the plaintext retry (mode optional)."""
+        return self._tls_fallback
+
+    @property
     def tls_version(self) -> str | None:
         return self._tls_version
 
@@ -456,12 +471,34 @@ class SMTPClient:
         """Open the connection (direct or proxied), read the banner, EHLO, STARTTLS per `tls`.
 
         Raises `SMTPReplyError` for a refusing banner or EHLO, `DeliveryError` otherwise.
+        With ``tls`` optional, a failed TLS handshake is retried at once in plaintext on a
+        new connection to the same address (logged as ``smtp.tls_fallback``; the client's
+        `tls_fallback` is then True). The verify and require modes never fall back.
         """
         tls = TLSMode(tls)
         helo = source.helo
         if not helo or not helo.isprintable() or " " in helo:
             raise DeliveryError("config", f"invalid HELO name {helo!r} for source "
                                 f"{source.address or '(any)'}", temporary=False)
+        try:
+            return await cls._open(source, dest_ip, dest_port, mx_host, tls, timeouts,
+                                   tls_context_factory)
+        except _HandshakeFailed as e:
+            if tls is not TLSMode.OPTIONAL:
+                raise e.error from None
+            # Opportunistic TLS (Postfix "may"): a failed handshake is no reason to keep the
+            # mail back; the same MX once more in plaintext, on a new connection.
+            log_event("smtp.tls_fallback", "warning", peer=e.peer, source=source.address,
+                      error=e.error.message, then="plaintext on a new connection")
+        client = await cls._open(source, dest_ip, dest_port, mx_host, TLSMode.DISABLED,
+                                 timeouts, tls_context_factory)
+        client._tls_fallback = True
+        return client
+
+    @classmethod
+    async def _open(cls, source: Source, dest_ip: str, dest_port: int, mx_host: str,
+                    tls: TLSMode, timeouts: Timeouts,
+                    tls_context_factory: TLSContextFactory | None) -> SMTPClient:
         sock, local_ip = await open_socket(source, dest_ip, dest_port, timeouts, mx_host=mx_host)
         loop = asyncio.get_running_loop()
         try:
@@ -567,22 +604,25 @@ class SMTPClient:
                                            ssl_handshake_timeout=t)
         except ssl.SSLCertVerificationError as e:
             self._broken = True
-            raise DeliveryError("tls", f"TLS certificate verification failed for {self._peer} "
-                                f"(checked name {name}): {e.verify_message} "
-                                f"({self._path})") from None
+            raise _HandshakeFailed(self._peer, DeliveryError(
+                "tls", f"TLS certificate verification failed for {self._peer} (checked name "
+                f"{name}): {e.verify_message} ({self._path})")) from None
         except TimeoutError:
             self._broken = True
-            raise DeliveryError("tls", f"TLS handshake with {self._peer} timed out after "
-                                f"{t:g}s ({self._path})") from None
+            raise _HandshakeFailed(self._peer, DeliveryError(
+                "tls", f"TLS handshake with {self._peer} timed out after {t:g}s "
+                f"({self._path})")) from None
         except (ssl.SSLError, OSError, EOFError) as e:
             self._broken = True
             detail = getattr(e, "reason", None) or str(e) or type(e).__name__
-            raise DeliveryError("tls", f"TLS handshake with {self._peer} failed: {detail} "
-                                f"({self._path})") from None
+            raise _HandshakeFailed(self._peer, DeliveryError(
+                "tls", f"TLS handshake with {self._peer} failed: {detail} "
+                f"({self._path})")) from None
         if new is None:
             self._broken = True
-            raise DeliveryError("tls", f"TLS handshake with {self._peer} failed: connection "
-                                f"closed ({self._path})")
+            raise _HandshakeFailed(self._peer, DeliveryError(
+                "tls", f"TLS handshake with {self._peer} failed: connection closed "
+                f"({self._path})"))
         self._transport = new
         conn.transport = new
         sslobj = new.get_extra_info("ssl_object")
