@@ -489,6 +489,9 @@ class RunningConfig(_Model):
     scripting: Scripting = Field(default_factory=Scripting)
     resolver: Resolver = Field(default_factory=Resolver)
     queues: Queues = Field(default_factory=Queues)
+    # Received: header fields at which a message is failed as a mail loop (5.4.6) instead of
+    # being relayed again (RFC 5321 §6.3; Postfix hopcount_limit).
+    hop_limit: Annotated[int, Field(ge=1, le=1000, strict=True)] = 50
 
     _source: str | None = PrivateAttr(default=None)
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)

@@ -34,6 +34,7 @@ from ferrymail.config.models import Connection, ResolvedTransport, Retry, Runnin
 from ferrymail.delivery import dsn as dsnlib
 from ferrymail.delivery.connect import ProxyRoute, Source, Timeouts
 from ferrymail.delivery.errors import DeliveryError, SMTPReplyError
+from ferrymail.delivery.loops import LOOP_STATUS, OwnListeners, hop_limit_error
 from ferrymail.delivery.mx import MXHost, Resolver
 from ferrymail.delivery.pool import ConnectionPool, PoolKey
 from ferrymail.delivery.routing import (
@@ -70,6 +71,7 @@ _LOCAL_STATUS = {
     "config": "5.3.5",
     "protocol": "5.3.4",
     "tls": "5.7.10",
+    "loop": LOOP_STATUS,
 }
 
 
@@ -143,6 +145,7 @@ class DeliveryEngine:
         tls_context_factory: TLSContextFactory | None = None,
         stop_grace: float = STOP_GRACE,
         enabled: bool = True,
+        own_listeners: OwnListeners | None = None,
     ) -> None:
         self.spool = spool
         self.enabled = enabled  # False: mail is only kept (e.g. to measure reception alone)
@@ -152,6 +155,8 @@ class DeliveryEngine:
         self.clock = clock
         self.tls_context_factory = tls_context_factory
         self.stop_grace = stop_grace
+        # Our own listening addresses: an MX that is one of them is a loop (see loops.py).
+        self.own_listeners = own_listeners or OwnListeners()
         self.scheduler = Scheduler(spool, running, self.run_job, clock=clock)
         self.pool = ConnectionPool()
         self.rotation = SourceRotation()
@@ -303,6 +308,9 @@ class DeliveryEngine:
 
     async def _deliver(self, job: Job, cfg: RunningConfig, transport: ResolvedTransport,
                        decision: HookDecision | None, data: bytes) -> Outcome:
+        looping = hop_limit_error(data, cfg.hop_limit)
+        if looping is not None:
+            return Outcome(error=DeliveryError("loop", looping, temporary=False))
         conn = transport.connection
         d = decision or HookDecision("try")
         port = d.port or conn.port
@@ -334,6 +342,15 @@ class DeliveryEngine:
                 if tried >= MAX_MX_ADDRESSES:
                     break
                 tried += 1
+                mine = self.own_listeners.match(ip, port)
+                if mine is not None:
+                    last = DeliveryError(
+                        "loop", f"mail for {job.destination.domain} loops back to myself: "
+                        f"{host.name} [{ip}]:{port} is this instance's listener {mine}",
+                        temporary=False)
+                    log_event("delivery.loop", "warning", qid=job.queue_id, mx=host.name,
+                              mx_ip=ip, port=port, listener=mine, then="next MX address")
+                    continue
                 version = ipaddress.ip_address(ip).version
                 family_sources = plan.for_family(version)
                 sources = self.rotation.order((transport.id, version, family_sources),

@@ -12,17 +12,19 @@ from typing import Literal
 
 from ferrymail.smtp.protocol import Reply
 
-ErrorKind = Literal["config", "dns", "network", "proxy", "tls", "protocol", "smtp"]
+ErrorKind = Literal["config", "dns", "network", "proxy", "tls", "protocol", "smtp", "loop"]
 DNSErrorKind = Literal["nxdomain", "nullmx", "nodata", "ipfamily", "other"]
 
-KINDS: tuple[str, ...] = ("config", "dns", "network", "proxy", "tls", "protocol", "smtp")
+KINDS: tuple[str, ...] = ("config", "dns", "network", "proxy", "tls", "protocol", "smtp",
+                          "loop")
 DNS_KINDS: tuple[str, ...] = ("nxdomain", "nullmx", "nodata", "ipfamily", "other")
 
 
 class DeliveryError(Exception):
     """A delivery attempt failed without an SMTP reply deciding it (or see `SMTPReplyError`).
 
-    ``kind``: config, dns, network, proxy, tls, protocol (or smtp for `SMTPReplyError`).
+    ``kind``: config, dns, network, proxy, tls, protocol, loop (a mail loop: too many hops
+    or the next hop is ourselves), or smtp for `SMTPReplyError`.
     ``temporary``: whether a later attempt may succeed. ``dns`` refines kind dns (and the
     config error for an address-family mismatch): nxdomain, nullmx, nodata, ipfamily, other.
     """
