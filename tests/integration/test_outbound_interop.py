@@ -4,6 +4,8 @@ asyncio server, and the ``ferrymail send`` command."""
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import io
 import re
 import ssl
@@ -19,6 +21,8 @@ from ferrymail.observe import log
 from ferrymail.send import send_async
 from ferrymail.smtp.client import SMTPClient, TLSMode
 from tests.integration.conftest import ferrymail_command
+from tests.integration.outbound_harness import LogCapture, engine
+from tests.integration.outbound_harness import run as harness_run
 from tests.integration.smtpscript import ScriptedSMTP
 from tests.realpeers import smtp_sink
 from tests.unit.test_outbound_wire import BARE, SMUGGLING
@@ -227,3 +231,60 @@ def test_send_with_optional_tls_delivers_in_plaintext():
             assert len(srv.sessions) == 2
 
     run(main)
+
+
+# --------------------------------------------------------------------------- item 23: 8-bit
+
+EIGHT_BIT = ("From: a@example.com\r\nTo: b@example.net\r\nSubject: 8-bit\r\nMIME-Version: 1.0\r\n"
+             "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+             "\r\nGr\u00fc\u00dfe aus K\u00f6ln\r\n.dot line\r\n").encode()
+SIGNED = (b"From: a@example.com\r\nMIME-Version: 1.0\r\nContent-Type: multipart/signed; "
+          b"protocol=\"application/pgp-signature\"; boundary=b\r\n\r\n--b\r\n"
+          b"Content-Type: text/plain; charset=utf-8\r\n\r\ncaf\xc3\xa9\r\n--b\r\n"
+          b"Content-Type: application/pgp-signature\r\n\r\nsig\r\n--b--\r\n")
+
+
+def test_8bit_to_a_sink_without_8bitmime_arrives_as_quoted_printable():
+    with smtp_sink(extra=["-8"]) as sink:
+        async def main() -> None:
+            c = await SMTPClient.connect(SRC, "127.0.0.1", sink.port, timeouts=FAST)
+            assert "8BITMIME" not in c.extensions
+            r = await c.send("a@example.com", ["b@example.net"], EIGHT_BIT)
+            assert r.reply.code == 250
+            await c.quit()
+
+        logs = run(main)
+        (dump,) = sink.wait_dumps(1)
+    assert "BODY=8BITMIME" not in dump.mail_from
+    assert dump.raw.isascii()
+    msg = email.message_from_bytes(dump.raw, policy=email.policy.default)
+    assert msg["Content-Transfer-Encoding"] == "quoted-printable"
+    # (smtp-sink's dump ends with one more empty line)
+    text = msg.get_content().replace("\r\n", "\n").rstrip("\n")
+    assert text == "Gr\u00fc\u00dfe aus K\u00f6ln\n.dot line"
+    assert "event=smtp.8bit_converted" in logs
+
+
+def test_signed_8bit_message_bounces_with_a_clear_reason(tmp_path: Path):
+    with smtp_sink(extra=["-8"]) as sink:
+        running = f"""
+servers: [{{id: in, transport: t}}]
+transportgroups:
+  - id: g
+    transports:
+      - id: t
+        connection: {{server: 127.0.0.1, port: {sink.port}, tls: {{mode: disabled}}}}
+"""
+
+        async def main() -> None:
+            async with engine(tmp_path, running) as h:
+                await h.submit(("rcpt@dest.test",), data=SIGNED)
+                await h.drained()
+
+        with LogCapture() as logs:
+            harness_run(main)
+        (dsn,) = sink.wait_dumps(1)  # only the bounce: the signed message was never sent
+    (line,) = logs.lines("delivery.error")
+    assert "result=failed" in line and "8BITMIME" in line and "multipart/signed" in line
+    assert dsn.mail_from == "<>" and dsn.rcpts == ["<sender@origin.test>"]
+    assert b"5.6.3" in dsn.raw and b"signature" in dsn.raw

@@ -561,7 +561,7 @@ class DeliveryEngine:
         err = outcome.error or DeliveryError("protocol", "no result")
         text = f"{err.kind}: {err.message}"
         if not err.temporary:
-            status = _LOCAL_STATUS.get(err.dns or err.kind, "5.0.0")
+            status = err.status or _LOCAL_STATUS.get(err.dns or err.kind, "5.0.0")
             return _Result(rec, RecipientState.FAILED, text, now, dsn=dsnlib.RecipientStatus(
                 rec.address, "failed", status, dsnlib.local_diagnostic(text), remote, now))
         return self._temporary(rec, retry, received_at, now, text,

@@ -21,6 +21,7 @@ from enum import StrEnum
 
 from ferrymail.delivery.connect import Source, Timeouts, describe_path, hostport, open_socket
 from ferrymail.delivery.errors import DeliveryError, SMTPReplyError
+from ferrymail.mime import DowngradeError, to_7bit
 from ferrymail.observe.log import log_event
 from ferrymail.smtp.protocol import (
     Reply,
@@ -174,7 +175,8 @@ def transaction_parameters(extensions: dict[str, str], sender: str, recipients: 
     """MAIL FROM parameters for this message and this peer (SIZE, BODY, SMTPUTF8).
 
     Refuses (DeliveryError kind protocol, permanent) a message the peer cannot take: larger
-    than its SIZE, 8-bit without 8BITMIME, non-ASCII addresses without SMTPUTF8.
+    than its SIZE, 8-bit without 8BITMIME (`SMTPClient.send` converts such a message to
+    7-bit first where it can), non-ASCII addresses without SMTPUTF8.
     """
     params: dict[str, str] = {}
     size = len(data)
@@ -711,6 +713,8 @@ class SMTPClient:
         if not self.usable:
             raise DeliveryError("network", f"connection to {self._peer} is no longer usable "
                                 f"({self._path})")
+        if not data.isascii() and "8BITMIME" not in self._extensions:
+            data = self._downgrade(data)
         params = transaction_parameters(self._extensions, sender, recipients, data,
                                         mail_params, self._peer)
         try:
@@ -743,6 +747,19 @@ class SMTPClient:
             else:
                 self.close()
         return result
+
+    def _downgrade(self, data: bytes) -> bytes:
+        """8-bit content for a peer without 8BITMIME, converted to 7-bit (see `to_7bit`);
+        DeliveryError (protocol, permanent, 5.6.3) when it cannot be."""
+        try:
+            converted = to_7bit(data)
+        except DowngradeError as e:
+            raise DeliveryError("protocol", f"message has 8-bit content but {self._peer} does "
+                                f"not offer 8BITMIME, and it cannot be converted: {e}",
+                                temporary=False, status="5.6.3") from None
+        log_event("smtp.8bit_converted", peer=self._peer, size=len(data),
+                  converted_size=len(converted), reason="peer does not offer 8BITMIME")
+        return converted
 
     async def _send_pipelined(self, recipients: Sequence[str], mail: bytes, rcpts: list[bytes],
                               body: bytes) -> TransactionResult:
