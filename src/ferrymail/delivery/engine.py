@@ -332,6 +332,9 @@ class DeliveryEngine:
             hosts = await self._destinations(cfg, server, job.destination.domain, families)
         except DeliveryError as e:
             return Outcome(error=e)
+        hosts, looping_error = self._better_than_self(job, hosts, port)
+        if looping_error is not None:
+            return Outcome(error=looping_error)
 
         recipients = [r.address for r in job.recipients]
         last: DeliveryError | None = None
@@ -342,15 +345,6 @@ class DeliveryEngine:
                 if tried >= MAX_MX_ADDRESSES:
                     break
                 tried += 1
-                mine = self.own_listeners.match(ip, port)
-                if mine is not None:
-                    last = DeliveryError(
-                        "loop", f"mail for {job.destination.domain} loops back to myself: "
-                        f"{host.name} [{ip}]:{port} is this instance's listener {mine}",
-                        temporary=False)
-                    log_event("delivery.loop", "warning", qid=job.queue_id, mx=host.name,
-                              mx_ip=ip, port=port, listener=mine, then="next MX address")
-                    continue
                 version = ipaddress.ip_address(ip).version
                 family_sources = plan.for_family(version)
                 sources = self.rotation.order((transport.id, version, family_sources),
@@ -371,6 +365,36 @@ class DeliveryEngine:
             out.replies = {a: last.reply for a in recipients}
             return out
         return Outcome(error=last, route=route)
+
+    def _better_than_self(self, job: Job, hosts: list[MXHost], port: int
+                          ) -> tuple[list[MXHost], DeliveryError | None]:
+        """Drop MX hosts that are not better than ourselves (RFC 5321 §5.1, as Postfix).
+
+        When an MX address and port is one of our own listeners, only hosts with a strictly
+        lower preference may be tried: the others would hand the message back to us, or to
+        a backup that returns it. None left: a permanent loop error (5.4.6).
+        """
+        own: tuple[MXHost, str, str] | None = None
+        for host in hosts:
+            if own is not None and host.preference >= own[0].preference:
+                continue
+            for ip in host.addresses:
+                mine = self.own_listeners.match(ip, port)
+                if mine is not None:
+                    own = (host, ip, mine)
+                    break
+        if own is None:
+            return hosts, None
+        host, ip, mine = own
+        better = [h for h in hosts if h.preference < host.preference]
+        log_event("delivery.loop", "warning", qid=job.queue_id, mx=host.name, mx_ip=ip,
+                  port=port, listener=mine, preference=host.preference,
+                  then=f"{len(better)} better MX host(s)" if better else "fail (5.4.6)")
+        if better:
+            return better, None
+        return [], DeliveryError(
+            "loop", f"mail for {job.destination.domain} loops back to myself: {host.name} "
+            f"[{ip}]:{port} is this instance's listener {mine}", temporary=False)
 
     def _source_plan(self, cfg: RunningConfig, transport: ResolvedTransport,
                      d: HookDecision) -> SourcePlan:

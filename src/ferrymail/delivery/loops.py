@@ -8,7 +8,8 @@ Two checks, both before a connection is opened:
   proxies, e.g. two instances forwarding to each other.
 * `OwnListeners`: an MX (or ``connection.server``) address and port that is one of this
   instance's own listeners would hand the message back to ourselves (Postfix: "mail for
-  DOMAIN loops back to myself"). A wildcard listener matches any address of this host.
+  DOMAIN loops back to myself"); the engine then tries only better MX hosts. A wildcard
+  listener matches any address of this host.
 """
 
 from __future__ import annotations
