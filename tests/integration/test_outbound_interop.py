@@ -288,3 +288,28 @@ transportgroups:
     assert "result=failed" in line and "8BITMIME" in line and "multipart/signed" in line
     assert dsn.mail_from == "<>" and dsn.rcpts == ["<sender@origin.test>"]
     assert b"5.6.3" in dsn.raw and b"signature" in dsn.raw
+
+
+def test_engine_delivers_in_plaintext_within_the_same_attempt(tmp_path: Path):
+    """Before: every attempt retried TLS and the message bounced after the retry count."""
+    with LogCapture() as logs:
+        async def main() -> None:
+            async with ScriptedSMTP(tls_context=_broken_tls()) as srv:
+                running = f"""
+servers: [{{id: in, transport: t}}]
+transportgroups:
+  - id: g
+    transports:
+      - id: t
+        connection: {{server: 127.0.0.1, port: {srv.port}, tls: {{mode: optional}}}}
+"""
+                async with engine(tmp_path, running) as h:
+                    await h.submit(("rcpt@dest.test",))
+                    await h.drained()
+                assert [len(s.messages) for s in srv.sessions] == [0, 1]
+
+        harness_run(main)
+    (line,) = logs.lines("delivery.attempt")
+    assert "result=delivered" in line and "attempt=1" in line and "tls_fallback=true" in line
+    assert "tls=false" in line
+    assert len(logs.lines("smtp.tls_fallback")) == 1
