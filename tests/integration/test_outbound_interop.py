@@ -313,3 +313,28 @@ transportgroups:
     assert "result=delivered" in line and "attempt=1" in line and "tls_fallback=true" in line
     assert "tls=false" in line
     assert len(logs.lines("smtp.tls_fallback")) == 1
+
+
+def test_engine_ends_with_quit_after_a_refusal_before_sending(tmp_path: Path):
+    """A message the peer cannot take (non-ASCII address, no SMTPUTF8) is refused before any
+    command; the session is still in step and ends with QUIT, not a reset."""
+    async def main() -> None:
+        async with ScriptedSMTP(extensions=("PIPELINING",)) as srv:
+            running = f"""
+servers: [{{id: in, transport: t}}]
+transportgroups:
+  - id: g
+    transports:
+      - id: t
+        connection: {{server: 127.0.0.1, port: {srv.port}, tls: {{mode: disabled}}}}
+"""
+            async with engine(tmp_path, running) as h:
+                await h.submit(("j\u00f6rg@dest.test",), sender="")
+                await h.drained()
+            for _ in range(100):
+                if srv.sessions[0].commands[-1:] == ["QUIT"]:
+                    break
+                await asyncio.sleep(0.02)
+            assert verbs(srv.sessions[0].commands) == ["EHLO", "QUIT"]
+
+    harness_run(main)

@@ -480,7 +480,11 @@ class DeliveryEngine:
                 try:
                     result = await client.send(env.sender, recipients, data, mail_params=extra)
                 except DeliveryError as e:
-                    client.close()
+                    if client.usable:  # refused before sending (size, 8-bit, SMTPUTF8)
+                        self.pool.put(PoolKey(src, ip, port, tls.value), client,
+                                      idle=conn.reuse.idle, max_messages=conn.reuse.messages)
+                    else:
+                        client.close()
                     if reused and e.temporary and e.kind in ("network", "protocol"):
                         client, reused = None, False
                         continue
