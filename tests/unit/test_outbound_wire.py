@@ -26,6 +26,22 @@ def test_mixed_codes_take_the_last_line(wire, code, enhanced, mixed):
     assert len(r.lines) == wire.count(b"\n")
 
 
+@given(st.lists(st.tuples(st.integers(200, 599),
+                          st.text(alphabet="abc 4.5", max_size=12)), min_size=1, max_size=6),
+       st.integers(min_value=1, max_value=7))
+def test_any_multiline_reply_takes_its_last_code(lines, cut):
+    wire = b"".join(f"{c}{'-' if i < len(lines) - 1 else ' '}{t}\r\n".encode()
+                    for i, (c, t) in enumerate(lines))
+    p = ReplyParser()
+    out = []
+    for i in range(0, len(wire), cut):
+        out += p.feed(wire[i:i + cut])
+    (r,) = out
+    last = lines[-1][0]
+    assert r.code == last and len(r.lines) == len(lines)
+    assert set(r.mixed_codes) == {c for c, _ in lines if c != last}
+
+
 def test_consistent_reply_has_no_mixed_codes():
     (r,) = ReplyParser().feed(b"250-2.0.0 a\r\n250 2.0.0 b\r\n")
     assert r.mixed_codes == () and r.enhanced == (2, 0, 0) and r.lines == ("a", "b")
