@@ -29,6 +29,7 @@ from ferrymail.config import (
 )
 from ferrymail.delivery.engine import DeliveryEngine
 from ferrymail.delivery.health import health_store_for
+from ferrymail.delivery.loops import OwnListeners
 from ferrymail.observe.log import log_event
 from ferrymail.smtp.server import SMTPServer
 from ferrymail.spool import SqliteSpool
@@ -77,6 +78,8 @@ class App:
         self.delivery = DeliveryEngine(
             self.spool, lambda: self.running, hostname=startup.environment.hostname,
             hook_base_dir=Path(running_file).resolve().parent if running_file else None,
+            own_listeners=OwnListeners.of((lst.address, lst.port) for s in startup.servers
+                                          for lst in s.listeners),
             health_store=health_store_for(startup))
         self.servers: list[SMTPServer] = [
             SMTPServer(cfg, hostname=startup.hostname_for(cfg.id),

@@ -199,9 +199,12 @@ def test_unbindable_source_suspends_only_its_pair(tmp_path: Path) -> None:
     assert states[(f"{B}:{pb}", "127.0.0.33")] == "suspended"
     assert states.get((f"{B}:{pb}", None), "up") == "up"
     assert all(s == "up" for k, s in states.items() if k[1] != "127.0.0.33")
+    # One failure suspends the pair (bind threshold 1 here); attempts already under way when
+    # it was recorded fail too, at most one per concurrent session.
     failed = logs.lines("delivery.connect_failed")
-    assert len(failed) == 1 and field_of(failed[0], "failure_class") == "bind"
-    assert field_of(failed[0], "source_ip") == "127.0.0.33"
+    assert 1 <= len(failed) <= 20, "\n".join(failed)
+    assert all(field_of(ln, "failure_class") == "bind" and field_of(ln, "then") == "next source"
+               and field_of(ln, "source_ip") == "127.0.0.33" for ln in failed), failed
     (transition,) = [ln for ln in logs.lines("proxy.health") if "state=suspended" in ln]
     assert field_of(transition, "source") == "127.0.0.33"
     assert field_of(transition, "failure_class") == "bind"
