@@ -163,6 +163,9 @@ def test_active_active_split_failover_and_return(tmp_path: Path) -> None:
     # B is back within the check interval (plus scheduling slack on a shared machine)
     assert timings["return"] <= CHECK_INTERVAL + 2.0, timings
     back = [seen[f"back{i}@dest.test"][0] for i in range(400)]
+    print(f"\nactive/active: split {share_a(up):.3f} A over 2000; failover: {len(refused)} "
+          f"refused, {len(to_b) - len(refused)} in flight; B back after "
+          f"{timings['return']:.2f}s; split {share_a(back):.3f} A over 400 after")
     assert abs(share_a(back) - 0.5) <= 0.05, Counter(back)
 
 
@@ -208,3 +211,48 @@ def test_unbindable_source_suspends_only_its_pair(tmp_path: Path) -> None:
     (transition,) = [ln for ln in logs.lines("proxy.health") if "state=suspended" in ln]
     assert field_of(transition, "source") == "127.0.0.33"
     assert field_of(transition, "failure_class") == "bind"
+
+
+def test_active_check_and_banner_probe_through_a_real_haproxy(tmp_path: Path) -> None:
+    """The checker's TCP connect lifts a `check` suspension; its probe through the proxy (PROXY
+    header from the pair's source to a banner-answering target) lifts a pair that can send and
+    suspends again, for twice as long, one that cannot."""
+    require_transparent_proxy()
+    from ferrymail.config.proxyha import ProbeTarget, ProxyCheck, ProxyHealthPolicy
+    from ferrymail.delivery.connect import ProxyRoute, Source
+    from ferrymail.delivery.health import CheckTarget, HealthBook, HealthChecker, log_transition
+
+    pa, pb = free_port(A), free_port(B)
+    with smtp_sink() as sink, LogCapture() as logs:
+        running = running_yaml(pa, pb, sink.port)
+        route = ProxyRoute(A, pa)
+        good = Source(A_IPS[0], "a.test", "a1", route)
+        bad = Source("127.0.0.23", "x.test", None, route)  # not one of A's own sources
+        book = HealthBook(ProxyHealthPolicy(suspend=2, suspend_max=10, spread=3),
+                          on_transition=log_transition)
+        checker = HealthChecker(book, lambda: [])
+        target = CheckTarget(route, ProxyCheck(interval=1, timeout=2,
+                                               probe=ProbeTarget(server="127.0.0.1",
+                                                                 port=sink.port)),
+                             (good, bad))
+
+        async def main() -> None:
+            now = time.time()
+            await checker.check_once(target)  # nothing listens yet: the proxy is suspended
+            assert book.state(str(route), None, time.time()) == "suspended"
+            with haproxy(generated_haproxy(tmp_path, running, f"{A}:{pa}"), [(A, pa)]):
+                await checker.check_once(target)  # connects: lifted at once
+                assert book.state(str(route), None, time.time()) == "up"
+                for src in (good, bad):  # suspended 5 s ago for 2 s: both due a probe
+                    for _ in range(2):
+                        book.failure(src, "bind", "EOF before banner", now - 5)
+                assert book.state(str(route), bad.address, now) == "probing"
+                await checker.check_once(target)
+            t = time.time()
+            assert book.state(str(route), good.address, t) == "up"
+            assert book.state(str(route), bad.address, t) == "suspended"
+            (entry,) = [e for e in book.entries(t) if e.source == bad.address]
+            assert entry.backoff == pytest.approx(4) and "probe failed" in entry.reason
+
+        run(main, timeout=30)
+    assert any(" event=proxy.health " in ln and "probe got a banner" in ln for ln in logs.lines())

@@ -155,3 +155,14 @@ def test_property_suspensions_are_bounded_and_explained(events: list) -> None:
         assert e.origin == "me"
     for e in h.entries(now):
         assert e.state in ("up", "suspended", "probing")
+
+
+def test_probe_success_lifts_the_proxy_too() -> None:
+    h, seen = book(bind=Threshold(failures=1, window=10.0), spread=2)
+    h.failure(A, "bind", "EOF", 0.0)
+    h.failure(B, "bind", "EOF", 0.0)
+    assert h.state(str(P), None, 1.0) == "suspended"
+    assert h.usable(A, 31.0, claim=True)  # proxy and pair probing: this is the probe
+    h.probe_result(A, True, "", 31.0)
+    assert h.state(str(P), None, 31.0) == "up" and h.state(str(P), A.address, 31.0) == "up"
+    assert h.state(str(P), B.address, 31.0) == "probing"  # B still has to show it works

@@ -260,8 +260,10 @@ class HealthBook:
         if source.proxy is None:
             return
         key = (str(source.proxy), source.address)
-        if ok:
+        if ok:  # a banner through the proxy: the pair and the proxy work
+            self._bind_sources.get(key[0], {}).pop(source.address or "", None)
             self._up(key, now, "probe got a banner")
+            self._up((key[0], None), now, "probe got a banner")
         else:
             self._suspend(key, "bind", f"probe failed: {reason}", now)
 
@@ -514,7 +516,7 @@ async def banner_probe(source: Source, target: tuple[str, int], timeout: float) 
 
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await open_stream(
+            reader, writer, _ = await open_stream(
                 source, target[0], target[1], Timeouts(connect=timeout, banner=timeout))
             try:
                 line = await reader.readline()
