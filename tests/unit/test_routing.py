@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ferrymail.config import parse_running
 from ferrymail.delivery.connect import ProxyRoute, Source
@@ -288,3 +290,27 @@ def test_split_jobs_per_destination_only_due_pending() -> None:
     gone = QueuedMessage("0000000000000002", envelope(server="gone"), recs[1:2])
     (job,) = split_jobs(gone, CFG, 10.0)
     assert job.destination == Destination("", "other.test")  # the engine reports it
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=8),
+       st.integers(min_value=1, max_value=5), st.sets(st.sampled_from(["a", "b", "c", "d"])))
+def test_property_weighted_choice_per_message(names: list[str], turns: int,
+                                              down: set[str]) -> None:
+    """Over whole turns every usable entry is chosen exactly as often as it is listed; a
+    source whose proxy is suspended is never chosen while another is usable."""
+    proxies = {n: ProxyRoute(f"127.0.0.{10 + i}", 2525) for i, n in enumerate("abcd")}
+    srcs = {n: Source(f"127.0.1.{i}", f"{n}.test", n, proxies[n]) for i, n in enumerate("abcd")}
+    rr = SourceRotation()
+    for n in down:
+        rr.health.failure(srcs[n], "connect", "refused", 0.0)
+    listed = [srcs[n] for n in names]
+    usable = [s for s in listed if s.address_id not in down]
+    picks = [rr.order("k", listed, 1.0)[0] for _ in range(turns * len(listed))]
+    if not usable:
+        assert set(picks) <= set(listed)  # all down: still tried
+        return
+    assert all(p.address_id not in down for p in picks)
+    if len(usable) == len(listed):
+        for s in set(listed):
+            assert picks.count(s) == turns * listed.count(s)

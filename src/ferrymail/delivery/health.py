@@ -573,17 +573,20 @@ class HealthChecker:
                     self._tasks.pop(key).cancel()
             for key in wanted:
                 if key not in self._tasks or self._tasks[key].done():
-                    self._tasks[key] = asyncio.create_task(self._run(key, wanted),
+                    self._tasks[key] = asyncio.create_task(self._run(key),
                                                            name=f"ferrymail-check-{key[0]}")
             await asyncio.sleep(1.0)
 
-    async def _run(self, key: tuple[str, int], wanted: dict[tuple[str, int], CheckTarget]
-                   ) -> None:
+    async def _run(self, key: tuple[str, int]) -> None:
         while True:
             current = {(t.proxy.server, t.proxy.port): t for t in self.targets()}.get(key)
             if current is None:
                 return
-            await self.check_once(current)
+            try:
+                await self.check_once(current)
+            except Exception as e:  # a bug here must not end the checks of this proxy
+                log_event("proxy.check_error", "error", proxy=str(current.proxy),
+                          error=f"{type(e).__name__}: {e}")
             await asyncio.sleep(current.check.interval)
 
     async def check_once(self, target: CheckTarget) -> None:
