@@ -24,6 +24,7 @@ schedule's interval for that one step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import time
 from collections.abc import Callable, Sequence
@@ -72,6 +73,7 @@ from ferrymail.spool import (
 
 MAX_MX_ADDRESSES = 10  # MX addresses tried in one attempt (Postfix's smtp_mx_address_limit: 5)
 STOP_GRACE = 10.0
+PROXY_WAIT_MAX = 10.0  # longest a job waits for an actively checked proxy to come back
 
 # Enhanced status for permanent failures that carry no SMTP reply.
 _LOCAL_STATUS = {
@@ -182,6 +184,7 @@ class DeliveryEngine:
         self._hook_error: str | None = None  # set when the configured hook could not load
         self._hook_cfg: RunningConfig | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._proxy_up: asyncio.Event | None = None  # set (and replaced) when a proxy is up
 
     # -- lifecycle
 
@@ -231,6 +234,7 @@ class DeliveryEngine:
 
     def _health_changed(self, entry: HealthEntry) -> None:
         log_transition(entry)
+        self._notify_up(entry)
         task = asyncio.get_running_loop().create_task(self.health_store.publish(entry))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -238,6 +242,38 @@ class DeliveryEngine:
     def _health_remote(self, entry: HealthEntry) -> None:
         if self.rotation.health.apply(entry):
             log_transition(entry)
+            self._notify_up(entry)
+
+    def _notify_up(self, entry: HealthEntry) -> None:
+        if entry.state == "up" and self._proxy_up is not None:
+            self._proxy_up.set()  # waiters hold this one; later ones get a fresh event
+            self._proxy_up = asyncio.Event()
+
+    async def _wait_for_proxy(self, job: Job, sources: list[Source]) -> None:
+        """When every source is blocked by a proxy that has active checks (active/passive:
+        the one proxy is down, e.g. during a VRRP failover), wait for a proxy to come back
+        (up to one check interval + timeout, at most PROXY_WAIT_MAX) instead of failing a
+        connection per message; then try anyway. Without checks nothing would lift the
+        suspension early, so there is no wait: the message itself probes."""
+        health, now = self.rotation.health, self.clock()
+        if not sources or not all(health.blocked(s, now, job) for s in sources):
+            return
+        checks = {str(t.proxy): t.check for t in self._check_targets()}
+        waits = []
+        for src in sources:
+            check = checks.get(str(src.proxy)) if src.proxy is not None else None
+            if check is None:
+                return
+            waits.append(check.interval + check.timeout)
+        if self._proxy_up is None:
+            self._proxy_up = asyncio.Event()
+        event, bound = self._proxy_up, min(max(waits), PROXY_WAIT_MAX)
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), bound)
+        log_event("delivery.proxy_wait", "debug", qid=job.queue_id,
+                  proxies=",".join(sorted({str(s.proxy) for s in sources})),
+                  waited_ms=int((time.monotonic() - started) * 1000), lifted=event.is_set())
 
     def _check_targets(self) -> list[CheckTarget]:
         cfg = self.running()
@@ -472,6 +508,7 @@ class DeliveryEngine:
         env = msg.envelope
         last: DeliveryError | None = None
         health = self.rotation.health
+        await self._wait_for_proxy(job, sources)
         pooled: tuple[Source, SMTPClient] | None = None
         # The message's source is sources[0] (chosen per message); only ITS sessions are reused.
         client, dead = self.pool.take_or_dead(PoolKey(sources[0], ip, port, tls.value))
