@@ -311,3 +311,61 @@ def test_an_fqdn_hostname_gives_no_warning(name):
     assert is_fqdn(name)
     assert not any(is_fqdn(n) for n in ("localhost", "localhost.localdomain", "vm",
                                         "127.0.0.1", "::1", "host.localdomain"))
+
+
+def test_grammar_items_through_a_proxied_listener(ferrymail_proc, tmp_path):
+    # Items 2, 3, 4, 6, 7 end to end; the client is the PROXY-reported address, so the
+    # routed-address rule is judged on it (127.0.0.0/8 may relay, 203.0.113.5 may not).
+    port = free_port()
+    _start(ferrymail_proc, tmp_path, port, proxy=True, trusted_proxies=["127.0.0.0/8"],
+           limits={"recipients": 2, "errors": 4})
+    dst = ("127.0.0.1", port)
+
+    def run(client: str, data: bytes, n: int) -> list[int]:
+        c = Client(port, prefix=encode_v1((client, 5000), dst))
+        try:
+            assert c.reply().code == 220
+            c.send(data)
+            out = []
+            for _ in range(n):
+                try:
+                    out.append(c.reply().code)
+                except EOFError:
+                    break
+            return out
+        finally:
+            c.close()
+
+    head = b"EHLO c.test\r\nMAIL FROM:<a@b.example> SMTPUTF8\r\n"
+    routed = (b"RCPT TO:<user%other.net@example.com>\r\nRCPT TO:<other.net!user@example.com>\r\n"
+              b'RCPT TO:<"user@other.net"@example.com>\r\nQUIT\r\n')
+    assert run("203.0.113.5", head + routed, 6) == [250, 250, 550, 550, 550, 221]
+    assert run("127.0.0.1", head + routed, 6) == [250, 250, 250, 250, 452, 221]
+    assert run("127.0.0.1", head + b"RCPT TO:<postmaster@[IPV6:::1]>\r\n"
+               b"RCPT TO:<x@[ipv6:2001:db8::9]>\r\nQUIT\r\n", 5) == [250, 250, 250, 250, 221]
+    assert run("203.0.113.5", head + "RCPT TO:<user@example.com\u00a0>\r\n"
+               "RCPT TO:<user@example.com\u3000>\r\nQUIT\r\n".encode(), 5) == [
+        250, 250, 501, 501, 221]
+    assert run("203.0.113.5", b"EHLO x\nMAIL FROM:<a@b.example>\n", 3) == [521]
+    many = b"".join(f"RCPT TO:<r{i}@example.com>\r\n".encode() for i in range(10))
+    assert run("203.0.113.5", head + many, 12) == [250, 250, 250, 250, 452, 452, 452, 452, 421]
+
+
+def test_a_flood_of_idle_connections_from_one_client_is_bounded(ferrymail_proc, tmp_path):
+    # The issue's 3,000 idle connections, scaled down: 200 from one address with a limit of
+    # 20. Exactly 20 get a banner, 180 a 421, and the log gets one line, not 180.
+    port = free_port()
+    fm = _start(ferrymail_proc, tmp_path, port, limits={"connections_per_client": 20})
+    socks = []
+    try:
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            socks.append(s)
+        banners = [ReplyParser().feed(s.recv(512))[0].code for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+    assert banners.count(220) == 20 and banners.count(421) == 180
+    time.sleep(0.3)
+    lines = [ln for ln in fm.logs() if "event=smtp.limits.connections " in ln]
+    assert len(lines) == 1 and "refused=1 " in lines[0]
