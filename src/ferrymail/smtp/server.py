@@ -254,9 +254,9 @@ class SMTPServer:
         if limit == 0 or limit + FD_RESERVE > soft:
             log_event("smtp.limits.descriptors", "warning", server=self.id,
                       connections=limit or "unlimited", nofile=soft,
-                      error=f"limits.connections needs {FD_RESERVE} descriptors more than "
-                            f"it allows; raise `ulimit -n` above {(limit or soft) + FD_RESERVE} "
-                            "or lower limits.connections")
+                      error=f"limits.connections plus {FD_RESERVE} descriptors for the spool, "
+                            "DNS and delivery exceed `ulimit -n`: clients past it would get a "
+                            "bare EOF; raise the limit or lower limits.connections")
 
     def refused(self, which: str, conn: InboundConnection) -> None:
         """A connection limit was hit: one rate-limited log line (counters are exact)."""
