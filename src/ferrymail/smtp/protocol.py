@@ -6,6 +6,7 @@ Nothing here touches a socket. Parsers work on whole buffers (``bytes.find``/``r
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -248,6 +249,7 @@ _HELO_DOMAIN = re.compile(r"^[A-Za-z0-9_\x80-\U0010ffff](?:[A-Za-z0-9_\x80-\U001
                           r"\.?$")
 
 
+@functools.lru_cache(maxsize=1024)  # a connection's HELO is judged again for each Received:
 def valid_helo(text: str) -> bool:
     """A HELO/EHLO argument: a domain or an address literal (RFC 5321 §4.1.1.1).
 
@@ -255,9 +257,11 @@ def valid_helo(text: str) -> bool:
     them too); spaces, parentheses, ``;`` and anything else that could add a clause to a
     ``Received:`` field are not.
     """
+    if len(text) > 255:
+        return False
     if address_literal(text):
         return True
-    if len(text) > 255 or not _HELO_DOMAIN.match(text):
+    if not _HELO_DOMAIN.match(text):
         return False
     return text.isascii() or not _unsafe_char(text)
 

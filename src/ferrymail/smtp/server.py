@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import itertools
 import os
+import re
 import resource
 import socket
 import ssl
@@ -87,10 +88,13 @@ def _rfc5322_date() -> str:
     return _date_cache[1]
 
 
+_UNSAFE_IN_HEADER = re.compile(r"[()\\;<>]")
+
+
 def _clean(text: str, limit: int = 200) -> str:
     """A client-supplied word made safe for a header comment/clause."""
     text = text[:limit]
-    if not text.isprintable() or any(c in text for c in "()\\;<>"):
+    if not text.isprintable() or _UNSAFE_IN_HEADER.search(text):
         text = "".join(c if c.isprintable() and c not in "()\\;<>" else "?" for c in text)
     return text or "unknown"
 
@@ -105,8 +109,8 @@ def quote_helo(helo: str, limit: int = 200) -> str:
                    for c in helo[:limit]) or "unknown"
 
 
-_ATEXT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-                   "!#$%&'*+/=?^_`{|}~-.")
+# a dot-atom local part (atext, RFC 5322 §3.2.3, plus UTF-8) up to the last "@"
+_DOT_ATOM_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\x80-\U0010ffff-]+@[^@]*\Z")
 
 def received_header(*, helo: str, client_ip: str, client_port: int, hostname: str,
                     protocol: str, ident: str, recipients: list[str], tls: str | None,
@@ -118,7 +122,7 @@ def received_header(*, helo: str, client_ip: str, client_port: int, hostname: st
     clause names the recipient only when its local part is a dot-atom.
     """
     ip = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
-    if len(helo) <= 255 and valid_helo(helo):
+    if valid_helo(helo):
         lines = [f"Received: from {_clean(helo)} ([{ip}] port {client_port})"]
     else:
         lines = [f"Received: from [{ip}] (port {client_port} helo={quote_helo(helo)})"]
@@ -128,9 +132,8 @@ def received_header(*, helo: str, client_ip: str, client_port: int, hostname: st
         lines.append(f"\t(using {_clean(tls)})")
     by = f"\tby {hostname} (ferrymail) with {protocol} id {ident}"
     rcpt = recipients[0] if len(recipients) == 1 else ""
-    local = rcpt.rpartition("@")[0]
     # never list several (that would disclose Bcc recipients), nor a quoted local part
-    if local and all(c in _ATEXT or not c.isascii() for c in local) and rcpt.isprintable():
+    if rcpt and _DOT_ATOM_LOCAL.match(rcpt) and rcpt.isprintable():
         lines.append(by)
         lines.append(f"\tfor <{_clean(rcpt, 320)}>; {_rfc5322_date()}")
     else:
@@ -575,10 +578,12 @@ class InboundConnection(asyncio.Protocol):
                 self.deadline = min(self.deadline + n / t.min_data_rate, now + t.data)
             else:
                 self.deadline = now + t.data
-        else:
-            if self.data_phase or not t.deadline or not session.buffered or session.busy:
-                self._set_deadline(now + t.command)  # a new request starts
+        elif self.data_phase or not t.deadline or not session.buffered or session.busy:
             self.data_phase = False
+            when = self.deadline = now + t.command  # a new request starts
+            if when < self.timer_at and self.timer is not None:
+                self.timer.cancel()
+                self._arm_timer()
 
     def _set_deadline(self, when: float) -> None:
         self.deadline = when
