@@ -273,7 +273,7 @@ def routed_local_part(address: str) -> bool:
     local = address.rpartition("@")[0]
     if local.startswith('"'):
         local = re.sub(r"\\(.)", r"\1", local[1:-1])
-    return any(c in local for c in "@%!")
+    return "%" in local or "!" in local or "@" in local
 
 
 # Addresses already judged by valid_mailbox: clients send the same few over and over.
