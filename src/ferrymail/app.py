@@ -71,7 +71,8 @@ class App:
         self.startup_file = startup_file
         self.running_file = running_file
         self.grace = grace
-        self.spool = SqliteSpool(startup.spool.path, fsync=startup.spool.fsync)
+        self.spool = SqliteSpool(startup.spool.path, fsync=startup.spool.fsync,
+                                 min_free=startup.spool.min_free)
         # Outbound: reads self.running at each attempt; servers wake it when they store mail.
         self.delivery = DeliveryEngine(
             self.spool, lambda: self.running, hostname=startup.environment.hostname,

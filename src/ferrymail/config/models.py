@@ -51,6 +51,7 @@ from .types import (
     ProxyVersion,
     address_in,
     domain_matches,
+    parse_size,
     split_hook,
 )
 
@@ -161,6 +162,8 @@ class StartupServer(_Model):
 class Spool(_Model):
     path: Annotated[str, Field(min_length=1, strict=True)] = "./var/spool"
     fsync: StrictBool = True
+    # kept allocated for delivery results; stores refused without it (spool/reserve.py)
+    min_free: Annotated[int, BeforeValidator(parse_size)] = 16 * 1024 * 1024
 
 
 class StartupConfig(_Model):

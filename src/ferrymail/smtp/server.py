@@ -27,6 +27,7 @@ from ferrymail.observe.log import enabled, log_event, log_formatted, quote
 from ferrymail.proxy import ProxyDecoder, ProxyError, ProxyHeader
 from ferrymail.smtp.session import (
     R_SPOOL_FAIL,
+    R_SPOOL_FULL,
     Close,
     Deliver,
     ServerSession,
@@ -35,7 +36,7 @@ from ferrymail.smtp.session import (
     StartTLS,
     Transaction,
 )
-from ferrymail.spool import Envelope, ProxyInfo, Spool, SpoolError
+from ferrymail.spool import Envelope, ProxyInfo, Spool, SpoolError, SpoolFull
 
 # Pause reading from a client once this much unprocessed input waits (e.g. while storing).
 MAX_BUFFERED = 256 * 1024
@@ -564,10 +565,13 @@ class InboundConnection(asyncio.Protocol):
         qid = None
         level = "info"
         error = None
+        reply = R_SPOOL_FAIL
         try:
             qid = await server.spool.store(envelope, data, ident)
         except asyncio.CancelledError:
             raise
+        except SpoolFull as exc:
+            level, error, reply = "warning", str(exc), R_SPOOL_FULL
         except SpoolError as exc:
             level, error = "warning", str(exc)
         except Exception as exc:  # a bug must not acknowledge mail nor kill the server
@@ -576,7 +580,6 @@ class InboundConnection(asyncio.Protocol):
             reply_text = f"250 2.0.0 OK queued as {qid}"
             reply = f"{reply_text}\r\n".encode()
         else:
-            reply = R_SPOOL_FAIL
             reply_text = reply.decode().rstrip()
         head = self._log_head
         if head is None:

@@ -65,6 +65,7 @@ R_TOO_MANY_MESSAGES = _r("421 4.7.0 too many messages in this session, closing c
 R_TIMEOUT = _r("421 4.4.2 timeout exceeded, closing connection")
 R_SHUTDOWN = _r("421 4.3.2 service shutting down, closing connection")
 R_SPOOL_FAIL = _r("451 4.3.0 temporary spool failure, try again later")
+R_SPOOL_FULL = _r("452 4.3.1 insufficient system storage, try again later")
 
 _MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "ENVID", "RET", "AUTH"})
 _RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})

@@ -11,6 +11,7 @@ from .base import (
     RecipientUpdate,
     Spool,
     SpoolError,
+    SpoolFull,
     format_queue_id,
     parse_queue_id,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "RecipientUpdate",
     "Spool",
     "SpoolError",
+    "SpoolFull",
     "SqliteSpool",
     "format_queue_id",
     "parse_queue_id",

@@ -19,6 +19,14 @@ class SpoolError(Exception):
     """The spool could not do what was asked (disk full, I/O error, bad directory, ...)."""
 
 
+class SpoolFull(SpoolError):
+    """A store was refused to keep the space delivery results need (``spool.min_free``).
+
+    SMTP answers it with ``452 4.3.1`` (RFC 3463: mail system full), other spool errors with
+    ``451 4.3.0``.
+    """
+
+
 class MessageNotFound(SpoolError):
     """No message with that queue id is in the spool."""
 

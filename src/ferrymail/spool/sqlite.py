@@ -20,6 +20,7 @@ import asyncio
 import builtins
 import concurrent.futures
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -30,6 +31,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, ClassVar
+
+from ferrymail.observe.log import log_event
 
 from .base import (
     Envelope,
@@ -42,9 +45,11 @@ from .base import (
     RecipientUpdate,
     Spool,
     SpoolError,
+    SpoolFull,
     format_queue_id,
     parse_queue_id,
 )
+from .reserve import RESERVE_NAME, SpaceReserve
 
 DB_NAME = "spool.db"
 APPLICATION_ID = 0x46455259  # "FERY", marks the file as a ferrymail spool
@@ -293,10 +298,13 @@ def _resolve(results: list[_Result]) -> None:
 class SqliteSpool(Spool):
     """The `Spool` kept in `path/spool.db` (SQLite, WAL), with group commit.
 
-    `fsync=False` (benchmarks only) turns commits into plain writes. Stores are refused with
-    `SpoolError` while the file system has less than `min_free` bytes free (counting pages
-    the database can reuse), so that delivery results and deletions, which free space, can
-    still be written when the disk fills up.
+    `fsync=False` (benchmarks only) turns commits into plain writes.
+
+    Disk space: `min_free` bytes are kept allocated in the file `reserve` beside the database
+    (see `reserve.py`). Delivery results and deletions that fail for lack of space give the
+    reserve back and are retried, so they are written even on a full file system; stores are
+    refused with `SpoolFull` while the reserve is not held, and while the space left besides
+    it would not take a batch twice (WAL, then database) plus one WAL checkpoint interval.
 
     While open, the spool holds an exclusive lock on its directory: a second spool on the
     same directory fails at `start()`. `readonly=True` (for inspection, e.g. `queue list`
@@ -314,9 +322,14 @@ class SqliteSpool(Spool):
         self.path = Path(path)
         self.db_path = self.path / DB_NAME
         self.fsync = fsync
-        self.min_free = min_free
+        self._min_free = max(0, min_free)
         self.readonly = readonly
         self.commits = 0  # transactions committed by the writer (one fsync each)
+        self.refused = 0  # stores refused for lack of space (SpoolFull)
+        self.reserve_releases = 0  # times the reserve was given back for delivery results
+        self._reserve = SpaceReserve(self.path / RESERVE_NAME, max(0, min_free))
+        self._wal_bytes = 0  # the WAL's size between automatic checkpoints
+        self._reserve_unusable = False  # no file may be that big (RLIMIT_FSIZE)
         self._state = _NEW
         self._ids = QueueIdGenerator()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -334,6 +347,15 @@ class SqliteSpool(Spool):
         self._ckpt_stop = False
         self._ckpt_pages = 0
         self._ckpt_every = 250
+
+    @property
+    def min_free(self) -> int:
+        """Bytes kept for delivery results (the reserve); applies from the next store on."""
+        return self._min_free
+
+    @min_free.setter
+    def min_free(self, value: int) -> None:
+        self._min_free = max(0, int(value))
 
     # -- lifecycle
 
@@ -700,16 +722,61 @@ class SqliteSpool(Spool):
             err = self._write_error(exc)
             self._after_write_error(conn)
             results += [(op.future, None, err) for op in stores]
-            if not (stores and others):
+            if not others:
+                return results
+            if not (_is_full(exc) and self._release_reserve()) and not stores:
                 return results + [(op.future, None, err) for op in others]
         # Delivery results and deletions in a failed batch get a second chance without the
-        # new messages: they free space, and losing them would mean delivering twice.
+        # new messages (and, if space ran out, with the reserve given back): they free space,
+        # and losing them would mean delivering twice.
+        for _ in range(2):
+            try:
+                return results + self._transaction(conn, [], others)
+            except sqlite3.Error as exc:
+                err = self._write_error(exc)
+                self._after_write_error(conn)
+                if not (_is_full(exc) and self._release_reserve()):
+                    break
+        return results + [(op.future, None, err) for op in others]
+
+    def _release_reserve(self) -> bool:
+        """Free the reserve for delivery results; False if it was not held."""
         try:
-            return results + self._transaction(conn, [], others)
-        except sqlite3.Error as exc:
-            err = self._write_error(exc)
-            self._after_write_error(conn)
-            return results + [(op.future, None, err) for op in others]
+            freed = self._reserve.release()
+        except OSError:
+            return False
+        if freed:
+            self.reserve_releases += 1
+            log_event("spool.reserve.released", "warning", spool=str(self.path), bytes=freed,
+                      error="file system full: the space reserve is used for delivery results;"
+                            " new mail is refused until it can be allocated again")
+        return freed > 0
+
+    def _hold_reserve(self) -> bool:
+        """Allocate the reserve if it is not held (space came back); whether it is held."""
+        if self._reserve.held:
+            return True
+        if self._reserve_unusable:
+            return True
+        try:
+            held = self._reserve.ensure()
+        except OSError as exc:
+            if exc.errno == errno.EFBIG:
+                # RLIMIT_FSIZE below min_free: no file can hold the reserve, and refusing
+                # all mail for it would be worse than running without it
+                self._reserve_unusable = True
+                log_event("spool.reserve.unusable", "warning", spool=str(self.path),
+                          error=f"cannot allocate {self._reserve.path}: {exc.strerror}"
+                                " (file size limit below spool.min_free); running without"
+                                " a reserve for delivery results")
+                return True
+            log_event("spool.reserve.error", "error", spool=str(self.path),
+                      error=f"cannot allocate {self._reserve.path}: {exc}")
+            return False
+        if held and self.reserve_releases:
+            log_event("spool.reserve.restored", "info", spool=str(self.path),
+                      bytes=self._reserve.size)
+        return held
 
     def _transaction(
         self, conn: sqlite3.Connection, stores: builtins.list[_Store], others: builtins.list[_Op]
@@ -801,9 +868,21 @@ class SqliteSpool(Spool):
     def _space_refusal(
         self, conn: sqlite3.Connection, stores: builtins.list[_Store]
     ) -> SpoolError | None:
-        if self.min_free <= 0:
+        if self._reserve.size != self._min_free:
+            self._reserve.resize(self._min_free)
+        if self._min_free <= 0:
+            self._hold_reserve()  # removes the reserve file
             return None
-        need = self.min_free + 2 * sum(op.nbytes for op in stores)
+        if not self._hold_reserve():
+            self.refused += len(stores)
+            return SpoolFull(
+                f"spool {self.path}: not enough disk space to accept mail (the"
+                f" {self.min_free}-byte reserve for delivery results is in use or cannot be"
+                " allocated)"
+            )
+        # the batch lands in the WAL, then in the database; the WAL may take one checkpoint
+        # interval more before it is reused
+        need = 2 * sum(op.nbytes for op in stores) + self._wal_bytes
         try:
             st = os.statvfs(self.path)
         except OSError:
@@ -815,9 +894,11 @@ class SqliteSpool(Spool):
         available += conn.execute("PRAGMA freelist_count").fetchone()[0] * self._page_size
         if available >= need:
             return None
-        return SpoolError(
+        self.refused += len(stores)
+        return SpoolFull(
             f"spool {self.path}: not enough disk space to accept mail"
-            f" ({available} bytes available, {self.min_free} kept free)"
+            f" ({available} bytes available besides the {self.min_free}-byte reserve,"
+            f" {need} needed)"
         )
 
     def _write_error(self, exc: sqlite3.Error) -> SpoolError:
@@ -864,6 +945,14 @@ class SqliteSpool(Spool):
                     f"cannot open spool database {self.db_path}: {_describe(exc)}"
                 ) from exc
             raise
+        # Without the reserve the spool still opens (delivery frees space); stores wait.
+        if self.min_free > 0 and not self._hold_reserve():
+            log_event("spool.reserve.missing", "warning", spool=str(self.path),
+                      bytes=self.min_free, error="not enough disk space for the reserve;"
+                      " new mail is refused until there is")
+        elif self.min_free <= 0:
+            with contextlib.suppress(OSError):
+                self._reserve.ensure()  # removes a reserve left by an earlier setting
         assert self._dir_fd is not None
         with contextlib.suppress(OSError):
             os.fsync(self._dir_fd)  # the directory entries of a new database
@@ -910,6 +999,7 @@ class SqliteSpool(Spool):
         if self.min_free > 0:
             wal_pages = max(16, min(wal_pages, self.min_free // (4 * self._page_size)))
         conn.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
+        self._wal_bytes = wal_pages * self._page_size
         self._ckpt_every = max(8, wal_pages // 4)
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -958,6 +1048,11 @@ def _read_transaction(conn: sqlite3.Connection) -> Any:
         yield
     finally:
         conn.execute("COMMIT")
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    """SQLITE_FULL: the write failed for lack of disk space."""
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 def _describe(exc: sqlite3.Error) -> str:
