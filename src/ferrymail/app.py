@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from ferrymail import privileges
 from ferrymail.config import (
     ConfigError,
     RunningConfig,
@@ -114,8 +115,21 @@ class App:
     # -- lifecycle
 
     async def start(self) -> None:
-        """Open the spool, then start every component; on failure undo what was started."""
-        await self.spool.start()
+        """Bind the listeners, drop privileges (``environment.user``), open the spool, then
+        start every component; on failure undo what was started."""
+        env = self.startup.environment
+        creds = None if env.user is None else privileges.resolve(env.user, env.group)
+        try:
+            for srv in self.servers:
+                await srv.bind()
+            if creds is not None:
+                privileges.prepare_spool_dir(self.startup.spool.path, creds)
+                privileges.drop_privileges(creds)
+            await self.spool.start()
+        except BaseException:
+            for srv in self.servers:
+                await srv.stop(0)
+            raise
         try:
             for component in self.components:
                 await component.start()

@@ -183,6 +183,15 @@ class SMTPServer:
     # -- lifecycle
 
     async def start(self) -> None:
+        """Bind (unless `bind()` did) and start accepting connections."""
+        if not self._servers:
+            await self.bind()
+        for srv in self._servers:
+            await srv.start_serving()
+
+    async def bind(self) -> None:
+        """Bind and listen on every listener without accepting yet (e.g. as root, before
+        privileges are dropped); OSError naming the listener if one cannot be bound."""
         loop = asyncio.get_running_loop()
         for lst in self.config.listeners:
             host = None if lst.address is None else str(lst.address)
@@ -192,6 +201,7 @@ class SMTPServer:
                 srv = await loop.create_server(
                     lambda info=info: InboundConnection(self, info),
                     host=host, port=lst.port, backlog=lst.backlog, reuse_address=True,
+                    start_serving=False,
                 )
             except OSError as exc:
                 await self.stop(0)

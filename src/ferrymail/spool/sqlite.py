@@ -923,7 +923,7 @@ class SqliteSpool(Spool):
         if path.exists() and not path.is_dir():
             raise SpoolError(f"spool path {path} exists and is not a directory")
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise SpoolError(f"cannot create spool directory {path}: {exc.strerror}") from exc
         if not os.access(path, os.W_OK | os.X_OK):
@@ -931,6 +931,7 @@ class SqliteSpool(Spool):
         self._lock_dir()
         if self.db_path.exists() and not self.db_path.is_file():
             raise SpoolError(f"spool database {self.db_path} exists and is not a file")
+        self._restrict_modes()
         try:
             conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
                                    cached_statements=256)  # the multi-row INSERTs, by size
@@ -1018,6 +1019,28 @@ class SqliteSpool(Spool):
         highest = conn.execute("SELECT MAX(id) FROM messages").fetchone()[0]
         if highest is not None:
             self._ids.seed(highest)
+
+    def _restrict_modes(self) -> None:
+        """Messages are for the spool's owner only: directory 0700, files 0600.
+
+        The database file is created here, 0600, before SQLite opens it: SQLite gives the WAL
+        and shared-memory files it creates the database file's mode (less the umask). Modes
+        left wider by an older version are narrowed.
+        """
+        try:
+            fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o600)
+            os.close(fd)
+            for file, mode in ((self.path, 0o700), (self.db_path, 0o600),
+                               (self.path / (DB_NAME + "-wal"), 0o600),
+                               (self.path / (DB_NAME + "-shm"), 0o600),
+                               (self.path / RESERVE_NAME, 0o600)):
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(file, follow_symlinks=False).st_mode & 0o777 & ~mode:
+                        os.chmod(file, mode, follow_symlinks=False)
+        except OSError as exc:
+            raise SpoolError(f"cannot restrict the modes of spool {self.path}:"
+                             f" {exc.strerror}") from exc
 
     def _lock_dir(self) -> None:
         """Hold an exclusive lock on the directory while open: one process per spool."""
