@@ -12,6 +12,7 @@ import errno
 import os
 import smtplib
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -43,9 +44,13 @@ def fill_to_the_last_block(path: Path) -> int:
 
 
 def wal_checkpoint_truncate(db: Path) -> None:
-    conn = sqlite3.connect(db, isolation_level=None)
+    conn = sqlite3.connect(db, isolation_level=None, timeout=5)
     try:
-        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        for _ in range(100):  # the spool's own checkpointer may be at it: try again
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy == 0:
+                break
+            time.sleep(0.02)
         assert busy == 0
     finally:
         conn.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -30,6 +30,7 @@ from ferrymail.smtp.protocol import (
     parse_ehlo,
     rcpt_command,
 )
+from ferrymail.spool.body import SpooledBody
 
 QUIT_TIMEOUT = 5.0
 DEFAULT_TIMEOUTS = Timeouts()
@@ -167,8 +168,21 @@ def _expect(state: str, reply: Reply, classes: tuple[int, ...]) -> None:
         raise SMTPProtocolError(f"unexpected reply to {state}: {reply}")
 
 
+def stuffed_chunks(body: SpooledBody) -> Iterator[bytes]:
+    """`dot_stuff` for a body read in chunks: leading dots doubled, CRLF at the end, then
+    ``.CRLF``. A dot opens a line after CRLF, even one split between two chunks."""
+    last = b"\r\n"  # the start of the message is the start of a line
+    sent = 0
+    for chunk in body.chunks():
+        joined = last + chunk
+        yield joined.replace(b"\r\n.", b"\r\n..")[len(last):]
+        last = joined[-2:]
+        sent += len(chunk)
+    yield b".\r\n" if sent == 0 or last == b"\r\n" else b"\r\n.\r\n"
+
+
 def transaction_parameters(extensions: dict[str, str], sender: str, recipients: Sequence[str],
-                           data: bytes, extra: dict[str, str] | None = None,
+                           data: bytes | SpooledBody, extra: dict[str, str] | None = None,
                            peer: str = "the MX") -> dict[str, str]:
     """MAIL FROM parameters for this message and this peer (SIZE, BODY, SMTPUTF8).
 
@@ -649,9 +663,10 @@ class SMTPClient:
 
     # ----------------------------------------------------------------- transactions
 
-    async def send(self, sender: str, recipients: Sequence[str], data: bytes, *,
-                   mail_params: dict[str, str] | None = None) -> TransactionResult:
-        """One transaction: MAIL, RCPT for each recipient, DATA with `data` (CRLF lines).
+    async def send(self, sender: str, recipients: Sequence[str], data: bytes | SpooledBody,
+                   *, mail_params: dict[str, str] | None = None) -> TransactionResult:
+        """One transaction: MAIL, RCPT for each recipient, DATA with `data` (CRLF lines;
+        a `SpooledBody` is read, dot-stuffed and sent in chunks, never whole in memory).
 
         Pipelined when the peer offers PIPELINING. A refused message is a result; a failure
         that leaves no reply raises DeliveryError (and the connection is no longer usable,
@@ -670,7 +685,7 @@ class SMTPClient:
         except SMTPProtocolError as e:
             raise DeliveryError("protocol", f"cannot send to {self._peer}: {e}",
                                 temporary=False) from None
-        body = dot_stuff(data)
+        body = data if isinstance(data, SpooledBody) else dot_stuff(data)
         try:
             if self.pipelining:
                 result = await self._send_pipelined(recipients, mail, rcpts, body)
@@ -691,7 +706,7 @@ class SMTPClient:
         return result
 
     async def _send_pipelined(self, recipients: Sequence[str], mail: bytes, rcpts: list[bytes],
-                              body: bytes) -> TransactionResult:
+                              body: bytes | SpooledBody) -> TransactionResult:
         t = self._timeouts.command
         self._write(b"".join((mail, *rcpts, b"DATA\r\n")))
         try:
@@ -709,7 +724,7 @@ class SMTPClient:
         return result
 
     async def _send_lockstep(self, recipients: Sequence[str], mail: bytes, rcpts: list[bytes],
-                             body: bytes) -> TransactionResult:
+                             body: bytes | SpooledBody) -> TransactionResult:
         mail_r = await self._command(mail, "MAIL")
         if not _ok(mail_r):
             return decide(recipients, mail_r)
@@ -728,15 +743,24 @@ class SMTPClient:
         eod = await self._end_data(body)
         return decide(recipients, mail_r, rcpt_rs, data_r, eod)
 
-    async def _end_data(self, body: bytes) -> Reply:
+    async def _end_data(self, body: bytes | SpooledBody) -> Reply:
         t = self._timeouts.data
-        self._write(body)
-        try:
-            async with asyncio.timeout(t):
-                await self._conn.drain()
-        except TimeoutError:
-            self._broken = True
-            raise self._read_error(_ReadFailure("timeout"), "EOD", t) from None
+        chunks = iter([body] if isinstance(body, bytes) else stuffed_chunks(body))
+        while True:
+            try:
+                chunk = next(chunks, None)
+            except OSError as e:  # the spooled body's file
+                self._broken = True  # the message is cut short: the connection is unusable
+                raise DeliveryError("config", f"cannot read the message: {e}") from None
+            if chunk is None:
+                break
+            self._write(chunk)
+            try:
+                async with asyncio.timeout(t):  # per chunk: a large body takes its time
+                    await self._conn.drain()
+            except TimeoutError:
+                self._broken = True
+                raise self._read_error(_ReadFailure("timeout"), "EOD", t) from None
         try:
             (reply,) = await self._read(1, t)
         except _ReadFailure as f:

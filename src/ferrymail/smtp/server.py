@@ -36,7 +36,7 @@ from ferrymail.smtp.session import (
     StartTLS,
     Transaction,
 )
-from ferrymail.spool import Envelope, ProxyInfo, Spool, SpoolError, SpoolFull
+from ferrymail.spool import BodyWriter, Envelope, ProxyInfo, Spool, SpoolError, SpoolFull
 
 # Pause reading from a client once this much unprocessed input waits (e.g. while storing).
 MAX_BUFFERED = 256 * 1024
@@ -363,6 +363,8 @@ class InboundConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.state
         self.state = _CLOSED
+        if self.session is not None:
+            self.session.connection_lost()  # a body file still arriving goes
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -451,7 +453,8 @@ class InboundConnection(asyncio.Protocol):
     def _begin(self, client_ip: str, client_port: int) -> None:
         self.client_ip, self.client_port = client_ip, client_port
         self.state = _SMTP
-        self.session = ServerSession(self.server.settings, self.server.may_accept, client_ip)
+        self.session = ServerSession(self.server.settings, self.server.may_accept, client_ip,
+                                     spill=self._open_body)
         self.transport.write(self.session.banner())  # type: ignore[union-attr]
         self.last_activity = self.loop.time()
         self._arm_timer()
@@ -542,22 +545,40 @@ class InboundConnection(asyncio.Protocol):
             cached = self._proxy_cache = (info, text)
         return cached
 
+    def _received(self, txn: Transaction, ident: str) -> bytes:
+        proxy_info = self._proxy_info()[0]
+        return received_header(
+            helo=txn.helo, client_ip=self.client_ip, client_port=self.client_port,
+            hostname=self.server.hostname, protocol=txn.protocol, ident=ident,
+            recipients=txn.recipients, tls=self.tls,
+            proxy_ip=proxy_info and proxy_info.proxy_ip,
+            proxy_version=proxy_info and proxy_info.version,
+        )
+
+    def _open_body(self, txn: Transaction) -> BodyWriter:
+        """The session's body outgrew memory: a spool file for it, Received: first (its
+        queue id is reserved now; the recipients are final once data has begun)."""
+        body = self.server.spool.open_body()
+        body.write(self._received(txn, body.queue_id))
+        return body
+
     async def _deliver(self, txn: Transaction) -> None:
         server = self.server
         received_at = time.time()
         proxy_info, proxy_text = self._proxy_info()
         self.txn_count += 1
-        ident = server.spool.new_queue_id()
         recipients = txn.recipients
-        header = received_header(
-            helo=txn.helo, client_ip=self.client_ip, client_port=self.client_port,
-            hostname=server.hostname, protocol=txn.protocol, ident=ident,
-            recipients=recipients, tls=self.tls,
-            proxy_ip=proxy_info and proxy_info.proxy_ip,
-            proxy_version=proxy_info and proxy_info.version,
-        )
-        data = header + txn.body
-        size = len(data)
+        data: bytes | BodyWriter
+        if txn.body_sink is not None:
+            # a large body, already in a spool file (Received: included)
+            data = txn.body_sink
+            txn.body_sink = None  # store() owns it now: commits or removes it
+            ident = data.queue_id
+            size = data.size
+        else:
+            ident = server.spool.new_queue_id()
+            data = self._received(txn, ident) + txn.body
+            size = len(data)
         envelope = Envelope(
             sender=txn.sender,
             recipients=tuple(recipients),

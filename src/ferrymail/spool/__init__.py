@@ -15,9 +15,11 @@ from .base import (
     format_queue_id,
     parse_queue_id,
 )
+from .body import BodyWriter, SpooledBody, body_bytes
 from .sqlite import SqliteSpool
 
 __all__ = [
+    "BodyWriter",
     "Envelope",
     "MessageNotFound",
     "ProxyInfo",
@@ -29,7 +31,9 @@ __all__ = [
     "Spool",
     "SpoolError",
     "SpoolFull",
+    "SpooledBody",
     "SqliteSpool",
+    "body_bytes",
     "format_queue_id",
     "parse_queue_id",
 ]

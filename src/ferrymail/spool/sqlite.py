@@ -11,7 +11,9 @@ the writer goes on committing.
 
 Layout: `messages` (queue id as integer key, envelope as JSON), `bodies` (the data, one BLOB
 per message, kept apart so that scans over envelopes never touch message data) and
-`recipients` (one row per distinct recipient with its delivery state).
+`recipients` (one row per distinct recipient with its delivery state). A large message has
+no `bodies` row: its data is the file `bodies/<queue id>`, written in chunks while it
+arrived and made durable before its rows are committed (see `body.py`).
 """
 
 from __future__ import annotations
@@ -49,11 +51,12 @@ from .base import (
     format_queue_id,
     parse_queue_id,
 )
+from .body import BODIES_DIR, PART_SUFFIX, BodyWriter, SpooledBody
 from .reserve import RESERVE_NAME, SpaceReserve
 
 DB_NAME = "spool.db"
 APPLICATION_ID = 0x46455259  # "FERY", marks the file as a ferrymail spool
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a message without a `bodies` row has its body in bodies/<queue id>
 BATCH_MAX_ITEMS = 512
 BATCH_MAX_BYTES = 32 * 1024 * 1024
 DEFAULT_MIN_FREE = 16 * 1024 * 1024
@@ -173,6 +176,7 @@ class _Op:
         self.future = future
         self.msg_id = msg_id
         self.nbytes = nbytes
+        self.body_file_gone = False  # removed a message whose body is a file: unlink it
 
     def apply(self, conn: sqlite3.Connection) -> Any:
         raise NotImplementedError
@@ -184,9 +188,10 @@ class _Store(_Op):
     verb = "store"
 
     def __init__(
-        self, future: asyncio.Future[Any], msg_id: int, envelope: Envelope, data: bytes
+        self, future: asyncio.Future[Any], msg_id: int, envelope: Envelope, data: bytes | None
     ) -> None:
-        super().__init__(future, msg_id, len(data))
+        # data None: the body is already a file of the spool (bodies/<queue id>)
+        super().__init__(future, msg_id, 0 if data is None else len(data))
         # a recipient given twice is one recipient; json_each() hands out (index, address)
         rcpts = _encode_json(list(dict.fromkeys(envelope.recipients)))
         self.row = (msg_id, envelope_to_json(envelope), data, envelope.received_at,
@@ -202,7 +207,7 @@ _INCOMING = (
     AS SELECT 0, '', x'', 0.0, NULL, '[]' WHERE 0""",
     """CREATE TEMP TRIGGER IF NOT EXISTS incoming_store INSTEAD OF INSERT ON incoming BEGIN
     INSERT INTO messages (id, envelope) VALUES (NEW.id, NEW.envelope);
-    INSERT INTO bodies (id, data) VALUES (NEW.id, NEW.data);
+    INSERT INTO bodies (id, data) SELECT NEW.id, NEW.data WHERE NEW.data IS NOT NULL;
     INSERT INTO recipients SELECT NEW.id, key, value, 'queued', 0, NEW.received_at, '',
         NEW.transport, 0 FROM json_each(NEW.rcpts);
 END""",
@@ -264,22 +269,30 @@ class _Update(_Op):
             f"SELECT 1 FROM recipients WHERE msg = ? AND {_PENDING_SQL} LIMIT 1", (self.msg_id,)
         ).fetchone()
         if pending is None:
-            _remove(conn, self.msg_id)
+            self.body_file_gone = _remove(conn, self.msg_id) == _GONE_WITH_FILE
 
 
 class _Delete(_Op):
     verb = "delete"
 
     def apply(self, conn: sqlite3.Connection) -> None:
-        if not _remove(conn, self.msg_id):
+        gone = _remove(conn, self.msg_id)
+        if not gone:
             raise MessageNotFound(f"no message {format_queue_id(self.msg_id)} in the spool")
+        self.body_file_gone = gone == _GONE_WITH_FILE
 
 
-def _remove(conn: sqlite3.Connection, msg_id: int) -> bool:
+_GONE, _GONE_WITH_FILE = 1, 2
+
+
+def _remove(conn: sqlite3.Connection, msg_id: int) -> int:
+    """Delete a message's rows: 0 if there was none, _GONE_WITH_FILE if its body is a file."""
     gone = conn.execute("DELETE FROM messages WHERE id = ?", (msg_id,)).rowcount
-    conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
+    blob = conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,)).rowcount
     conn.execute("DELETE FROM recipients WHERE msg = ?", (msg_id,))
-    return gone > 0
+    if not gone:
+        return 0
+    return _GONE if blob else _GONE_WITH_FILE
 
 
 def _resolve(results: list[_Result]) -> None:
@@ -421,7 +434,21 @@ class SqliteSpool(Spool):
         """Reserve a queue id now (e.g. to name it in a Received: header) for `store`."""
         return self._ids.next()
 
-    async def store(self, envelope: Envelope, data: bytes, queue_id: str | None = None) -> str:
+    def open_body(self, queue_id: str | None = None) -> BodyWriter:
+        """A file for a body to be written in chunks as it arrives, then passed to `store`
+        (or `abort()`-ed). Never raises: a failure to create or write it is kept in the
+        writer and reported by `store`."""
+        if queue_id is None or parse_queue_id(queue_id) is None:
+            queue_id = self.new_queue_id()
+        return BodyWriter(self.path / BODIES_DIR, queue_id)
+
+    async def store(self, envelope: Envelope, data: bytes | BodyWriter,
+                    queue_id: str | None = None) -> str:
+        """Durably store a message. `data` is the message, or a `BodyWriter` from
+        `open_body` holding it (then its queue id is the message's). `SpoolFull` when refused
+        for lack of space, `SpoolError` for other failures; a body file is removed then."""
+        if isinstance(data, BodyWriter):
+            return await self._store_file(envelope, data)
         if queue_id is None:
             msg_id = self._ids.next_int()
         elif (msg_id := parse_queue_id(queue_id)) is None:  # type: ignore[assignment]
@@ -436,6 +463,43 @@ class SqliteSpool(Spool):
         if not isinstance(data, bytes):
             data = bytes(data)  # a copy: the caller may reuse its buffer
         return await self._write(lambda fut: _Store(fut, msg_id, envelope, data))
+
+    async def _store_file(self, envelope: Envelope, body: BodyWriter) -> str:
+        msg_id = parse_queue_id(body.queue_id)
+        try:
+            if msg_id is None:
+                raise ValueError(f"malformed queue id {body.queue_id!r}")
+            if not isinstance(envelope, Envelope):
+                raise TypeError(f"store() needs an Envelope, not {type(envelope).__name__}")
+            if not envelope.recipients:
+                raise ValueError("cannot store a message without recipients")
+            for address in envelope.recipients:
+                if not isinstance(address, str) or not _is_utf8(address):
+                    raise ValueError(f"recipient {address!r} is not valid text")
+            if self._state != _OPEN or self.readonly:
+                raise SpoolError(f"spool {self.path} is not open for writing")
+            if body.error is not None:
+                kind = SpoolFull if body.disk_full else SpoolError
+                raise kind(f"spool {self.path}: {body.error}")
+        except BaseException:
+            body.abort()
+            raise
+        assert self._loop is not None
+        try:
+            await self._loop.run_in_executor(None, body.commit)
+        except OSError as exc:
+            kind = SpoolFull if exc.errno in (errno.ENOSPC, errno.EDQUOT) else SpoolError
+            raise kind(f"spool {self.path}: cannot make {body.final_path} durable:"
+                       f" {exc.strerror or exc}") from exc
+        try:
+            return await self._write(lambda fut: _Store(fut, msg_id, envelope, None))
+        except SpoolError:
+            # refused or rolled back: no row names the file
+            with contextlib.suppress(OSError):
+                os.unlink(body.final_path)
+            raise
+        # (cancelled: the rows may still be committed; a file without rows goes at the
+        # next start)
 
     async def update(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> None:
         msg_id = self._msg_id(queue_id)
@@ -458,7 +522,9 @@ class SqliteSpool(Spool):
 
     # -- reads
 
-    async def read(self, queue_id: str) -> bytes:
+    async def read(self, queue_id: str) -> bytes | SpooledBody:
+        """The message data: bytes, or for a large message a `SpooledBody` to read in
+        chunks. MessageNotFound if there is no such message."""
         msg_id = self._msg_id(queue_id)
         data = await self._read(self._q_read, msg_id)
         if data is None:
@@ -546,9 +612,19 @@ class SqliteSpool(Spool):
             raise SpoolError(f"spool {self.path} is closed")
         return self._rconn
 
-    def _q_read(self, msg_id: int) -> bytes | None:
-        row = self._conn().execute("SELECT data FROM bodies WHERE id = ?", (msg_id,)).fetchone()
-        return None if row is None else row[0]
+    def _q_read(self, msg_id: int) -> bytes | SpooledBody | None:
+        conn = self._conn()
+        row = conn.execute("SELECT data FROM bodies WHERE id = ?", (msg_id,)).fetchone()
+        if row is not None:
+            return row[0]
+        if conn.execute("SELECT 1 FROM messages WHERE id = ?", (msg_id,)).fetchone() is None:
+            return None
+        path = self.path / BODIES_DIR / format_queue_id(msg_id)
+        try:
+            return SpooledBody(path, path.stat().st_size)
+        except OSError as exc:
+            raise SpoolError(f"spool {self.path}: the body of message"
+                             f" {format_queue_id(msg_id)} is missing: {exc.strerror}") from exc
 
     def _q_next_due(self) -> float | None:
         sql = f"SELECT MIN(next_attempt) FROM recipients WHERE {_PENDING_SQL}"
@@ -830,6 +906,12 @@ class SqliteSpool(Spool):
 
     def _committed(self, stores: Sequence[_Store], others: Sequence[_Op]) -> None:
         self.commits += 1
+        for op in others:
+            if op.body_file_gone:
+                # after the commit: a crash before this leaves a file without rows, removed
+                # at the next start
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path / BODIES_DIR / format_queue_id(op.msg_id))
         # a rough count of the WAL frames written: the pages of the data plus a few per row
         pages = sum(op.nbytes for op in stores) // self._page_size + 3 * (len(stores)
                                                                           + len(others)) + 2
@@ -933,6 +1015,10 @@ class SqliteSpool(Spool):
             raise SpoolError(f"spool database {self.db_path} exists and is not a file")
         self._restrict_modes()
         try:
+            (path / BODIES_DIR).mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(f"cannot create {path / BODIES_DIR}: {exc.strerror}") from exc
+        try:
             conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
                                    cached_statements=256)  # the multi-row INSERTs, by size
         except sqlite3.Error as exc:
@@ -1019,6 +1105,26 @@ class SqliteSpool(Spool):
         highest = conn.execute("SELECT MAX(id) FROM messages").fetchone()[0]
         if highest is not None:
             self._ids.seed(highest)
+        self._sweep_bodies(conn)
+
+    def _sweep_bodies(self, conn: sqlite3.Connection) -> None:
+        """Remove body files no message names: parts of bodies still arriving at a crash or
+        stop, and files whose rows were never committed (or were deleted before a crash)."""
+        folder = self.path / BODIES_DIR
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return
+        for name in names:
+            msg_id = parse_queue_id(name)
+            if msg_id is not None:
+                if conn.execute("SELECT 1 FROM messages WHERE id = ?", (msg_id,)).fetchone():
+                    self._ids.seed(msg_id)
+                    continue
+            elif not name.endswith(PART_SUFFIX):
+                continue  # not ours
+            with contextlib.suppress(OSError):
+                os.unlink(folder / name)
 
     def _restrict_modes(self) -> None:
         """Messages are for the spool's owner only: directory 0700, files 0600.
