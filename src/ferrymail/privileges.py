@@ -5,8 +5,8 @@ good before it opens the spool or accepts a connection (as Postfix's master hand
 processes running as ``mail_owner``): supplementary groups first (``setgroups``/
 ``initgroups``), then the group (``setgid``), then the user (``setuid``: real, effective and
 saved ids, so root cannot be taken back). The spool directory is prepared for that user
-while still root: created ``0700``, and handed over (with the spool's files) if another
-user owns it.
+while still root: created ``0700``, and handed over (with the spool's files and large
+bodies) if another user owns it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from pathlib import Path
 
 from ferrymail.observe.log import log_event
 
-# the files of a spool directory (spool/sqlite.py, spool/reserve.py)
+# the files of a spool directory (spool/sqlite.py, spool/reserve.py, spool/body.py)
 _SPOOL_FILES = ("spool.db", "spool.db-wal", "spool.db-shm", "reserve")
+_BODIES = "bodies"
 
 
 class PrivilegeError(Exception):
@@ -71,8 +72,11 @@ def prepare_spool_dir(path: str | Path, creds: Credentials) -> None:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = path.stat()
         if (st.st_uid, st.st_gid) != (creds.uid, creds.gid):
-            for name in _SPOOL_FILES:
-                file = path / name
+            bodies = path / _BODIES
+            files = [path / name for name in _SPOOL_FILES]
+            if bodies.is_dir() and not bodies.is_symlink():
+                files += [bodies / name for name in os.listdir(bodies)] + [bodies]
+            for file in files:
                 if file.exists() and not file.is_symlink():
                     os.chown(file, creds.uid, creds.gid)
             os.chown(path, creds.uid, creds.gid)

@@ -147,6 +147,16 @@ def test_bind_as_root_then_run_as_nobody(world_dir, ferrymail_proc):
     if os.geteuid() != 0:
         pytest.skip("needs root (to bind a port below 1024 and switch users)")
     port = privileged_port()
+    spool_dir = world_dir / "spool"
+
+    async def as_root():  # a spool from days when ferrymail ran as root, with a large body
+        async with SqliteSpool(spool_dir, min_free=64 * 1024) as spool:
+            body = spool.open_body()
+            body.write(b"Subject: old\r\n\r\n" + b"x" * 300_000 + b"\r\n")
+            await spool.store(ENV, body)
+
+    asyncio.run(as_root())
+    assert spool_dir.stat().st_uid == 0
     doc = yaml.safe_load(startup_yaml(world_dir, [server("in", [listener(port)])]))
     doc["environment"]["user"] = "nobody"
     doc["spool"]["min_free"] = "1MiB"
@@ -163,12 +173,18 @@ def test_bind_as_root_then_run_as_nobody(world_dir, ferrymail_proc):
     assert ids["Groups"] in ([65534], []), ids
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
         refused = client.sendmail("a@example.org", ["b@example.com"], b"Subject: t\r\n\r\nhi\r\n")
-    assert refused == {}
-    spool_dir = world_dir / "spool"
+        assert refused == {}
+        large = b"Subject: large\r\n\r\n" + (b"y" * 998 + b"\r\n") * 1000  # a body file
+        assert client.sendmail("a@example.org", ["b@example.com"], large) == {}
     st = spool_dir.stat()
     assert (st.st_uid, st.st_gid, mode(spool_dir)) == (65534, 65534, 0o700)
     for name in SPOOL_FILES:
         st = (spool_dir / name).stat()
         assert (name, st.st_uid, stat.S_IMODE(st.st_mode)) == (name, 65534, 0o600)
+    bodies = spool_dir / "bodies"
+    assert (bodies.stat().st_uid, mode(bodies)) == (65534, 0o700)
+    files = list(bodies.iterdir())
+    assert len(files) == 2  # the one from before and the one just received
+    assert {(f.stat().st_uid, mode(f)) for f in files} == {(65534, 0o600)}
     assert proc.stop() == 0
-    assert spool_count(spool_dir) == 1
+    assert spool_count(spool_dir) == 3

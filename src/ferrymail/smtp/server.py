@@ -37,6 +37,7 @@ from ferrymail.smtp.session import (
     Transaction,
 )
 from ferrymail.spool import BodyWriter, Envelope, ProxyInfo, Spool, SpoolError, SpoolFull
+from ferrymail.spool.body import SPILL_AT
 
 # Pause reading from a client once this much unprocessed input waits (e.g. while storing).
 MAX_BUFFERED = 256 * 1024
@@ -454,7 +455,7 @@ class InboundConnection(asyncio.Protocol):
         self.client_ip, self.client_port = client_ip, client_port
         self.state = _SMTP
         self.session = ServerSession(self.server.settings, self.server.may_accept, client_ip,
-                                     spill=self._open_body)
+                                     spill=self._open_body, spill_at=SPILL_AT)
         self.transport.write(self.session.banner())  # type: ignore[union-attr]
         self.last_activity = self.loop.time()
         self._arm_timer()

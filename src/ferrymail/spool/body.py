@@ -79,8 +79,9 @@ class BodyWriter:
     def disk_full(self) -> bool:
         return self.error_errno in (errno.ENOSPC, errno.EDQUOT)
 
-    def commit(self) -> None:
+    def commit(self, fsync: bool = True) -> None:
         """Make the body durable under its final name (blocking: call it in a thread).
+        `fsync=False` (the spool's benchmark mode) only renames it.
 
         OSError if the data cannot be made durable; the file is removed then.
         """
@@ -88,15 +89,17 @@ class BodyWriter:
         if fd is None:
             raise OSError(self.error_errno or errno.EIO, self.error or "body file is closed")
         try:
-            os.fsync(fd)
+            if fsync:
+                os.fsync(fd)
             os.close(fd)
             self._fd = None
             os.rename(self.path, self.final_path)
-            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            if fsync:
+                dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
         except OSError:
             self.abort()
             with contextlib.suppress(OSError):

@@ -486,7 +486,7 @@ class SqliteSpool(Spool):
             raise
         assert self._loop is not None
         try:
-            await self._loop.run_in_executor(None, body.commit)
+            await self._loop.run_in_executor(None, body.commit, self.fsync)
         except OSError as exc:
             kind = SpoolFull if exc.errno in (errno.ENOSPC, errno.EDQUOT) else SpoolError
             raise kind(f"spool {self.path}: cannot make {body.final_path} durable:"
