@@ -12,6 +12,7 @@ import errno
 import os
 import smtplib
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import yaml
 from ferrymail.spool import RecipientState, RecipientUpdate, SpoolError, SpoolFull, SqliteSpool
 from tests.integration.conftest import listener, running_yaml, server, spool_count, startup_yaml
 from tests.integration.test_spool_faults import ENV, payload, tmpfs
-from tests.realpeers import free_port
+from tests.realpeers import free_port, smtp_sink
 
 DELIVERED = RecipientState.DELIVERED
 DEFERRED = RecipientState.DEFERRED
@@ -158,3 +159,77 @@ def test_a_ferrymail_without_room_for_its_reserve_answers_452_and_says_why(
     assert "not enough disk space" in line
     assert proc.stop() == 0
     assert spool_count(tmp_path / "spool") == 0
+
+
+def sender(port: int, n: int, results: dict[str, list], lock: threading.Lock,
+           stop: threading.Event) -> None:
+    """100 KB messages in one session until told to stop; replies sorted by kind."""
+    body = b"Subject: fill\r\n\r\n" + (b"f" * 998 + b"\r\n") * 100
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+            client.ehlo("filler.example.org")
+            for i in range(400):
+                if stop.is_set():
+                    return
+                try:
+                    client.sendmail("from@example.org", [f"t{n}-{i}@example.com"], body)
+                    kind = "accepted"
+                except smtplib.SMTPDataError as exc:
+                    kind = str(exc.smtp_code)
+                with lock:
+                    results.setdefault(kind, []).append(f"t{n}-{i}")
+    except (OSError, smtplib.SMTPException):
+        return
+
+
+def test_a_full_spool_file_system_under_load_loses_no_delivery_result(tmp_path, ferrymail_proc):
+    """Reception fills the file system while delivery goes on (the issue's scenario): every
+    result is written, so every accepted message is delivered exactly once."""
+    with tmpfs(tmp_path / "mnt", "8m") as mnt, smtp_sink() as sink:
+        port = free_port()
+        doc = yaml.safe_load(startup_yaml(tmp_path, [server("in", [listener(port)])],
+                                          spool=mnt / "spool"))
+        doc["spool"]["min_free"] = "1MiB"
+        running = yaml.safe_dump({
+            "servers": [{"id": "in", "transport": "sink", "domains": ["example.com"]}],
+            "transportgroups": [{"id": "default", "transports": [{
+                "id": "sink", "connection": {"server": "127.0.0.1", "port": sink.port}}]}],
+        })
+        fm = ferrymail_proc(yaml.safe_dump(doc), running, wait=[("127.0.0.1", port)])
+        results: dict[str, list] = {}
+        lock = threading.Lock()
+        stop = threading.Event()
+        threads = [threading.Thread(target=sender, args=(port, n, results, lock, stop),
+                                    daemon=True) for n in range(4)]
+        for t in threads:
+            t.start()
+        # someone else takes what is left while mail comes in and goes out, just after the
+        # WAL was checkpointed down to nothing (as SQLite does when it resets the WAL): the
+        # next results need new blocks
+        time.sleep(0.5)
+        wal_checkpoint_truncate(mnt / "spool" / "spool.db")
+        filler = mnt / "someone-elses-file"
+        fill_to_the_last_block(filler)
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            with lock:
+                if len(results.get("452", [])) >= 20:
+                    break
+            time.sleep(0.05)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        filler.unlink()
+        accepted = len(results.get("accepted", []))
+        assert accepted and results.get("452"), {k: len(v) for k, v in results.items()}
+        deadline = time.monotonic() + 30
+        while spool_count(mnt / "spool") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert spool_count(mnt / "spool") == 0
+        dumps = sink.wait_dumps(accepted)
+        fm.stop()
+    logs = fm.log_text()
+    assert "event=delivery.record_failed" not in logs, logs[-3000:]
+    assert "event=spool.reserve.released" in logs  # the reserve was needed, and used
+    assert len(dumps) == accepted  # each accepted message delivered once, none twice
+    assert set(results) <= {"accepted", "452", "451"}
