@@ -235,3 +235,50 @@ def test_start_removes_parts_and_files_no_message_names(tmp_path):
 
     assert run(tmp_path, check) == b"kept\r\n"
     assert sorted(os.listdir(bodies)) == sorted([qid, "README"])
+
+
+# -- a spilling session answers exactly as one that keeps bodies in memory ---------------------
+
+_PIECES = st.sampled_from([
+    b"EHLO c.test\r\n", b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<c@d.test>\r\n", b"DATA\r\n",
+    b"RSET\r\n", b"NOOP\r\n", b"HELO x.test\r\n", b".\r\n", b"..dot\r\n", b"line\r\n",
+    b"bare\n", b"cr\r", b"x" * 40, b"\r\n", b"BDAT 5\r\n", b"BDAT 0 LAST\r\n",
+    b"BDAT 3 LAST\r\n", b"BDAT 70\r\n", b"QUIT\r\n",
+])
+
+
+def _run(stream: bytes, cuts: list[int], spill_at: int | None):
+    sinks: list[MemorySink] = []
+
+    def spill(txn):
+        sinks.append(MemorySink())
+        return sinks[-1]
+
+    s = ServerSession(SessionSettings("mx.test", SessionLimits(message_size=300)),
+                      lambda d, c: True, "192.0.2.7",
+                      spill=None if spill_at is None else spill, spill_at=spill_at or 0)
+    out, bodies = [], []
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    for a, b in itertools.pairwise(points):
+        event = s.receive(stream[a:b])
+        while isinstance(event, Deliver):
+            txn = event.transaction
+            sink = txn.body_sink
+            bodies.append(sink.data if sink is not None else txn.body)
+            out.append(s.take_output())
+            s.finish_delivery(b"250 queued\r\n", queued=True)
+            event = s.step()
+        out.append(s.take_output())
+    return b"".join(out), bodies, sinks
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(_PIECES, max_size=30), cuts=st.lists(st.integers(0, 2000), max_size=10))
+def test_spilling_changes_no_reply_and_no_body(pieces, cuts):
+    stream = b"".join(pieces)
+    kept = _run(stream, cuts, None)
+    spilled = _run(stream, cuts, 8)
+    assert spilled[0] == kept[0] and spilled[1] == kept[1]
+    # every sink is either delivered whole or dropped, never left open and forgotten
+    for sink in spilled[2]:
+        assert sink.aborted or sink.data in spilled[1]
