@@ -233,3 +233,32 @@ def test_a_full_spool_file_system_under_load_loses_no_delivery_result(tmp_path, 
     assert "event=spool.reserve.released" in logs  # the reserve was needed, and used
     assert len(dumps) == accepted  # each accepted message delivered once, none twice
     assert set(results) <= {"accepted", "452", "451"}
+
+
+def test_a_body_file_that_fills_the_disk_is_refused_and_leaves_the_reserve(tmp_path):
+    with tmpfs(tmp_path / "mnt", "4m") as mnt:
+
+        async def main():
+            async with SqliteSpool(mnt, min_free=512 * 1024) as spool:
+                ids = await store_some(spool, 3)
+                body = spool.open_body()
+                for _ in range(80):  # 5 MB into what is left of 4 MB
+                    body.write(b"b" * 65536)
+                assert body.error and body.disk_full and body.closed
+                try:
+                    await spool.store(ENV, body)
+                except SpoolFull as exc:
+                    assert "No space left" in str(exc)
+                else:
+                    raise AssertionError("a body that did not fit was stored")
+                assert os.listdir(mnt / "bodies") == []  # its part file is gone
+                assert (mnt / "reserve").stat().st_blocks * 512 >= 512 * 1024
+                for qid in ids:  # results still go in
+                    await spool.update(qid, result(DELIVERED))
+                assert await spool.count() == 0
+                again = spool.open_body()
+                again.write(b"fits\r\n")
+                return await spool.store(ENV, again)
+
+        qid = asyncio.run(main())
+        assert os.listdir(mnt / "bodies") == [qid]

@@ -316,6 +316,12 @@ class DeliveryEngine:
                                   else data, cfg.hop_limit)
         if looping is not None:
             return Outcome(error=DeliveryError("loop", looping, temporary=False))
+        if isinstance(data, SpooledBody):
+            # 8-bit or not (for BODY=8BITMIME) means reading it all: in a thread, once
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, data.isascii)
+            except OSError as e:
+                return Outcome(error=DeliveryError("config", f"cannot read the message: {e}"))
         conn = transport.connection
         d = decision or HookDecision("try")
         port = d.port or conn.port
