@@ -166,3 +166,14 @@ def test_probe_success_lifts_the_proxy_too() -> None:
     h.probe_result(A, True, "", 31.0)
     assert h.state(str(P), None, 31.0) == "up" and h.state(str(P), A.address, 31.0) == "up"
     assert h.state(str(P), B.address, 31.0) == "probing"  # B still has to show it works
+
+
+def test_proxy_level_views_for_metrics() -> None:
+    h, _ = book()
+    v6 = ProxyRoute("::1", 2526)
+    h.failure(Source("::1", "x.test", None, v6), "connect", "refused", 0.0)
+    for _ in range(2):
+        h.failure(A, "bind", "EOF", 0.0)  # a pair only: the proxy stays up
+    assert h.is_up(P, 1.0) and h.is_up(None, 1.0) and not h.is_up(v6, 1.0)
+    assert h.down(10.0) == [("::1", 2526, 20.0)]
+    assert h.down(31.0) == [] and h.is_up(v6, 31.0)  # ran out: probing, usable again

@@ -198,6 +198,21 @@ class HealthBook:
         t = self._tracks.get(key)
         return t is not None and t.suspect_until > now and t.suspect_owner is not owner
 
+    def is_up(self, proxy: ProxyRoute | None, now: float) -> bool:
+        """Whether ``proxy`` itself is usable (not suspended); None (direct) always is. Its
+        pairs are not looked at: see `usable` for a source."""
+        return proxy is None or self.state(str(proxy), None, now) != "suspended"
+
+    def down(self, now: float) -> list[tuple[str, int, float]]:
+        """``(server, port, seconds left)`` of every proxy suspended now (for metrics)."""
+        out = []
+        for (name, source), t in self._tracks.items():
+            if source is None and t.entry.until is not None and t.entry.state != "up" \
+                    and t.entry.until > now:
+                host, _, port = name.rpartition(":")
+                out.append((host.strip("[]"), int(port), t.entry.until - now))
+        return out
+
     def entries(self, now: float) -> list[HealthEntry]:
         """Every tracked entry, with ``probing`` for suspensions that ran out."""
         out = []
