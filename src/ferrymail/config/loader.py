@@ -28,7 +28,7 @@ from .models import (
     running_problems,
     startup_problems,
 )
-from .types import describe
+from .types import BASE_DIR, describe
 
 M = TypeVar("M", StartupConfig, RunningConfig)
 
@@ -320,7 +320,8 @@ def _validate(doc: Document, model: type[M]) -> tuple[M | None, list[ConfigError
         errors.append(doc.error((), f"expected a mapping at the top level, got {found}"))
         return None, errors
     try:
-        cfg = model.model_validate(doc.data, context={DEFER_CHECKS: True})
+        base = Path(doc.file).parent if Path(doc.file).is_file() else None
+        cfg = model.model_validate(doc.data, context={DEFER_CHECKS: True, BASE_DIR: base})
     except ValidationError as exc:
         raw = exc.errors()
         for err in raw:

@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from .dkim import Dkim, dkim_problems
 from .types import (
     DomainPattern,
     Duration,
@@ -489,6 +490,7 @@ class RunningConfig(_Model):
     scripting: Scripting = Field(default_factory=Scripting)
     resolver: Resolver = Field(default_factory=Resolver)
     queues: Queues = Field(default_factory=Queues)
+    dkim: Dkim = Field(default_factory=Dkim)
 
     _source: str | None = PrivateAttr(default=None)
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)
@@ -641,6 +643,7 @@ def running_problems(cfg: RunningConfig) -> list[Problem]:
                         (here, f"address {ident!r} is {addr.address}, an IPv{addr.family} "
                          f"address, listed under {family}")
                     )
+    problems.extend(dkim_problems(cfg.dkim))
     return problems
 
 

@@ -4,11 +4,13 @@ One `Job` (the due recipients of one message for one destination) is one attempt
 
 1. the running config is read through the accessor (a reload applies to the next attempt);
 2. the pre-delivery hook, if configured, decides: try (with overrides), queue, bounce, delete;
-3. sources come from the transport (or the hook) with their HELO and proxy; MX hosts from DNS
+3. the copy to send is DKIM-signed (``ferrymail.dkim``: the hook's ``dkim_sign`` keys, else
+   ``dkim.rules``, else the From: domain's keys); the spooled message stays unsigned;
+4. sources come from the transport (or the hook) with their HELO and proxy; MX hosts from DNS
    (or the fixed ``connection.server``), tried in preference order, address by address;
    a failing proxy or source is marked down and the next source is tried for the same MX
    address, a failing MX moves on to the next address;
-4. the per-recipient outcome is: delivered (2xx), failed (5xx or a permanent error: a DSN
+5. the per-recipient outcome is: delivered (2xx), failed (5xx or a permanent error: a DSN
    goes to the sender), or deferred (4xx or a temporary error) at the next retry time; a
    recipient past ``retry.count`` / ``retry.during`` fails with a DSN.
 
@@ -44,6 +46,7 @@ from ferrymail.delivery.routing import (
     transport_sources,
 )
 from ferrymail.delivery.scheduler import Job, Scheduler, plan_retry
+from ferrymail.dkim import DkimError, DkimSigner
 from ferrymail.hooks import HookContext, HookDecision, HookError, PredeliveryHook
 from ferrymail.observe.log import log_event
 from ferrymail.smtp.client import SMTPClient, TLSContextFactory, TLSMode
@@ -96,6 +99,7 @@ class Outcome:
     hook: HookDecision | None = None  # a queue/bounce/delete decision
     hook_error: HookError | None = None
     route: Route = field(default_factory=Route)
+    dkim: str | None = None  # the signatures the sent copy carried: d/s/algorithm, ...
 
 
 @dataclass
@@ -159,6 +163,7 @@ class DeliveryEngine:
         self._hook: PredeliveryHook | None = None
         self._hook_error: str | None = None  # set when the configured hook could not load
         self._hook_cfg: RunningConfig | None = None
+        self._signer: DkimSigner | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle
@@ -298,7 +303,35 @@ class DeliveryEngine:
             return None
         except SpoolError as e:
             return Outcome(error=DeliveryError("config", f"cannot read the message: {e}")), None
-        return await self._deliver(job, cfg, transport, decision, data), data
+        signed = self._sign(job, cfg, decision, data)
+        if isinstance(signed, Outcome):
+            return signed, data
+        wire, labels = signed
+        outcome = await self._deliver(job, cfg, transport, decision, wire)
+        outcome.dkim = labels
+        return outcome, data
+
+    def _sign(self, job: Job, cfg: RunningConfig, decision: HookDecision | None,
+              data: bytes) -> tuple[bytes, str | None] | Outcome:
+        """The copy to send (with DKIM-Signature fields in front) and the log label of its
+        signatures; an Outcome (deferral) when the hook asked for a key we do not have."""
+        signer = self._signer
+        if signer is None or signer.config is not cfg.dkim:
+            signer = self._signer = DkimSigner(cfg.dkim)
+        env = job.message.envelope
+        try:
+            sigs = signer.sign(data, sender=env.sender, server_id=env.server_id,
+                               requested=decision.dkim if decision is not None else None)
+        except KeyError as e:
+            return Outcome(error=DeliveryError("config", str(e.args[0])))
+        except DkimError as e:
+            log_event("dkim.error", "warning", qid=job.queue_id, error=str(e),
+                      effect="sent unsigned")
+            return data, None
+        if not sigs:
+            return data, None
+        return (b"".join(s.header for s in sigs) + data,
+                ",".join(s.label for s in sigs))
 
     async def _deliver(self, job: Job, cfg: RunningConfig, transport: ResolvedTransport,
                        decision: HookDecision | None, data: bytes) -> Outcome:
@@ -638,6 +671,8 @@ class DeliveryEngine:
                           helo=src.helo, proxy=str(src.proxy) if src.proxy else "direct")
         if route.mx:
             fields.update(mx=route.mx, mx_ip=route.mx_ip)
+        if outcome.dkim:
+            fields["dkim"] = outcome.dkim
         event = "delivery.attempt"
         level = "info"
         if outcome.replies:

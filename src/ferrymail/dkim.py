@@ -1,0 +1,175 @@
+"""DKIM signing of outgoing mail (RFC 6376; Ed25519 by RFC 8463) with dkimpy.
+
+``DkimSigner(config.dkim).sign(message, sender=..., server_id=..., requested=...)`` returns
+the ``DKIM-Signature:`` header fields to put in front of the message (CRLF-terminated
+bytes), one per key of the signing domain, so a domain with an RSA and an Ed25519 key gets
+both signatures at once. Which domain signs, first match wins:
+
+1. the pre-delivery hook's ``action.dkim_sign(domain, selector)`` calls (``requested``);
+2. ``dkim.rules`` (by envelope sender domain and/or receiving server); ``domain: false``
+   means do not sign;
+3. ``dkim.sign: from``: the domain of the (first) ``From:`` address, if it has keys.
+
+Canonicalisation is ``relaxed/relaxed``; the signed header list is every configured
+header the message has (as often as it has it) plus one more ``from``/``to``/``subject``
+each (oversigning, RFC 6376 §8.15); ``x=`` is ``t=`` plus ``dkim.expire`` when set.
+
+Signing happens at delivery, on the copy being sent; the spooled message is never changed,
+so a retried message is signed afresh (current keys, fresh ``t=``/``x=``) and never carries
+two of our signatures. A key whose ``d=``/``s=`` already signed the message (a loop
+through another ferrymail) is skipped for the same reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.utils import getaddresses
+from typing import Any
+
+import dkim as dkimpy
+
+from ferrymail.config.dkim import Dkim, DkimKey
+
+_CANON = (b"relaxed", b"relaxed")
+_TAG = re.compile(rb"(?:^|;)\s*([ds])\s*=\s*([^;\s]+)")
+
+
+class DkimError(Exception):
+    """The message cannot be signed (no usable header section, dkimpy refused it)."""
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One signature made: its header field (CRLF-terminated) and how to name it in logs."""
+
+    header: bytes
+    domain: str
+    selector: str
+    algorithm: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.domain}/{self.selector}/{self.algorithm.partition('-')[0]}"
+
+
+class _DKIM(dkimpy.DKIM):  # type: ignore[misc]
+    """dkimpy's signer plus the optional ``x=`` tag, which ``DKIM.sign`` does not offer."""
+
+    expire: int | None = None
+
+    def gen_header(self, fields: list[tuple[bytes, bytes]], *args: Any, **kw: Any) -> bytes:
+        if self.expire is not None:
+            out: list[tuple[bytes, bytes]] = []
+            for name, value in fields:
+                out.append((name, value))
+                if name == b"t":
+                    out.append((b"x", str(int(value) + self.expire).encode()))
+            fields = out
+        return super().gen_header(fields, *args, **kw)  # type: ignore[no-any-return]
+
+
+def from_domain(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The domain of the first address of the first ``From:`` field, lower-cased."""
+    for name, value in headers:
+        if name.lower() == b"from":
+            text = value.decode("utf-8", "replace").replace("\r\n", "")
+            for _, addr in getaddresses([text]):
+                if "@" in addr:
+                    return addr.rpartition("@")[2].strip().lower().rstrip(".") or None
+            return None
+    return None
+
+
+def _signed_by(headers: Sequence[tuple[bytes, bytes]]) -> set[tuple[str, str]]:
+    """(d, s) pairs of the DKIM-Signature fields the message already carries."""
+    out = set()
+    for name, value in headers:
+        if name.lower() == b"dkim-signature":
+            tags = {m.group(1): m.group(2) for m in _TAG.finditer(value.replace(b"\r\n", b""))}
+            if b"d" in tags and b"s" in tags:
+                out.add((tags[b"d"].decode("ascii", "replace").lower().rstrip("."),
+                         tags[b"s"].decode("ascii", "replace")))
+    return out
+
+
+class DkimSigner:
+    """Signs messages under one running configuration's ``dkim:`` section."""
+
+    def __init__(self, config: Dkim) -> None:
+        self.config = config
+
+    def choose(self, from_dom: str | None, *, sender: str, server_id: str,
+               requested: Sequence[tuple[str, str]] | None) -> tuple[DkimKey, ...]:
+        """The keys to sign with (possibly none). ``requested``: the hook's (domain,
+        selector) pairs; KeyError if one of them is not in ``dkim.keys``."""
+        cfg = self.config
+        if requested:
+            keys = []
+            for domain, selector in requested:
+                key = cfg.key(domain, selector)
+                if key is None:
+                    raise KeyError(f"dkim_sign({domain!r}, {selector!r}): no such key in "
+                                   "dkim.keys")
+                if key not in keys:
+                    keys.append(key)
+            return tuple(keys)
+        sender_domain = sender.rpartition("@")[2].lower() if "@" in sender else ""
+        for rule in cfg.rules:
+            if rule.matches(sender_domain, server_id):
+                return () if rule.domain is False else cfg.keys_for(rule.domain)
+        if cfg.sign == "from" and from_dom:
+            return cfg.keys_for(from_dom)
+        return ()
+
+    def sign(self, message: bytes, *, sender: str = "", server_id: str = "",
+             requested: Sequence[tuple[str, str]] | None = None) -> list[Signature]:
+        """The signatures for ``message`` (CRLF line endings, header section first).
+
+        Raises KeyError for an unknown requested key and DkimError when the message
+        cannot be signed.
+        """
+        cfg = self.config
+        if not requested and (not cfg.keys or (cfg.sign == "off" and not cfg.rules)):
+            return []
+        try:
+            headers, body = dkimpy.rfc822_parse(message)
+        except Exception as exc:
+            raise DkimError(f"cannot parse the header section: {exc}") from None
+        keys = self.choose(from_domain(headers), sender=sender, server_id=server_id,
+                           requested=requested)
+        if not keys:
+            return []
+        done = _signed_by(headers)
+        include = self._include(headers)
+        out = []
+        for key in keys:
+            if (key.domain, key.selector) in done:
+                continue
+            signer = _DKIM(signature_algorithm=key.key.algorithm.encode())
+            # set_message re-parses; hand over the parse we already have
+            signer.headers, signer.body = headers, body
+            if self.config.expire is not None:
+                signer.expire = max(1, int(self.config.expire))
+            try:
+                header = signer.sign(key.selector.encode(), key.domain.encode(),
+                                     key.key.material, canonicalize=_CANON,
+                                     include_headers=include)
+            except dkimpy.DKIMException as exc:
+                raise DkimError(f"{key.domain}/{key.selector}: {exc}") from None
+            out.append(Signature(header, key.domain, key.selector, key.key.algorithm))
+        return out
+
+    def _include(self, headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
+        count: dict[bytes, int] = {}
+        for name, _ in headers:
+            low = name.lower()
+            count[low] = count.get(low, 0) + 1
+        include = []
+        for name in self.config.headers:
+            include += [name.encode()] * count.get(name.encode(), 0)
+        if b"from" not in include:  # dkimpy insists; signing its absence is still valid
+            include.append(b"from")
+        include += [name.encode() for name in self.config.oversign]
+        return include
