@@ -114,6 +114,9 @@ class Listener(_Model):
     port: Port
     proxyprotocol: StrictBool = False
     backlog: PositiveInt = 1024
+    # starttls: plain SMTP, STARTTLS offered when the server has a certificate;
+    # implicit: TLS from the first byte (after the PROXY header, if any), RFC 8314 §3.3
+    tls: Literal["starttls", "implicit"] = "starttls"
 
 
 class Limits(_Model):
@@ -222,6 +225,11 @@ def startup_problems(cfg: StartupConfig) -> list[Problem]:
             problems.append(
                 (("servers", i, "tls", missing), "tls.cert and tls.key must be set together")
             )
+        if not tls.enabled:
+            for j, lst in enumerate(server.listeners):
+                if lst.tls == "implicit":
+                    problems.append((("servers", i, "listeners", j, "tls"),
+                                     "tls: implicit needs the server's tls.cert and tls.key"))
         for name in ("cert", "key"):
             file = getattr(tls, name)
             if file is not None and not os.path.isfile(file):

@@ -51,6 +51,7 @@ class ListenerInfo:
 
     name: str
     proxyprotocol: bool
+    implicit_tls: bool = False  # RFC 8314: the handshake comes first, the banner after it
 
 
 def normalise_ip(ip: str) -> str:
@@ -186,7 +187,7 @@ class SMTPServer:
         for lst in self.config.listeners:
             host = None if lst.address is None else str(lst.address)
             name = format_addr(host or "*", lst.port)
-            info = ListenerInfo(name, lst.proxyprotocol)
+            info = ListenerInfo(name, lst.proxyprotocol, lst.tls == "implicit")
             try:
                 srv = await loop.create_server(
                     lambda info=info: InboundConnection(self, info),
@@ -201,7 +202,7 @@ class SMTPServer:
                 addr = sock.getsockname()
                 self.listeners.append((addr[0], addr[1]))
             log_event("smtp.listening", server=self.id, listener=name,
-                      proxyprotocol=lst.proxyprotocol)
+                      proxyprotocol=lst.proxyprotocol, tls=lst.tls)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop listening; idle sessions get a 421 now, busy ones get ``grace`` seconds."""
@@ -261,6 +262,20 @@ class SMTPServer:
 _PROXY, _SMTP, _TLS_PENDING, _CLOSED = 0, 1, 2, 3
 
 
+def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    """Deliver ``data`` to ``protocol`` as if it had been read from the socket."""
+    if isinstance(protocol, asyncio.BufferedProtocol) or hasattr(protocol, "get_buffer"):
+        view = memoryview(data)
+        while view:
+            buf = memoryview(protocol.get_buffer(len(view)))  # type: ignore[attr-defined]
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            protocol.buffer_updated(n)  # type: ignore[attr-defined]
+            view = view[n:]
+    else:
+        protocol.data_received(data)  # type: ignore[attr-defined]
+
+
 class InboundConnection(asyncio.Protocol):
     """One client connection: PROXY header (if the listener wants one), then SMTP."""
 
@@ -287,6 +302,8 @@ class InboundConnection(asyncio.Protocol):
         self.paused = False
         self.received_bytes = 0
         self.tls_early = bytearray()
+        self.tls_raw = bytearray()
+        self.tls_switched = False
         self.txn_count = 0
         self.close_reason: str | None = None
         self._proxy_cache: tuple[ProxyInfo | None, str | None] | None = None
@@ -344,9 +361,14 @@ class InboundConnection(asyncio.Protocol):
         elif state == _PROXY:
             self._proxy_data(data)
         elif state == _TLS_PENDING:
-            # Decrypted data can arrive with the client's last handshake flight, before
-            # _starttls resumes: it is the first TLS-protected input, keep it.
-            self.tls_early += data
+            if self.tls_switched:
+                # Decrypted data can arrive with the client's last handshake flight, before
+                # _starttls resumes: it is the first TLS-protected input, keep it.
+                self.tls_early += data
+            else:
+                # Read before start_tls put its TLS protocol on the transport (the client's
+                # first handshake bytes): _starttls hands them over.
+                self.tls_raw += data
         # _CLOSED: ignore
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -417,9 +439,9 @@ class InboundConnection(asyncio.Protocol):
                           listener=self.listener.name,
                           peer=format_addr(self.peer_ip, self.peer_port),
                           version=header.version, command=header.command, family=header.family)
-            self._begin(self.peer_ip, self.peer_port)
+            self._begin(self.peer_ip, self.peer_port, rest)
         else:
-            self._begin(normalise_ip(src[0]), src[1])
+            self._begin(normalise_ip(src[0]), src[1], rest)
         if rest and self.state == _SMTP:
             self.data_received(rest)
 
@@ -437,12 +459,19 @@ class InboundConnection(asyncio.Protocol):
 
     # -- SMTP
 
-    def _begin(self, client_ip: str, client_port: int) -> None:
+    def _begin(self, client_ip: str, client_port: int, early: bytes = b"") -> None:
+        """The client is known: greet it, or on an implicit-TLS listener shake hands first
+        (``early``: TLS bytes that came with the PROXY header)."""
         self.client_ip, self.client_port = client_ip, client_port
-        self.state = _SMTP
         self.session = ServerSession(self.server.settings, self.server.may_accept, client_ip)
-        self.transport.write(self.session.banner())  # type: ignore[union-attr]
         self.last_activity = self.loop.time()
+        if self.listener.implicit_tls:
+            self.state = _TLS_PENDING
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.task = self.loop.create_task(self._starttls(early, implicit=True))
+            return
+        self.state = _SMTP
+        self.transport.write(self.session.banner())  # type: ignore[union-attr]
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -597,14 +626,26 @@ class InboundConnection(asyncio.Protocol):
             return
         self._resume()
 
-    async def _starttls(self) -> None:
+    async def _starttls(self, early: bytes = b"", *, implicit: bool = False) -> None:
+        """The TLS handshake, after STARTTLS or at once on an implicit-TLS listener."""
         ctx = self.server.ssl_context
         assert ctx is not None and self.transport is not None
+        self.tls_raw += early
+        self.tls_switched = False
         try:
-            transport = await self.loop.start_tls(
+            handshake = self.loop.create_task(self.loop.start_tls(
                 self.transport, self, ctx, server_side=True,
                 ssl_handshake_timeout=self.server.timeouts.command,
-            )
+            ))
+            # One turn of the loop: start_tls's first step puts its TLS protocol on the
+            # transport and queues that protocol's connection_made; bytes read before that
+            # (kept in tls_raw) are fed to it right after, in order.
+            await asyncio.sleep(0)
+            self.tls_switched = True
+            if self.tls_raw:
+                raw, self.tls_raw = bytes(self.tls_raw), bytearray()
+                self.loop.call_soon(_feed, self.transport.get_protocol(), raw)
+            transport = await handshake
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError, RuntimeError) as exc:
             log_event("smtp.tls.failed", "info", server=self.server.id, conn=self.conn_id,
                       client=self._client_text(), proxy=self._proxy_text(),
@@ -627,7 +668,12 @@ class InboundConnection(asyncio.Protocol):
         self.state = _SMTP
         self.last_activity = self.loop.time()
         assert self.session is not None
-        self.session.tls_started()
+        if implicit:
+            self.session.tls = True
+            transport.write(self.session.banner())
+            self._arm_timer()
+        else:
+            self.session.tls_started()
         if self.paused:
             self.paused = False
             transport.resume_reading()
