@@ -87,6 +87,7 @@ class HookContext:
     size: int = 0
     received_at: float = 0.0
     metadata: Mapping[str, str] = field(default_factory=dict)
+    auth: str = ""  # the SMTP AUTH user that submitted the message ("" = none)
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,32 @@
 """Submission in a real ``ferrymail run``: implicit TLS listeners (RFC 8314) beside STARTTLS
-ones, checked with swaks, openssl s_client and Python's ssl; mail relayed out to smtp-sink.
+ones, checked with swaks, openssl s_client and Python's ssl; SMTP AUTH (PLAIN, LOGIN) with
+swaks, smtplib and nodemailer; mail relayed out to smtp-sink.
 
 One ferrymail process serves the module: server ``sub`` listens on a STARTTLS port, an
-implicit-TLS port and an implicit-TLS port behind a PROXY header.
+implicit-TLS port and an implicit-TLS port behind a PROXY header. It relays only for
+authenticated clients (no relay networks); it accepts example.com from anyone.
+Rate-limit tests connect from their own 127.0.0.x address so that they limit only
+themselves.
 """
 
 from __future__ import annotations
 
 import re
+import smtplib
 import socket
 import ssl
 import subprocess
 import time
+from base64 import b64encode
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import bcrypt
 import pytest
 import yaml
 
+from ferrymail.auth import hash_password
 from ferrymail.proxy import encode_v1
 from tests.integration.conftest import FerrymailProc, server, start_ferrymail, startup_yaml
 from tests.integration.test_inbound_smtp import make_cert
@@ -59,10 +67,24 @@ class Sub:
         raise AssertionError(f"{needle!r} never reached the sink:\n{self.fm.log_text()}")
 
 
+USERS = {"alice": "alice-pw", "bob@example.com": "bob-pw"}
+
+
+def users_file(path: Path, users: dict[str, str]) -> None:
+    """alice gets an argon2 hash, everyone else bcrypt (cheap rounds: tests)."""
+    lines = ["# user:hash"]
+    for user, pw in users.items():
+        hashed = (hash_password(pw) if user == "alice"
+                  else bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode())
+        lines.append(f"{user}:{hashed}")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def sub_running(sink_port: int, relay: list[str]) -> dict:
     return {
         "servers": [{"id": "sub", "transport": "out", "domains": ["example.com"],
-                     "relay_networks": relay}],
+                     "relay_networks": relay,
+                     "auth": {"users": "users.txt", "failures": 3, "window": "10m"}}],
         "transportgroups": [{"id": "g", "retry": {"count": 2, "intervals": [300]},
                              "connection": {"server": HOST, "port": sink_port,
                                             "tls": {"mode": "disabled"}},
@@ -83,8 +105,9 @@ def sub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sub]:
     ]
     servers = [server("sub", listeners, tls={"cert": str(cert), "key": str(key)},
                       trusted_proxies=["127.0.0.0/8"])]
+    users_file(work / "users.txt", USERS)
     with smtp_sink() as sink:
-        running = yaml.safe_dump(sub_running(sink.port, ["127.0.0.0/8"]))
+        running = yaml.safe_dump(sub_running(sink.port, []))
         fm = start_ferrymail(work, startup_yaml(work, servers), running,
                              wait=[(HOST, p) for p in ports.values()])
         try:
@@ -108,14 +131,15 @@ def test_swaks_tls_on_connect_relays(sub: Sub) -> None:
     mark = sub.mark()
     p = subprocess.run([swaks, "--server", HOST, "--port", str(sub.ports["implicit"]), "--tlsc",
                         "--ehlo", "swaks.test", "--from", "a@origin.test", "--to", "r@dest.test",
-                        "--header", "Subject: implicit-swaks"],
+                        "--auth", "PLAIN", "--auth-user", "alice", "--auth-password",
+                        "alice-pw", "--header", "Subject: implicit-swaks"],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "TLS started" in p.stdout and "STARTTLS" not in p.stdout.split("EHLO")[1]
     line = sub.wait_new_log(mark, r"smtp\.transaction .*reply=\"250")
-    assert "tls=\"TLSv1.3" in line
+    assert "tls=\"TLSv1.3" in line and "auth=alice" in line
     dump = sub.wait_dump(b"Subject: implicit-swaks")
-    assert b"with ESMTPS id" in dump
+    assert b"with ESMTPSA id" in dump
 
 
 def test_openssl_s_client_on_implicit_port(sub: Sub) -> None:
@@ -205,3 +229,167 @@ def test_implicit_listener_needs_a_certificate(tmp_path: Path) -> None:
         parse_startup(text, "startup.yaml")
     with pytest.raises(ConfigError, match="expected one of"):
         parse_startup(text.replace("implicit", "sometimes"), "startup.yaml")
+
+
+# --------------------------------------------------------------------------- AUTH
+
+
+def swaks_auth(sub: Sub, mech: str, user: str, password: str, *extra: str,
+               tls: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require("swaks"), "--server", HOST, "--port", str(sub.ports["starttls"]),
+         *(["-tls"] if tls else []), "--auth", mech, "--auth-user", user,
+         "--auth-password", password, "--from", "sender@origin.test", "--to",
+         "r@dest.test", *extra], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("mech,user", [("PLAIN", "alice"), ("LOGIN", "bob@example.com")])
+def test_swaks_auth_over_starttls_relays(sub: Sub, mech: str, user: str) -> None:
+    mark = sub.mark()
+    subject = f"swaks-{mech}"
+    p = swaks_auth(sub, mech, user, USERS[user], "--header", f"Subject: {subject}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "235 2.7.0" in p.stdout
+    auth = sub.wait_new_log(mark, r"event=smtp\.auth ")
+    assert f"mechanism={mech}" in auth and f"user={user}" in auth and "result=ok" in auth
+    txn = sub.wait_new_log(mark, r"smtp\.transaction .*reply=\"250")
+    assert f"auth={user}" in txn
+    dump = sub.wait_dump(f"Subject: {subject}".encode())
+    assert b"with ESMTPSA id" in dump and b"(using TLSv1." in dump
+
+
+def test_no_auth_without_tls_and_no_relay_without_auth(sub: Sub) -> None:
+    p = swaks_auth(sub, "PLAIN", "alice", "alice-pw", tls=False)
+    assert p.returncode != 0 and "235" not in p.stdout  # AUTH is not offered in clear
+    with socket.create_connection((HOST, sub.ports["starttls"]), timeout=5) as s:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220")
+        s.sendall(b"EHLO plain.test\r\n")
+        ehlo = b""
+        while not ehlo.endswith(b"\r\n") or ehlo.splitlines()[-1][3:4] != b" ":
+            ehlo += f.readline()
+        assert b"AUTH" not in ehlo and b"STARTTLS" in ehlo
+        s.sendall(b"AUTH PLAIN " + b64encode(b"\0alice\0alice-pw") + b"\r\n")
+        assert f.readline().startswith(b"538 5.7.11")
+    with smtplib.SMTP(HOST, sub.ports["starttls"], timeout=10) as c:
+        c.starttls(context=client_context())
+        c.ehlo("noauth.test")
+        assert c.mail("a@origin.test")[0] == 250
+        assert c.rcpt("r@dest.test")[0] == 554  # no relaying for the unauthenticated
+        assert c.rcpt("u@example.com")[0] == 250  # our own domain is fine
+
+
+def test_wrong_password_gets_535_then_the_address_is_limited(sub: Sub) -> None:
+    mark = sub.mark()
+    source = ("127.0.0.57", 0)
+    with smtplib.SMTP(HOST, sub.ports["starttls"], timeout=10, source_address=source) as c:
+        c.starttls(context=client_context())
+        with pytest.raises(smtplib.SMTPAuthenticationError) as exc:
+            c.login("alice", "not-her-password")  # tries PLAIN, then LOGIN: two failures
+        assert exc.value.smtp_code == 535
+    with smtplib.SMTP(HOST, sub.ports["starttls"], timeout=10, source_address=source) as c:
+        c.starttls(context=client_context())
+        c.ehlo("third.test")
+        code, _ = c.docmd("AUTH", "PLAIN " + b64encode(b"\0alice\0nope").decode())
+        assert code == 535
+    line = sub.wait_new_log(mark, r"smtp\.auth .*failures=3")
+    assert "result=failed" in line and "client=127.0.0.57:" in line
+    with smtplib.SMTP(HOST, sub.ports["starttls"], timeout=10, source_address=source) as c:
+        c.starttls(context=client_context())
+        c.ehlo("again.test")
+        code, reply = c.docmd("AUTH", "PLAIN " + b64encode(b"\0alice\0alice-pw").decode())
+        assert code == 454 and b"too many failed" in reply  # even the right password
+    sub.wait_new_log(mark, r"smtp\.auth .*result=limited")
+    # swaks, from yet another address, still gets a plain 535
+    p = swaks_auth(sub, "LOGIN", "alice", "wrong", "--local-interface", "127.0.0.58")
+    assert p.returncode != 0 and "535 5.7.8" in p.stdout
+    # and another address is not limited
+    with smtplib.SMTP(HOST, sub.ports["starttls"], timeout=10,
+                      source_address=("127.0.0.59", 0)) as c:
+        c.starttls(context=client_context())
+        assert c.login("alice", "alice-pw")[0] == 235
+
+
+def test_smtplib_login_and_sendmail(sub: Sub) -> None:
+    for port, implicit in ((sub.ports["starttls"], False), (sub.ports["implicit"], True)):
+        subject = f"smtplib-{'implicit' if implicit else 'starttls'}"
+        if implicit:
+            c: smtplib.SMTP = smtplib.SMTP_SSL(HOST, port, timeout=10,
+                                               context=client_context())
+        else:
+            c = smtplib.SMTP(HOST, port, timeout=10)
+            c.starttls(context=client_context())
+        with c:
+            code, _ = c.login("bob@example.com", "bob-pw")
+            assert code == 235
+            c.sendmail("bob@example.com", ["far@dest.test"],
+                       f"Subject: {subject}\r\n\r\nvia smtplib\r\n")
+        assert b"with ESMTPSA id" in sub.wait_dump(f"Subject: {subject}".encode())
+
+
+NODEMAILER = r"""
+import nodemailer from 'nodemailer';
+const [port, secure, user, pass, subject] = process.argv.slice(2);
+const t = nodemailer.createTransport({
+  host: '127.0.0.1', port: Number(port), secure: secure === 'true', requireTLS: true,
+  auth: { user, pass }, tls: { rejectUnauthorized: false } });
+try {
+  const info = await t.sendMail({ from: user.includes('@') ? user : 'n@origin.test',
+    to: 'far@dest.test', subject, text: 'sent by nodemailer' });
+  console.log('OK ' + info.response);
+} catch (e) { console.log('ERR ' + e.responseCode + ' ' + e.message); process.exitCode = 1; }
+"""
+
+
+def test_nodemailer(sub: Sub) -> None:
+    from tests.nodepeers import node_packages
+
+    folder = node_packages()
+    script = folder / "send.mjs"
+    script.write_text(NODEMAILER)
+
+    def send(port: int, secure: bool, password: str, subject: str) -> str:
+        p = subprocess.run(["node", str(script), str(port), str(secure).lower(),
+                            "bob@example.com", password, subject],
+                           cwd=folder, capture_output=True, text=True, timeout=60)
+        return p.stdout + p.stderr
+
+    out = send(sub.ports["starttls"], False, "bob-pw", "nodemailer-starttls")
+    assert out.startswith("OK 250"), out
+    out = send(sub.ports["implicit"], True, "bob-pw", "nodemailer-implicit")
+    assert out.startswith("OK 250"), out
+    for subject in ("nodemailer-starttls", "nodemailer-implicit"):
+        assert b"with ESMTPSA id" in sub.wait_dump(f"Subject: {subject}".encode())
+    assert "ERR 535" in send(sub.ports["starttls"], False, "bad", "never")
+
+
+def test_credentials_reload(sub: Sub) -> None:
+    users_file(sub.workdir / "users.txt", {"alice": "alice-pw", "carol": "carol-pw"})
+    try:
+        mark = sub.mark()
+        sub.fm.reload()
+        sub.wait_new_log(mark, r"config\.reloaded")
+        with smtplib.SMTP(HOST, sub.ports["starttls"], timeout=10,
+                          source_address=("127.0.0.61", 0)) as c:
+            c.starttls(context=client_context())
+            assert c.login("carol", "carol-pw")[0] == 235
+        with smtplib.SMTP(HOST, sub.ports["starttls"], timeout=10,
+                          source_address=("127.0.0.61", 0)) as c:
+            c.starttls(context=client_context())
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                c.login("bob@example.com", "bob-pw")  # removed
+        # a broken file is refused at reload; the users loaded before stay
+        (sub.workdir / "users.txt").write_text("carol:plaintext\n")
+        mark = sub.mark()
+        sub.fm.reload()
+        line = sub.wait_new_log(mark, r"users\.txt:1: the hash")
+        assert "servers[0].auth.users" in line
+        with smtplib.SMTP(HOST, sub.ports["starttls"], timeout=10,
+                          source_address=("127.0.0.62", 0)) as c:
+            c.starttls(context=client_context())
+            assert c.login("carol", "carol-pw")[0] == 235
+    finally:
+        users_file(sub.workdir / "users.txt", USERS)
+        mark = sub.mark()
+        sub.fm.reload()
+        sub.wait_new_log(mark, r"config\.reloaded")

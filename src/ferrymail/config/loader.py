@@ -464,6 +464,14 @@ def cross_check(startup: StartupConfig, running: RunningConfig, running_file: st
                     f"(startup servers: {shown})",
                 )
             )
+    tls_servers = {s.id for s in startup.servers if s.tls.enabled}
+    for i, server in enumerate(running.servers):
+        if server.auth is not None and server.id in startup_ids and server.id not in tls_servers:
+            path = ("servers", i, "auth")
+            errors.append(ConfigError(
+                running_file, format_path(path), line(path),
+                f"AUTH is offered only under TLS, and startup server {server.id!r} has no "
+                "tls.cert/tls.key"))
     for server in startup.servers:
         if server.id not in running_ids:
             errors.append(

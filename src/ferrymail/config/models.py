@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from .auth import ServerAuth
 from .dkim import Dkim, dkim_problems
 from .types import (
     DomainPattern,
@@ -376,6 +377,7 @@ class ServerRunning(_Model):
     transport: Id
     domains: tuple[DomainPattern, ...] = ()
     relay_networks: tuple[IPNetwork, ...] = ()
+    auth: ServerAuth | None = None  # SMTP AUTH (see config/auth.py)
 
     def accepts_domain(self, domain: str) -> bool:
         """Whether mail to ``domain`` is accepted from anyone (exact or ``*.`` match)."""

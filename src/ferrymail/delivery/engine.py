@@ -286,6 +286,7 @@ class DeliveryEngine:
                 transport=transport.id, retry=min(r.attempts for r in job.recipients),
                 server_id=env.server_id, client_ip=env.client_ip, helo=env.helo,
                 size=env.size, received_at=env.received_at, metadata={},
+                auth=env.auth or "",
             )
             try:
                 decision = await self._hook(ctx)

@@ -22,11 +22,15 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
 
+from ferrymail import auth as authlib
 from ferrymail.config import RunningConfig, StartupServer
+from ferrymail.config.auth import ServerAuth
 from ferrymail.observe.log import enabled, log_event, log_formatted, quote
 from ferrymail.proxy import ProxyDecoder, ProxyError, ProxyHeader
+from ferrymail.smtp import auth as smtp_auth
 from ferrymail.smtp.session import (
     R_SPOOL_FAIL,
+    Authenticate,
     Close,
     Deliver,
     ServerSession,
@@ -123,7 +127,7 @@ def transaction_log_head(server_id: str, conn: str, client: str, proxy: str | No
 def transaction_log_fields(head: tuple[str, str], failed_id: str | None, helo: str,
                            tls: str | None, sender: str, recipients: list[str], size: int,
                            qid: str | None, reply: str, error: str | None,
-                           duration_ms: int) -> str:
+                           duration_ms: int, auth: str | None = None) -> str:
     """The ``smtp.transaction`` fields, as ``log_event`` would format them (for
     ``log_formatted``): ``id`` only for a failed store, ``None`` values left out."""
     rcpts = (f"<{recipients[0]}>" if len(recipients) == 1
@@ -132,6 +136,8 @@ def transaction_log_fields(head: tuple[str, str], failed_id: str | None, helo: s
             if failed_id is not None else f"{head[0]} {head[1]} helo={quote(helo)}")
     if tls is not None:
         text += f" tls={quote(tls)}"
+    if auth is not None:
+        text += f" auth={quote(auth)}"
     text += f" from={quote(f'<{sender}>')} rcpts={quote(rcpts)} size={quote(size)}"
     if qid is not None:
         text += f" qid={quote(qid)}"
@@ -179,6 +185,7 @@ class SMTPServer:
         # (domain, client) pairs come again and again
         self._decisions: dict[tuple[str, str], bool] = {}
         self.listeners: list[tuple[str, int]] = []
+        self.auth_failures = authlib.FailureLimiter()
 
     # -- lifecycle
 
@@ -251,6 +258,13 @@ class SMTPServer:
                 self._decisions.clear()
             self._decisions[key] = ok
         return ok
+
+    def auth_config(self) -> ServerAuth | None:
+        """The running ``servers[].auth`` of this server (None: AUTH is not offered)."""
+        try:
+            return self._running().server(self.id).auth
+        except KeyError:
+            return None
 
     def trusts(self, ip: str) -> bool:
         try:
@@ -463,7 +477,10 @@ class InboundConnection(asyncio.Protocol):
         """The client is known: greet it, or on an implicit-TLS listener shake hands first
         (``early``: TLS bytes that came with the PROXY header)."""
         self.client_ip, self.client_port = client_ip, client_port
-        self.session = ServerSession(self.server.settings, self.server.may_accept, client_ip)
+        auth = self.server.auth_config()
+        self.session = ServerSession(self.server.settings, self.server.may_accept, client_ip,
+                                     auth=auth is not None and self.server.ssl_context is not None,
+                                     auth_required=auth is not None and auth.required)
         self.last_activity = self.loop.time()
         if self.listener.implicit_tls:
             self.state = _TLS_PENDING
@@ -515,6 +532,8 @@ class InboundConnection(asyncio.Protocol):
             return
         if isinstance(event, Deliver):
             self.task = self.loop.create_task(self._deliver(event.transaction))
+        elif isinstance(event, Authenticate):
+            self.task = self.loop.create_task(self._authenticate(event.credentials))
         elif isinstance(event, StartTLS):
             self.state = _TLS_PENDING
             self.transport.pause_reading()  # type: ignore[union-attr]
@@ -589,6 +608,7 @@ class InboundConnection(asyncio.Protocol):
             mail_params=tuple(txn.mail_params.items()),
             size=size,
             received_at=received_at,
+            auth=txn.auth,
         )
         qid = None
         level = "info"
@@ -616,7 +636,7 @@ class InboundConnection(asyncio.Protocol):
             head,
             ident if qid is None else None,  # the id it would have had (named in Received:)
             txn.helo, self.tls, txn.sender, recipients, size, qid, reply_text, error,
-            int((time.monotonic() - txn.started) * 1000)))
+            int((time.monotonic() - txn.started) * 1000), txn.auth))
         session = self.session
         if session is None:
             return
@@ -624,6 +644,32 @@ class InboundConnection(asyncio.Protocol):
         self.task = None
         if self.state == _CLOSED:
             return
+        self._resume()
+
+    async def _authenticate(self, cred: smtp_auth.Credentials) -> None:
+        """Check AUTH credentials (rate-limited per client address); one log line each."""
+        server = self.server
+        cfg = server.auth_config()
+        user: str | None = None
+        failures: int | None = None
+        if cfg is None:  # switched off by a reload during the exchange
+            result, reply = "disabled", smtp_auth.R_AUTH_TEMP
+        elif server.auth_failures.limited(self.client_ip, cfg.failures, cfg.window):
+            result, reply = "limited", smtp_auth.R_AUTH_LIMITED
+        elif await authlib.verify(cfg.users, cred.user, cred.password):
+            result, reply, user = "ok", smtp_auth.R_AUTH_OK, cred.user
+        else:
+            result, reply = "failed", smtp_auth.R_AUTH_FAILED
+            failures = server.auth_failures.failed(self.client_ip, cfg.window)
+        log_event("smtp.auth", "info" if user else "warning", server=server.id,
+                  conn=self.conn_id, client=self._client_text(), proxy=self._proxy_text(),
+                  mechanism=cred.mechanism, user=cred.user, result=result,
+                  failures=failures)
+        session = self.session
+        self.task = None
+        if session is None or self.state == _CLOSED:
+            return
+        session.finish_auth(user, reply)
         self._resume()
 
     async def _starttls(self, early: bytes = b"", *, implicit: bool = False) -> None:
