@@ -14,7 +14,8 @@ Canonicalisation is ``relaxed/relaxed``; the signed header list is every configu
 header the message has (as often as it has it) plus one more ``from``/``to``/``subject``
 each (oversigning, RFC 6376 §8.15); ``x=`` is ``t=`` plus ``dkim.expire`` when set.
 
-Signing happens at delivery, on the copy being sent; the spooled message is never changed,
+Signing happens at delivery, on the copy being sent, after any 7-bit conversion for a
+peer without 8BITMIME (``SMTPClient.send(prepare=...)``); the spooled message is never changed,
 so a retried message is signed afresh (current keys, fresh ``t=``/``x=``) and never carries
 two of our signatures. A key whose ``d=``/``s=`` already signed the message (a loop
 through another ferrymail) is skipped for the same reason.

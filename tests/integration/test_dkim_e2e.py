@@ -54,6 +54,7 @@ class Setup:
     sink: SmtpSink
     records: dict[str, str]  # TXT name -> value, as DNS would publish them
     workdir: Path
+    sink7: SmtpSink  # offers no 8BITMIME: 8-bit mail is converted to 7-bit for it
 
     def send(self, headers: str, body: bytes = b"hello\r\n", *, sender: str = "s@origin.test",
              rcpt: str = "r@dest.test", presign: bytes = b"") -> str:
@@ -65,11 +66,12 @@ class Setup:
             s.sendmail(sender, [rcpt], presign + data)
         return msgid
 
-    def dump(self, msgid: str, timeout: float = 20.0) -> SinkDump:
+    def dump(self, msgid: str, timeout: float = 20.0, sink: SmtpSink | None = None
+             ) -> SinkDump:
         import time
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for d in self.sink.dumps():
+            for d in (sink or self.sink).dumps():
                 if d.message.get("Message-ID") == msgid:
                     return d
             time.sleep(0.1)
@@ -97,17 +99,21 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     (workdir / "client.pem").write_bytes(client_pem)
     (workdir / "hook.py").write_text(HOOK)
     port = free_port()
-    with smtp_sink() as sink:
+    with smtp_sink() as sink, smtp_sink(extra=["-8"]) as sink7:  # -8: no 8BITMIME
         running = f"""
 servers:
   - {{id: in, transport: sink, relay_networks: [127.0.0.0/8]}}
+routing:
+  - {{recipientdomain: seven.test, transport: sink7}}
 scripting:
   hooks: {{predelivery: hook.py}}
 transportgroups:
   - id: default
     retry: {{count: 3, intervals: [300]}}
     connection: {{server: 127.0.0.1, port: {sink.port}, tls: {{mode: disabled}}}}
-    transports: [{{id: sink}}]
+    transports:
+      - {{id: sink}}
+      - {{id: sink7, connection: {{port: {sink7.port}}}}}
 dkim:
   sign: from
   expire: 7d
@@ -120,7 +126,7 @@ dkim:
         start = startup_yaml(workdir, [server("in", [listener(port)])])
         fm = start_ferrymail(workdir, start, running, wait=[("127.0.0.1", port)])
         try:
-            yield Setup(fm, port, sink, records, workdir)
+            yield Setup(fm, port, sink, records, workdir, sink7)
         finally:
             fm.kill()
 
@@ -217,3 +223,15 @@ def test_unknown_hook_key_defers_and_unmatched_domains_go_unsigned(setup: Setup)
     nosign = setup.send("From: a@rsa.test\nSubject: rule says no", sender="s@nosign.test")
     assert signatures(setup.dump(plain).raw) == []
     assert signatures(setup.dump(nosign).raw) == []
+
+
+def test_signature_covers_the_7bit_conversion(setup: Setup) -> None:
+    """8-bit mail to a server without 8BITMIME is converted first, then signed."""
+    body = "Grüße aus Köln — trailing space \r\n".encode() * 3
+    msgid = setup.send("From: b@both.test\nTo: x@seven.test\nSubject: eight bit\n"
+                       "MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n"
+                       "Content-Transfer-Encoding: 8bit", body=body, rcpt="x@seven.test")
+    dump = setup.dump(msgid, sink=setup.sink7)
+    assert dump.raw.isascii() and b"quoted-printable" in dump.raw.lower()
+    assert sorted(verify_all(setup, dump.raw)) == [("both.test", "e2026", "ed25519-sha256"),
+                                                   ("both.test", "r2026", "rsa-sha256")]

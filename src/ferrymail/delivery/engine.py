@@ -117,6 +117,31 @@ class _Result:
     dsn: dsnlib.RecipientStatus | None = None  # a failed or delayed report to send
 
 
+class _Signing:
+    """DKIM-signs the content of one attempt as it goes on the wire (``SMTPClient.send``
+    calls ``sign`` after any 7-bit conversion, so the signature covers what is sent)."""
+
+    def __init__(self, signer: DkimSigner, job: Job,
+                 requested: tuple[tuple[str, str], ...]) -> None:
+        self.signer = signer
+        self.job = job
+        self.requested = requested
+        self.labels: str | None = None  # what the last copy sent carried, for the log
+
+    def sign(self, data: bytes) -> bytes:
+        env = self.job.message.envelope
+        try:
+            sigs = self.signer.sign(data, sender=env.sender, server_id=env.server_id,
+                                    requested=self.requested or None)
+        except DkimError as e:
+            log_event("dkim.error", "warning", qid=self.job.queue_id, error=str(e),
+                      effect="sent unsigned")
+            self.labels = None
+            return data
+        self.labels = ",".join(s.label for s in sigs) or None
+        return b"".join(s.header for s in sigs) + data
+
+
 class _NotifyingSpool:
     """A spool whose `store` also wakes the engine: what the SMTP server is given."""
 
@@ -310,38 +335,33 @@ class DeliveryEngine:
             return None
         except SpoolError as e:
             return Outcome(error=DeliveryError("config", f"cannot read the message: {e}")), None
-        signed = self._sign(job, cfg, decision, data)
-        if isinstance(signed, Outcome):
-            return signed, data
-        wire, labels = signed
-        outcome = await self._deliver(job, cfg, transport, decision, wire)
-        outcome.dkim = labels
+        signing = self._signing(job, cfg, decision)
+        if isinstance(signing, Outcome):
+            return signing, data
+        outcome = await self._deliver(job, cfg, transport, decision, data,
+                                      prepare=signing.sign if signing else None)
+        outcome.dkim = signing.labels if signing else None
         return outcome, data
 
-    def _sign(self, job: Job, cfg: RunningConfig, decision: HookDecision | None,
-              data: bytes) -> tuple[bytes, str | None] | Outcome:
-        """The copy to send (with DKIM-Signature fields in front) and the log label of its
-        signatures; an Outcome (deferral) when the hook asked for a key we do not have."""
+    def _signing(self, job: Job, cfg: RunningConfig, decision: HookDecision | None
+                 ) -> _Signing | Outcome | None:
+        """DKIM signing for this attempt (None: nothing to sign with); an Outcome (deferral)
+        when the hook asked for a key we do not have."""
+        requested = decision.dkim if decision is not None else ()
+        if not cfg.dkim.keys and not requested:
+            return None
+        for domain, selector in requested:
+            if cfg.dkim.key(domain, selector) is None:
+                return Outcome(error=DeliveryError(
+                    "config", f"dkim_sign({domain!r}, {selector!r}): no such key in dkim.keys"))
         signer = self._signer
         if signer is None or signer.config is not cfg.dkim:
             signer = self._signer = DkimSigner(cfg.dkim)
-        env = job.message.envelope
-        try:
-            sigs = signer.sign(data, sender=env.sender, server_id=env.server_id,
-                               requested=decision.dkim if decision is not None else None)
-        except KeyError as e:
-            return Outcome(error=DeliveryError("config", str(e.args[0])))
-        except DkimError as e:
-            log_event("dkim.error", "warning", qid=job.queue_id, error=str(e),
-                      effect="sent unsigned")
-            return data, None
-        if not sigs:
-            return data, None
-        return (b"".join(s.header for s in sigs) + data,
-                ",".join(s.label for s in sigs))
+        return _Signing(signer, job, requested)
 
     async def _deliver(self, job: Job, cfg: RunningConfig, transport: ResolvedTransport,
-                       decision: HookDecision | None, data: bytes) -> Outcome:
+                       decision: HookDecision | None, data: bytes, *,
+                       prepare: Callable[[bytes], bytes] | None = None) -> Outcome:
         looping = hop_limit_error(data, cfg.hop_limit)
         if looping is not None:
             return Outcome(error=DeliveryError("loop", looping, temporary=False))
@@ -387,7 +407,8 @@ class DeliveryEngine:
                     continue
                 route = Route(mx=host.name, mx_ip=ip)
                 result = await self._try_address(job, host, ip, port, tls, timeouts, sources,
-                                                 recipients, data, conn, route)
+                                                 recipients, data, conn, route,
+                                                 prepare=prepare)
                 if isinstance(result, Outcome):
                     return result
                 last = result  # this MX address failed or refused: on to the next
@@ -459,7 +480,7 @@ class DeliveryEngine:
     async def _try_address(
         self, job: Job, host: MXHost, ip: str, port: int, tls: TLSMode, timeouts: Timeouts,
         sources: list[Source], recipients: list[str], data: bytes, conn: Connection,
-        route: Route,
+        route: Route, *, prepare: Callable[[bytes], bytes] | None = None,
     ) -> Outcome | DeliveryError:
         """Deliver via one MX address, trying sources in turn; an Outcome when a transaction
         ran, else the error that ended the tries on this address."""
@@ -512,7 +533,8 @@ class DeliveryEngine:
                     extra = {k.upper(): v for k, v in env.mail_params
                              if k.upper() in ("RET", "ENVID")} or None
                 try:
-                    result = await client.send(env.sender, recipients, data, mail_params=extra)
+                    result = await client.send(env.sender, recipients, data, mail_params=extra,
+                                               prepare=prepare)
                 except DeliveryError as e:
                     if client.usable:  # refused before sending (size, 8-bit, SMTPUTF8)
                         self.pool.put(PoolKey(src, ip, port, tls.value), client,

@@ -701,8 +701,12 @@ class SMTPClient:
     # ----------------------------------------------------------------- transactions
 
     async def send(self, sender: str, recipients: Sequence[str], data: bytes, *,
-                   mail_params: dict[str, str] | None = None) -> TransactionResult:
+                   mail_params: dict[str, str] | None = None,
+                   prepare: Callable[[bytes], bytes] | None = None) -> TransactionResult:
         """One transaction: MAIL, RCPT for each recipient, DATA with `data` (CRLF lines).
+
+        `prepare` turns the content into what is sent, after any 7-bit conversion (DKIM
+        signing: the signature must cover the bytes on the wire).
 
         Pipelined when the peer offers PIPELINING. A refused message is a result; a failure
         that leaves no reply raises DeliveryError (and the connection is no longer usable,
@@ -715,6 +719,8 @@ class SMTPClient:
                                 f"({self._path})")
         if not data.isascii() and "8BITMIME" not in self._extensions:
             data = self._downgrade(data)
+        if prepare is not None:
+            data = prepare(data)
         params = transaction_parameters(self._extensions, sender, recipients, data,
                                         mail_params, self._peer)
         try:
