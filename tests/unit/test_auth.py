@@ -270,3 +270,19 @@ def test_auth_needs_a_tls_server(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"run\.yaml:5: servers\[0\]\.auth: AUTH is offered "
                                           r"only under TLS"):
         cross_check(startup, running, "run.yaml")
+
+
+def test_auth_hash_cli() -> None:
+    import subprocess
+    import sys
+
+    def run(user: str, stdin: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ferrymail.cli", "auth", "hash", user],
+                              input=stdin, capture_output=True, text=True, timeout=60)
+
+    p = run("alice@example.org", "s3cret pw\n")
+    assert p.returncode == 0, p.stderr
+    creds = parse_credentials(p.stdout, "out")
+    assert check_password(creds.users["alice@example.org"], "s3cret pw")
+    assert run("a:b", "pw\n").returncode == 1
+    assert run("alice", "\n").returncode == 1

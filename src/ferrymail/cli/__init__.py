@@ -5,6 +5,7 @@
 ``ferrymail reload [--startup FILE]``                 SIGHUP the running instance (pidfile)
 ``ferrymail queue list [--startup FILE]``             pending messages in the spool
 ``ferrymail dkim keygen DOMAIN SELECTOR``           a DKIM key file and its DNS record
+``ferrymail auth hash USER``                       a user:hash line for AUTH (password on stdin)
 ``ferrymail send …``                                  one message now, without queuing
 """
 
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from ferrymail import __version__
-from ferrymail.cli import dkim, queue, run
+from ferrymail.cli import auth, dkim, queue, run
 from ferrymail.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAIL", "EXIT_OK", "build_parser", "main"]
@@ -25,6 +26,7 @@ FAMILIES = [
     run.register,
     queue.register,
     dkim.register,
+    auth.register,
 ]
 
 
