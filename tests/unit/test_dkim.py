@@ -249,3 +249,17 @@ def test_keygen_cli(tmp_path: Path) -> None:
     again = run("example.org", "e1", "--type", "ed25519", "--dir", str(tmp_path))
     assert again.returncode == 1 and "exists" in again.stderr
     assert run("not a domain", "s", "--dir", str(tmp_path)).returncode == 1
+
+
+def test_openssl_rsa_signature_equals_dkimpys_own(keys: dict[str, Path],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """PKCS#1 v1.5 is deterministic: OpenSSL's signature must be dkimpy's, byte for byte."""
+    import ferrymail.dkim as fdkim
+
+    monkeypatch.setattr(dkimpy.time, "time", lambda: 1796000000.0)
+    cfg = cfg_of(keys, expire="1h")
+    fast = DkimSigner(cfg).sign(MSG)[0].header
+    monkeypatch.setattr(fdkim, "_OpenSSLRSA", lambda key: None)  # dkimpy's pure-Python RSA
+    slow = DkimSigner(cfg).sign(MSG)[0].header
+    assert b"a=rsa-sha256" in fast and b"x=1796003600" in fast
+    assert fast == slow

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -76,6 +76,8 @@ class PrivateKey:
     material: bytes
     public: str
     bits: int
+    # the parsed RSA key, so that the signature itself is made by OpenSSL (see ferrymail.dkim)
+    rsa_key: rsa.RSAPrivateKey | None = field(default=None, repr=False, compare=False)
 
     @property
     def key_type(self) -> str:
@@ -110,7 +112,7 @@ def key_from_pem(pem: bytes, path: str = "<memory>") -> PrivateKey:
         der = key.public_key().public_bytes(serialization.Encoding.DER,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
         return PrivateKey(path, "rsa-sha256", material, base64.b64encode(der).decode(),
-                          key.key_size)
+                          key.key_size, key)
     if isinstance(key, ed25519.Ed25519PrivateKey):
         seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                  serialization.NoEncryption())
