@@ -7,6 +7,7 @@ directory (npm's ordinary client and registry) and returns it; a test that canno
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -35,15 +36,39 @@ console.log(JSON.stringify(r.results.map(x => ({
 
 def node_packages() -> Path:
     """The folder whose node_modules holds PACKAGES; pytest.skip if it cannot be made."""
+    folder, why = node_packages_or_reason()
+    if folder is None:
+        pytest.skip(why)
+    return folder
+
+
+_failed: list[str] = []  # why the install failed in this test run: not tried again
+
+
+def node_packages_or_reason() -> tuple[Path | None, str]:
+    """(folder, "") once PACKAGES are installed, else (None, why not)."""
+    if _failed:
+        return None, _failed[0]
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
-        pytest.skip("node/npm not installed")
+        return None, "node/npm not installed"
     tag = "-".join(f"{k}{v}" for k, v in sorted(PACKAGES.items()))
     folder = Path(tempfile.gettempdir()) / f"ferrymail-node-{tag}"
     stamp = folder / ".installed"
     if stamp.exists():
-        return folder
+        return folder, ""
     folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:  # other test runs on the machine may install too
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.exists():
+            return folder, ""
+        got, why = _install(folder, npm, stamp)
+    if got is None:
+        _failed.append(why)
+    return got, why
+
+
+def _install(folder: Path, npm: str, stamp: Path) -> tuple[Path | None, str]:
     (folder / "package.json").write_text(json.dumps(
         {"name": "ferrymail-test-peers", "private": True, "type": "module",
          "dependencies": PACKAGES}))
@@ -51,16 +76,19 @@ def node_packages() -> Path:
         proc = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--silent"],
                               cwd=folder, capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired:
-        pytest.skip("npm install of mailauth/nodemailer took over 180 s")
+        return None, "npm install of mailauth/nodemailer took over 180 s"
     if proc.returncode != 0:
-        pytest.skip(f"npm install of mailauth/nodemailer failed: {proc.stderr[-500:]}")
+        return None, f"npm install of mailauth/nodemailer failed: {proc.stderr[-500:]}"
     stamp.touch()
-    return folder
+    return folder, ""
 
 
-def mailauth_verify(message: bytes, records: dict[str, str]) -> list[dict[str, str]]:
-    """mailauth's DKIM verdicts for ``message``; ``records``: TXT name -> value."""
-    folder = node_packages()
+def mailauth_verify(message: bytes, records: dict[str, str]) -> list[dict[str, str]] | None:
+    """mailauth's DKIM verdicts for ``message`` (``records``: TXT name -> value); None when
+    mailauth cannot be had (``test_mailauth_available`` then skips, saying why)."""
+    folder, _ = node_packages_or_reason()
+    if folder is None:
+        return None
     script = folder / "verify.mjs"
     if not script.exists():
         script.write_text(_MAILAUTH_VERIFY)
