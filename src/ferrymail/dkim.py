@@ -88,6 +88,10 @@ class _DKIM(dkimpy.DKIM):  # type: ignore[misc]
 
     expire: int | None = None
     openssl_rsa: _OpenSSLRSA | None = None
+    # bh= of the same body already computed for another key of this message (every key
+    # hashes the relaxed-canonical body with SHA-256): the body is then not canonicalised
+    # again, which is most of the cost for a large message (dkimpy does it in Python)
+    body_hash: bytes | None = None
 
     def gen_header(self, fields: list[tuple[bytes, bytes]], include_headers: Any,
                    canon_policy: Any, header_name: bytes, pk: Any, *args: Any,
@@ -99,6 +103,8 @@ class _DKIM(dkimpy.DKIM):  # type: ignore[misc]
                 if name == b"t":
                     out.append((b"x", str(int(value) + self.expire).encode()))
             fields = out
+        if self.body_hash is not None:
+            fields = [(n, self.body_hash if n == b"bh" else v) for n, v in fields]
         if self.openssl_rsa is None or self.signature_algorithm != b"rsa-sha256":
             return super().gen_header(  # type: ignore[no-any-return]
                 fields, include_headers, canon_policy, header_name, pk, *args, **kw)
@@ -185,12 +191,15 @@ class DkimSigner:
         done = _signed_by(headers)
         include = self._include(headers)
         out = []
+        body_hash: bytes | None = None
         for key in keys:
             if (key.domain, key.selector) in done:
                 continue
             signer = _DKIM(signature_algorithm=key.key.algorithm.encode())
-            # set_message re-parses; hand over the parse we already have
-            signer.headers, signer.body = headers, body
+            # set_message re-parses; hand over the parse we already have (and, after the
+            # first key, no body at all: its hash is known)
+            signer.headers, signer.body = headers, body if body_hash is None else b""
+            signer.body_hash = body_hash
             if self.config.expire is not None:
                 signer.expire = max(1, int(self.config.expire))
             if key.key.rsa_key is not None:
@@ -201,6 +210,7 @@ class DkimSigner:
                                      include_headers=include)
             except dkimpy.DKIMException as exc:
                 raise DkimError(f"{key.domain}/{key.selector}: {exc}") from None
+            body_hash = signer.signature_fields[b"bh"] if body_hash is None else body_hash
             out.append(Signature(header, key.domain, key.selector, key.key.algorithm))
         return out
 
