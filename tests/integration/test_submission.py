@@ -393,3 +393,38 @@ def test_credentials_reload(sub: Sub) -> None:
         mark = sub.mark()
         sub.fm.reload()
         sub.wait_new_log(mark, r"config\.reloaded")
+
+
+def test_implicit_tls_through_haproxy_send_proxy_v2(sub: Sub) -> None:
+    """Port 465 behind the seed's kind of HAProxy (mode tcp, send-proxy-v2): TLS passes
+    through, the client's address comes from the PROXY header, AUTH and relay work."""
+    from tests.realpeers import haproxy
+
+    front = free_port()
+    config = f"""
+global
+    log stderr format raw local0 info
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+frontend submissions
+    bind {HOST}:{front}
+    default_backend ferrymail
+backend ferrymail
+    server f1 {HOST}:{sub.ports['implicit_proxy']} send-proxy-v2
+"""
+    mark = sub.mark()
+    with haproxy(config, [(HOST, front)]):
+        p = subprocess.run([require("swaks"), "--server", HOST, "--port", str(front), "--tlsc",
+                            "--local-interface", "127.0.0.71", "--auth", "LOGIN",
+                            "--auth-user", "alice", "--auth-password", "alice-pw",
+                            "--from", "alice@origin.test", "--to", "far@dest.test",
+                            "--header", "Subject: via-haproxy-465"],
+                           capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stdout + p.stderr
+    line = sub.wait_new_log(mark, r"smtp\.transaction .*auth=alice")
+    assert "client=127.0.0.71:" in line and "proxy_version=2" in line and "tls=" in line
+    dump = sub.wait_dump(b"Subject: via-haproxy-465")
+    assert b"(via PROXY v2 from 127.0.0.1)" in dump and b"with ESMTPSA id" in dump
