@@ -14,6 +14,7 @@ RESULTS.md, ferrymail direct: 0.520 ms at 2 KB, 0.857 ms at 100 KB).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
 import sys
@@ -104,7 +105,7 @@ def main() -> int:
     body = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
             f"{os.cpu_count()} CPUs, {platform.platform()}; load average before the run {load}"
             f".\nPython {platform.python_version()}, ferrymail {__version__}, dkimpy "
-            f"{getattr(dkimpy, '__version__', '?')}.\n\nCommand: `.venv/bin/python "
+            f"{importlib.metadata.version('dkimpy')}.\n\nCommand: `.venv/bin/python "
             f"bench/dkim_sign.py --messages {args.messages} --repeat {args.repeat}"
             f"{' --write-results' if args.write_results else ''}`\n\n"
             "Process CPU per signed message (minimum of the repeats), relaxed/relaxed, From/To/"
