@@ -286,3 +286,14 @@ def test_auth_hash_cli() -> None:
     assert check_password(creds.users["alice@example.org"], "s3cret pw")
     assert run("a:b", "pw\n").returncode == 1
     assert run("alice", "\n").returncode == 1
+
+
+def test_routed_recipients_only_for_trusted_or_authenticated_clients() -> None:
+    s = session()
+    s.receive(b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<u%other.test@example.com>\r\nRSET\r\n")
+    assert codes(s)[2] >= 500  # routed, from an untrusted client
+    s.receive(b"AUTH PLAIN " + b64("\0alice\0pw").encode() + b"\r\n")
+    s.finish_auth("alice", b"235 2.7.0 ok\r\n")
+    s.take_output()
+    s.receive(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<u%other.test@example.com>\r\n")
+    assert codes(s) == [250, 250]
