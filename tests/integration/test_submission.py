@@ -299,7 +299,8 @@ def test_wrong_password_gets_535_then_the_address_is_limited(sub: Sub) -> None:
         c.ehlo("again.test")
         code, reply = c.docmd("AUTH", "PLAIN " + b64encode(b"\0alice\0alice-pw").decode())
         assert code == 454 and b"too many failed" in reply  # even the right password
-    sub.wait_new_log(mark, r"smtp\.auth .*result=limited")
+    line = sub.wait_new_log(mark, r"smtp\.auth .*result=limited")
+    assert "limited_total=1" in line
     # swaks, from yet another address, still gets a plain 535
     p = swaks_auth(sub, "LOGIN", "alice", "wrong", "--local-interface", "127.0.0.58")
     assert p.returncode != 0 and "535 5.7.8" in p.stdout

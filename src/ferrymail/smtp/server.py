@@ -10,6 +10,7 @@ in logs, in the Received: header, in relay decisions and in the envelope.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import itertools
@@ -229,6 +230,8 @@ class SMTPServer:
         self._decisions: dict[tuple[str, str], bool] = {}
         self.listeners: list[tuple[str, int]] = []
         self.auth_failures = authlib.FailureLimiter()
+        # AUTH results since start by result (ok, failed, limited, disabled): for metrics
+        self.auth_counts: collections.Counter[str] = collections.Counter()
 
     # -- lifecycle
 
@@ -828,10 +831,12 @@ class InboundConnection(asyncio.Protocol):
         else:
             result, reply = "failed", smtp_auth.R_AUTH_FAILED
             failures = server.auth_failures.failed(self.client_ip, cfg.window)
+        server.auth_counts[result] += 1
         log_event("smtp.auth", "info" if user else "warning", server=server.id,
                   conn=self.conn_id, client=self._client_text(), proxy=self._proxy_text(),
                   mechanism=cred.mechanism, user=cred.user, result=result,
-                  failures=failures)
+                  failures=failures,
+                  limited_total=server.auth_counts["limited"] if result == "limited" else None)
         session = self.session
         self.task = None
         if session is None or self.state == _CLOSED:
