@@ -243,3 +243,35 @@ def test_mailauth_available() -> None:
     from tests.nodepeers import node_packages
 
     assert (node_packages() / "node_modules" / "mailauth").is_dir()
+
+
+def test_key_rotation_by_reload_and_a_broken_key_kept_out(setup: Setup) -> None:
+    """A new selector takes effect at the next attempt after SIGHUP; a broken key file
+    makes the reload fail (file, line, key path logged) and the keys in use stay."""
+    running = setup.fm.running_path
+    assert running is not None
+    before = running.read_text()
+    pem = generate("ed25519", 0)
+    (setup.workdir / "rsa.test.r2.pem").write_bytes(pem)
+    setup.records["r2._domainkey.rsa.test"] = key_from_pem(pem).dns_record()
+    try:
+        running.write_text(before.replace(
+            f"{{domain: rsa.test, selector: r1, key: {setup.workdir}/rsa.test.r1.pem}}",
+            "{domain: rsa.test, selector: r2, key: rsa.test.r2.pem}"))  # relative to the file
+        n = len(setup.fm.logs())
+        setup.fm.reload()
+        setup.fm.wait_log(r"config\.reloaded", 10, count=1 + sum(
+            "config.reloaded" in x for x in setup.fm.logs()[:n]))
+        msgid = setup.send("From: a@rsa.test\nSubject: rotated")
+        assert verify_all(setup, setup.dump(msgid).raw) == [("rsa.test", "r2",
+                                                             "ed25519-sha256")]
+        (setup.workdir / "rsa.test.r2.pem").write_bytes(b"-----BEGIN PRIVATE KEY-----\nxx\n")
+        setup.fm.reload()
+        line = setup.fm.wait_log(r"config\.reload_failed .*dkim\.keys\[0\]\.key", 10)[0]
+        assert "not a PEM private key" in line
+        msgid = setup.send("From: a@rsa.test\nSubject: still r2")
+        assert verify_all(setup, setup.dump(msgid).raw) == [("rsa.test", "r2",
+                                                             "ed25519-sha256")]
+    finally:
+        running.write_text(before)
+        setup.fm.reload()
