@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ferrymail.cli.dkim import generate, txt_record
-from ferrymail.config import ConfigError, parse_running
+from ferrymail.config import ConfigError, load_running, parse_running
 from ferrymail.config.dkim import Dkim, key_from_pem
 from ferrymail.dkim import DkimSigner, from_domain
 from ferrymail.hooks import Action
@@ -263,3 +263,24 @@ def test_openssl_rsa_signature_equals_dkimpys_own(keys: dict[str, Path],
     slow = DkimSigner(cfg).sign(MSG)[0].header
     assert b"a=rsa-sha256" in fast and b"x=1796003600" in fast
     assert fast == slow
+
+
+def test_example_dkim_hook_chooses_keys() -> None:
+    import asyncio
+
+    from ferrymail.hooks import HookContext, PredeliveryHook
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    hook = PredeliveryHook.load("hooks/dkim_by_sender.py", timeout=5, base_dir=examples)
+
+    def ctx(sender: str, auth: str = "") -> HookContext:
+        return HookContext(queue_id="q", sender=sender, recipients=("r@x.test",),
+                           transport="mx", retry=0, auth=auth)
+
+    both = (("example.org", "s2026"), ("example.org", "e2026"))
+    assert asyncio.run(hook(ctx("a@news.example.org"))).dkim == both
+    assert asyncio.run(hook(ctx("a@other.test", auth="u@shop.example.net"))).dkim == both
+    assert asyncio.run(hook(ctx("a@other.test"))).dkim == ()
+    # and the keys it names are the example's
+    cfg = load_running(examples / "running-signing.yaml").dkim
+    assert all(cfg.key(d, s) is not None for d, s in both)
