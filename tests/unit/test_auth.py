@@ -297,3 +297,8 @@ def test_routed_recipients_only_for_trusted_or_authenticated_clients() -> None:
     s.take_output()
     s.receive(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<u%other.test@example.com>\r\n")
     assert codes(s) == [250, 250]
+
+
+def test_password_not_in_repr() -> None:
+    cred = Credentials("PLAIN", "alice", "hunter2")
+    assert "hunter2" not in repr(cred) and "hunter2" not in repr(Authenticate(cred))

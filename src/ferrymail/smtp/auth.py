@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import binascii
 from base64 import b64decode
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MECHANISMS = ("PLAIN", "LOGIN")
 
@@ -49,7 +49,7 @@ class Challenge:
 class Credentials:
     mechanism: str
     user: str
-    password: str
+    password: str = field(repr=False)  # never in a log line or a traceback's repr
 
 
 @dataclass(frozen=True, slots=True)
