@@ -302,3 +302,14 @@ def test_routed_recipients_only_for_trusted_or_authenticated_clients() -> None:
 def test_password_not_in_repr() -> None:
     cred = Credentials("PLAIN", "alice", "hunter2")
     assert "hunter2" not in repr(cred) and "hunter2" not in repr(Authenticate(cred))
+
+
+def test_limiter_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ferrymail.auth as authmod
+
+    monkeypatch.setattr(authmod, "MAX_TRACKED", 3)
+    lim = FailureLimiter(clock=lambda: 0.0)
+    for ip in ("a", "b", "c", "a", "d"):  # "a" used again: "b" is now the oldest
+        lim.failed(ip, 60)
+    assert lim.limited("a", 2, 60) and not lim.limited("b", 1, 60)
+    assert lim.limited("c", 1, 60) and lim.limited("d", 1, 60)
