@@ -19,12 +19,20 @@ peer without 8BITMIME (``SMTPClient.send(prepare=...)``); the spooled message is
 so a retried message is signed afresh (current keys, fresh ``t=``/``x=``) and never carries
 two of our signatures. A key whose ``d=``/``s=`` already signed the message (a loop
 through another ferrymail) is skipped for the same reason.
+
+A body kept in a spool file (``SpooledBody``) is signed without reading it whole: the body
+hash (``relaxed_body_hash``) is computed over its chunks, normalised as they go on the wire
+(``stuffed_chunks``: CRLF line endings, a final CRLF), and the signature fields are sent
+in front of the file's chunks (``PrefixedBody``). dkimpy then only hashes the header
+section and signs; its ``bh=`` is replaced by ours.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses
 from typing import Any
@@ -35,9 +43,97 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from ferrymail.config.dkim import Dkim, DkimKey
+from ferrymail.smtp.protocol import to_crlf
+from ferrymail.spool.body import SpooledBody
+
+MAX_HEADER_SECTION = 1 << 20  # a header section longer than this is not signed
+_WSP_EOL = re.compile(rb"[ \t]+\r\n")
+_WSP_RUN = re.compile(rb"[ \t]+")
 
 _CANON = (b"relaxed", b"relaxed")
 _TAG = re.compile(rb"(?:^|;)\s*([ds])\s*=\s*([^;\s]+)")
+
+
+def relaxed_body_hash(chunks: Iterable[bytes]) -> bytes:
+    """``bh=`` (base64 SHA-256) of a body given in chunks, relaxed canonicalisation
+    (RFC 6376 §3.4.4: no WSP at line ends, WSP runs as one SP, no empty lines at the end)
+    of the body as it goes on the wire: every line ending CRLF (as ``to_crlf``), a CRLF at
+    the end. Memory: one chunk and one line at a time."""
+    h = hashlib.sha256()
+    pending = 0  # empty lines held back: dropped if nothing follows them
+    carry = b""  # an unfinished line (or a CR that may start a CRLF)
+
+    def block(data: bytes) -> None:  # complete CRLF lines
+        nonlocal pending
+        data = _WSP_RUN.sub(b" ", _WSP_EOL.sub(b"\r\n", data))
+        content = data.rstrip(b"\r\n")
+        if not content:
+            pending += len(data) // 2
+            return
+        if pending:
+            h.update(b"\r\n" * pending)
+        h.update(content + b"\r\n")
+        pending = (len(data) - len(content)) // 2 - 1
+
+    for chunk in chunks:
+        data = carry + chunk if carry else chunk
+        cr = data.count(b"\r")
+        if cr != data.count(b"\n") or cr != data.count(b"\r\n"):
+            tail = b"\r" if data.endswith(b"\r") else b""
+            data = to_crlf(data[:-1] if tail else data) + tail
+        end = data.rfind(b"\r\n")
+        if end < 0:
+            carry = data
+            continue
+        carry = data[end + 2:]
+        block(data[:end + 2])
+    if carry:
+        block(to_crlf(carry.rstrip(b"\r")) + b"\r\n")  # the wire ends the last line
+    return base64.b64encode(h.digest())
+
+
+class PrefixedBody(SpooledBody):
+    """A spooled body with header fields (CRLF lines, e.g. DKIM-Signature) sent before it."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: bytes, body: SpooledBody) -> None:
+        super().__init__(body.path, body.size + len(prefix))
+        self.prefix = prefix
+
+    def chunks(self, size: int = 256 * 1024) -> Iterator[bytes]:
+        yield self.prefix
+        yield from super().chunks(size)
+
+    def head(self, limit: int) -> bytes:
+        return (self.prefix + super().head(limit))[:limit]
+
+    def read_all(self) -> bytes:
+        return self.prefix + super().read_all()
+
+
+def _split(message: bytes | SpooledBody) -> tuple[bytes, Iterable[bytes]]:
+    """The header section (through its empty line) and the body's chunks."""
+    head = message.head(MAX_HEADER_SECTION) if isinstance(message, SpooledBody) else message
+    end = -2 if head.startswith(b"\r\n") else head.find(b"\r\n\r\n")  # -2: no header
+    if end == -1:
+        if isinstance(message, SpooledBody) and len(head) >= MAX_HEADER_SECTION:
+            raise DkimError(f"no end of the header section in its first "
+                            f"{MAX_HEADER_SECTION} bytes")
+        return head, ()
+    cut = end + 4
+    if isinstance(message, SpooledBody):
+        return head[:cut], _skip(message.chunks(), cut)
+    return head[:cut], (message[cut:],)
+
+
+def _skip(chunks: Iterator[bytes], n: int) -> Iterator[bytes]:
+    for chunk in chunks:
+        if n >= len(chunk):
+            n -= len(chunk)
+            continue
+        yield chunk[n:] if n else chunk
+        n = 0
 
 
 class DkimError(Exception):
@@ -88,9 +184,7 @@ class _DKIM(dkimpy.DKIM):  # type: ignore[misc]
 
     expire: int | None = None
     openssl_rsa: _OpenSSLRSA | None = None
-    # bh= of the same body already computed for another key of this message (every key
-    # hashes the relaxed-canonical body with SHA-256): the body is then not canonicalised
-    # again, which is most of the cost for a large message (dkimpy does it in Python)
+    # bh= computed by relaxed_body_hash (over chunks, once for every key of a message)
     body_hash: bytes | None = None
 
     def gen_header(self, fields: list[tuple[bytes, bytes]], include_headers: Any,
@@ -170,9 +264,10 @@ class DkimSigner:
             return cfg.keys_for(from_dom)
         return ()
 
-    def sign(self, message: bytes, *, sender: str = "", server_id: str = "",
+    def sign(self, message: bytes | SpooledBody, *, sender: str = "", server_id: str = "",
              requested: Sequence[tuple[str, str]] | None = None) -> list[Signature]:
-        """The signatures for ``message`` (CRLF line endings, header section first).
+        """The signatures for ``message`` (CRLF line endings, header section first; a
+        spooled body is read in chunks, never whole).
 
         Raises KeyError for an unknown requested key and DkimError when the message
         cannot be signed.
@@ -181,7 +276,11 @@ class DkimSigner:
         if not requested and (not cfg.keys or (cfg.sign == "off" and not cfg.rules)):
             return []
         try:
-            headers, body = dkimpy.rfc822_parse(message)
+            header_section, body_chunks = _split(message)
+        except OSError as exc:
+            raise DkimError(f"cannot read the message: {exc}") from None
+        try:
+            headers, _ = dkimpy.rfc822_parse(header_section)
         except Exception as exc:
             raise DkimError(f"cannot parse the header section: {exc}") from None
         keys = self.choose(from_domain(headers), sender=sender, server_id=server_id,
@@ -191,14 +290,17 @@ class DkimSigner:
         done = _signed_by(headers)
         include = self._include(headers)
         out = []
-        body_hash: bytes | None = None
+        try:
+            body_hash = relaxed_body_hash(body_chunks)  # once: the same for every key
+        except OSError as exc:
+            raise DkimError(f"cannot read the body: {exc}") from None
         for key in keys:
             if (key.domain, key.selector) in done:
                 continue
             signer = _DKIM(signature_algorithm=key.key.algorithm.encode())
-            # set_message re-parses; hand over the parse we already have (and, after the
-            # first key, no body at all: its hash is known)
-            signer.headers, signer.body = headers, body if body_hash is None else b""
+            # set_message would re-parse; hand over the parse we have, and no body: its
+            # hash is known (gen_header puts it in bh=)
+            signer.headers, signer.body = headers, b""
             signer.body_hash = body_hash
             if self.config.expire is not None:
                 signer.expire = max(1, int(self.config.expire))
@@ -210,7 +312,6 @@ class DkimSigner:
                                      include_headers=include)
             except dkimpy.DKIMException as exc:
                 raise DkimError(f"{key.domain}/{key.selector}: {exc}") from None
-            body_hash = signer.signature_fields[b"bh"] if body_hash is None else body_hash
             out.append(Signature(header, key.domain, key.selector, key.key.algorithm))
         return out
 

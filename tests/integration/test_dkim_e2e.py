@@ -275,3 +275,17 @@ def test_key_rotation_by_reload_and_a_broken_key_kept_out(setup: Setup) -> None:
     finally:
         running.write_text(before)
         setup.fm.reload()
+
+
+def test_large_spooled_body_is_signed_in_chunks(setup: Setup) -> None:
+    """A body over the spool's SPILL_AT lives in a file; it is hashed and sent in chunks."""
+    from ferrymail.spool.body import SPILL_AT
+
+    body = b"".join(b"line %06d  with trailing blanks \t \r\n" % i
+                    for i in range(2 * SPILL_AT // 30)) + b"\r\n\r\n"
+    assert len(body) > SPILL_AT
+    msgid = setup.send("From: b@both.test\nTo: bob@dest.test\nSubject: large", body=body)
+    dump = setup.dump(msgid)
+    assert body.replace(b"\r\n", b"\n").rstrip(b"\n") in dump.raw
+    assert sorted(verify_all(setup, dump.raw)) == [("both.test", "e2026", "ed25519-sha256"),
+                                                   ("both.test", "r2026", "rsa-sha256")]
