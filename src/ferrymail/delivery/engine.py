@@ -26,6 +26,7 @@ schedule's interval for that one step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import time
 from collections.abc import Callable, Sequence
@@ -50,7 +51,7 @@ from ferrymail.delivery.scheduler import Job, Scheduler, plan_retry
 from ferrymail.dkim import DkimError, DkimSigner, PrefixedBody
 from ferrymail.hooks import HookContext, HookDecision, HookError, PredeliveryHook
 from ferrymail.observe.log import log_event
-from ferrymail.smtp.client import SMTPClient, TLSContextFactory, TLSMode
+from ferrymail.smtp.client import Prepare, SMTPClient, TLSContextFactory, TLSMode
 from ferrymail.smtp.protocol import Reply
 from ferrymail.spool import (
     BodyWriter,
@@ -130,11 +131,13 @@ class _Signing:
         self.requested = requested
         self.labels: str | None = None  # what the last copy sent carried, for the log
 
-    def sign(self, data: bytes | SpooledBody) -> bytes | SpooledBody:
+    async def sign(self, data: bytes | SpooledBody) -> bytes | SpooledBody:
         env = self.job.message.envelope
+        sign = functools.partial(self.signer.sign, data, sender=env.sender,
+                                 server_id=env.server_id, requested=self.requested or None)
         try:
-            sigs = self.signer.sign(data, sender=env.sender, server_id=env.server_id,
-                                    requested=self.requested or None)
+            # a spooled body is read from its file to be hashed: not on the event loop
+            sigs = await asyncio.to_thread(sign) if isinstance(data, SpooledBody) else sign()
         except DkimError as e:
             log_event("dkim.error", "warning", qid=self.job.queue_id, error=str(e),
                       effect="sent unsigned")
@@ -367,8 +370,7 @@ class DeliveryEngine:
 
     async def _deliver(self, job: Job, cfg: RunningConfig, transport: ResolvedTransport,
                        decision: HookDecision | None, data: bytes | SpooledBody, *,
-                       prepare: Callable[[bytes | SpooledBody], bytes | SpooledBody] | None = None,
-                       ) -> Outcome:
+                       prepare: Prepare | None = None) -> Outcome:
         # (a spooled body: its first MiB holds the header section, and any loop's trace)
         looping = hop_limit_error(data.head(1 << 20) if isinstance(data, SpooledBody)
                                   else data, cfg.hop_limit)
@@ -496,7 +498,7 @@ class DeliveryEngine:
         self, job: Job, host: MXHost, ip: str, port: int, tls: TLSMode, timeouts: Timeouts,
         sources: list[Source], recipients: list[str], data: bytes | SpooledBody, conn: Connection,
         route: Route, *,
-        prepare: Callable[[bytes | SpooledBody], bytes | SpooledBody] | None = None,
+        prepare: Prepare | None = None,
     ) -> Outcome | DeliveryError:
         """Deliver via one MX address, trying sources in turn; an Outcome when a transaction
         ran, else the error that ended the tries on this address."""
