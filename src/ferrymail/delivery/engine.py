@@ -334,7 +334,7 @@ class DeliveryEngine:
         tls = TLSMode(d.tls or conn.tls.mode)
         t = conn.timeout
         timeouts = Timeouts(connect=d.timeout or t.connect, banner=t.banner, command=t.command,
-                            data=t.data)
+                            data=t.data, min_rate=t.min_rate, min_rate_grace=t.min_rate_grace)
         try:
             plan = self._source_plan(cfg, transport, d)
         except DeliveryError as e:

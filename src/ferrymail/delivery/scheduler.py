@@ -147,7 +147,7 @@ def destination_for(cfg: RunningConfig, transport: str, domain: str) -> Destinat
 
 def split_jobs(message: QueuedMessage, cfg: RunningConfig, now: float) -> list[Job]:
     """The jobs for a message's pending recipients that are due at ``now``, per destination."""
-    groups: dict[Destination, list[RecipientRecord]] = {}
+    groups: dict[tuple[Destination, str], list[RecipientRecord]] = {}
     for rec in message.recipients:
         if not rec.state.pending or rec.next_attempt > now:
             continue
@@ -155,9 +155,11 @@ def split_jobs(message: QueuedMessage, cfg: RunningConfig, now: float) -> list[J
             transport = transport_id_for(rec, message.envelope, cfg)
         except KeyError:
             transport = ""
-        dest = destination_for(cfg, transport, recipient_domain(rec.address))
-        groups.setdefault(dest, []).append(rec)
-    return [Job(message, d, tuple(rs)) for d, rs in groups.items()]
+        domain = recipient_domain(rec.address)
+        # One job per recipient domain even on a shared next hop: the pre-delivery hook
+        # decides per domain. The jobs share the next hop's queue, health and connections.
+        groups.setdefault((destination_for(cfg, transport, domain), domain), []).append(rec)
+    return [Job(message, d, tuple(rs)) for (d, _), rs in groups.items()]
 
 
 class Scheduler:

@@ -1,0 +1,153 @@
+"""The scheduler under adversity, with real listeners on loopback: a refusing port, a tarpit
+(accepts, never answers), a byte-dripping banner and an MX silent after DATA, next to
+smtp-sink for the live domains. Live mail keeps >= 80 % of its rate without the dead half,
+fresh live mail leaves within seconds, and the dead backlog stays queued.
+
+Counts are small (the machine is shared): rates are compared as a ratio with a margin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ferrymail.config import parse_running
+from ferrymail.delivery.engine import DeliveryEngine
+from ferrymail.spool import Envelope, SqliteSpool
+from tests.integration.outbound_harness import MESSAGE, LogCapture, run
+from tests.realpeers import free_port, smtp_sink, stop, wait_listening
+
+HOSTILE = Path(__file__).resolve().parents[2] / "bench" / "hostile.py"
+KINDS = ("refuse", "tarpit", "drip", "silent")
+LIVE_DOMAINS = 20
+DEAD_DOMAINS = 5  # per kind
+
+
+@contextlib.contextmanager
+def hostile_peers() -> Iterator[dict[str, int]]:
+    """bench/hostile.py as its own process; ports per kind ("refuse": nothing listens)."""
+    ports = {k: free_port() for k in KINDS}
+    proc = subprocess.Popen(
+        [sys.executable, str(HOSTILE), "--tarpit", f"127.0.0.1:{ports['tarpit']}",
+         "--drip", f"127.0.0.1:{ports['drip']}",
+         "--silent-data", f"127.0.0.1:{ports['silent']}", "--drip-interval", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        for k in ("tarpit", "drip", "silent"):
+            wait_listening("127.0.0.1", ports[k], proc=proc)
+        yield ports
+    finally:
+        stop(proc)
+
+
+def config(sink_port: int, ports: dict[str, int], hold: bool) -> str:
+    routes = "\n".join(f'  - {{recipientdomain: "*.{k}.test", transport: {k}}}' for k in KINDS)
+    transports = "\n".join(
+        f"      - {{id: {k}, connection: {{server: 127.0.0.1, port: {ports[k]}}}}}"
+        for k in KINDS)
+    return f"""
+servers: [{{id: in, transport: live}}]
+routing:
+{routes}
+queues:
+  concurrency: 10
+  total_concurrency: 20
+  hold: {'true' if hold else 'false'}
+  destination: {{dead_after: 2, dead_backoff: 60s}}
+transportgroups:
+  - id: g
+    connection:
+      tls: {{mode: disabled}}
+      timeout: {{min_rate_grace: 2s}}
+    retry: {{intervals: [{{interval: 60s}}]}}
+    transports:
+      - {{id: live, connection: {{server: 127.0.0.1, port: {sink_port}}}}}
+{transports}
+"""
+
+
+def envelope(rcpt: str) -> Envelope:
+    return Envelope(sender="s@origin.test", recipients=(rcpt,), client_ip="127.0.0.1",
+                    client_port=1, helo="h", server_id="in", size=len(MESSAGE),
+                    received_at=time.time())
+
+
+def dump_count(sink) -> int:
+    return sum(1 for _ in sink.dump_dir.iterdir())
+
+
+async def wait_count(sink, n: int, timeout: float) -> float:
+    """Seconds until smtp-sink holds n messages."""
+    t0 = time.monotonic()
+    while dump_count(sink) < n:
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"smtp-sink got {dump_count(sink)} of {n} in {timeout}s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
+
+
+async def live_rate(tmp: Path, ports: dict[str, int], live: int, dead: int
+                    ) -> tuple[float, DeliveryEngine, SqliteSpool, object]:
+    """Store ``live`` live and ``dead`` dead messages held, release, and time the live ones."""
+    sink_cm = smtp_sink()
+    sink = sink_cm.__enter__()
+    spool = SqliteSpool(tmp / "spool", fsync=False)
+    await spool.start()
+    holder = [parse_running(config(sink.port, ports, hold=True))]
+    eng = DeliveryEngine(spool, lambda: holder[0], hostname="mta.test", stop_grace=0.5)
+    await eng.start()
+    for i in range(max(live, dead)):
+        if i < live:
+            await spool.store(envelope(f"u{i}@d{i % LIVE_DOMAINS}.live.test"), MESSAGE)
+        if i < dead:
+            kind = KINDS[i % len(KINDS)]
+            await spool.store(envelope(f"u{i}@d{i % DEAD_DOMAINS}.{kind}.test"), MESSAGE)
+    holder[0] = parse_running(config(sink.port, ports, hold=False))
+    eng.config_changed(holder[0])
+    took = await wait_count(sink, live, timeout=25)
+    return live / took, eng, spool, (sink_cm, sink)
+
+
+def test_dead_half_does_not_starve_live_mail(tmp_path):
+    live_n, dead_n = 300, 300
+    with hostile_peers() as ports, LogCapture() as logs:
+        async def main() -> None:
+            rate_a, eng, spool, (cm, _) = await live_rate(tmp_path / "a", ports, live_n, 0)
+            await eng.stop()
+            await spool.close()
+            cm.__exit__(None, None, None)
+
+            rate_b, eng, spool, (cm, sink) = await live_rate(tmp_path / "b", ports, live_n,
+                                                             dead_n)
+            try:
+                # the refusing next hop is dead; the dripping banner is cut off by min_rate
+                await logs.wait(r"destination\.state .*refuse.* to=dead", timeout=10)
+                await logs.wait(r"banner from .* cut off: \d+ bytes in", timeout=10)
+                # fresh live mail leaves within seconds while the dead backlog stays queued
+                for i in range(20):
+                    await spool.store(envelope(f"fresh{i}@d{i}.live.test"), MESSAGE)
+                    eng.wake()
+                fresh_s = await wait_count(sink, live_n + 20, timeout=10)
+                left = await spool.count()
+                states = {d["destination"]: d["state"] for d in eng.scheduler.destinations()}
+            finally:
+                await eng.stop()
+                await spool.close()
+                cm.__exit__(None, None, None)
+            print(f"live only {rate_a:.0f} msg/s, with the dead half {rate_b:.0f} msg/s "
+                  f"(ratio {rate_b / rate_a:.2f}); fresh mail in {fresh_s:.2f}s")
+            assert rate_b >= 0.8 * rate_a, (rate_a, rate_b)
+            assert fresh_s < 5.0
+            assert left == dead_n  # nothing of the dead half delivered, nothing lost
+            assert states.get(f"refuse/127.0.0.1:{ports['refuse']}") == "dead"
+            assert not any(s == "dead" for d, s in states.items() if d.startswith("live/"))
+
+        run(main, timeout=80)
+    # one log line per transition, and every dead job deferred without a connection
+    assert logs.lines("destination.state")
+    assert "delivery temporarily suspended" in logs.text()
