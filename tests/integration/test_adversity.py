@@ -151,3 +151,43 @@ def test_dead_half_does_not_starve_live_mail(tmp_path):
     # one log line per transition, and every dead job deferred without a connection
     assert logs.lines("destination.state")
     assert "delivery temporarily suspended" in logs.text()
+
+
+def test_queue_list_shows_a_dead_destination(ferrymail_proc, tmp_path: Path):
+    """A real ferrymail process: a next hop that refuses connections turns dead (one log line
+    per transition) and ``queue list`` shows it beside the deferred message."""
+    from tests.integration.conftest import listener, run_cli, server, startup_yaml
+
+    port, refuse = free_port(), free_port()
+    running = f"""
+servers:
+  - {{id: s, transport: t, domains: [dead.test], relay_networks: [127.0.0.0/8]}}
+queues: {{destination: {{dead_after: 1, dead_backoff: 120s}}}}
+transportgroups:
+  - id: g
+    transports: [{{id: t, connection: {{server: 127.0.0.1, port: {refuse}}}}}]
+"""
+    proc = ferrymail_proc(startup_yaml(tmp_path, [server("s", [listener(port)])]), running,
+                          wait=[("127.0.0.1", port)])
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220")
+        s.sendall(b"HELO t\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@dead.test>\r\nDATA\r\n")
+        while not f.readline().startswith(b"354"):
+            pass
+        s.sendall(b"Subject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+        assert f.readline().startswith(b"250")
+    (line,) = proc.wait_log(r"event=destination\.state .*to=dead", timeout=10)
+    assert f"destination=t/127.0.0.1:{refuse}" in line and "from=slow_start" in line
+    deadline = time.monotonic() + 10
+    while True:  # the state file follows within STATE_WRITE_EVERY
+        out = run_cli("queue", "list", "--startup", str(proc.startup_path), cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        if f"t/127.0.0.1:{refuse}  dead" in out.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    row = next(x for x in out.stdout.splitlines() if f"t/127.0.0.1:{refuse}" in x)
+    assert " dead 1" in row and "failures=1" in row and "refused" in row, out.stdout
+    assert "    <b@dead.test>  deferred" in out.stdout
+    assert out.stdout.splitlines()[-1] == "1 message(s)"

@@ -654,3 +654,34 @@ class Scheduler:
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def destination_lines(spool_dir: Path, now: float) -> list[str]:
+    """The running scheduler's destination states from ``spool_dir/DESTINATIONS_FILE``, as
+    text lines for ``queue list`` (none if the file is absent; one line if it is unreadable).
+
+    ``  live/127.0.0.1:2525  slow_start 3/20  waiting=4 active=2`` or
+    ``  t/[10.0.0.1]:25  dead 42s  failures=3  error="network: ... refused"``.
+    """
+    path = spool_dir / DESTINATIONS_FILE
+    try:
+        doc = json.loads(path.read_text())
+        rows = doc["destinations"]
+        written = float(doc["written_at"])
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"destinations: cannot read {path}: {e}"]
+    out = [f"destinations (as of {_iso(written)}, {len(rows)} not at full speed or busy):"]
+    for row in rows:
+        state = str(row.get("describe", row.get("state", "?")))
+        if row.get("state") == "dead" and "dead_until" in row:
+            state = f"dead {max(0.0, float(row['dead_until']) - now):.0f}s"
+        line = (f"  {row.get('destination')}  {state}  waiting={row.get('waiting', 0)} "
+                f"active={row.get('active', 0)}")
+        if row.get("failures"):
+            line += f"  failures={row['failures']}"
+        if row.get("error"):
+            line += f'  error="{row["error"]}"'
+        out.append(line)
+    return out
