@@ -91,11 +91,10 @@ async def wait_count(sink, n: int, timeout: float) -> float:
     return time.monotonic() - t0
 
 
-async def live_rate(tmp: Path, ports: dict[str, int], live: int, dead: int
-                    ) -> tuple[float, DeliveryEngine, SqliteSpool, object]:
-    """Store ``live`` live and ``dead`` dead messages held, release, and time the live ones."""
-    sink_cm = smtp_sink()
-    sink = sink_cm.__enter__()
+async def cycle(tmp: Path, sink, ports: dict[str, int], live: int, dead: int
+                ) -> tuple[float, DeliveryEngine, SqliteSpool]:
+    """Store ``live`` live and ``dead`` dead messages held, release, and time the live ones;
+    returns the live rate (msg/s) and the still running engine and spool."""
     spool = SqliteSpool(tmp / "spool", fsync=False)
     await spool.start()
     holder = [parse_running(config(sink.port, ports, hold=True))]
@@ -107,47 +106,54 @@ async def live_rate(tmp: Path, ports: dict[str, int], live: int, dead: int
         if i < dead:
             kind = KINDS[i % len(KINDS)]
             await spool.store(envelope(f"u{i}@d{i % DEAD_DOMAINS}.{kind}.test"), MESSAGE)
+    base = dump_count(sink)
     holder[0] = parse_running(config(sink.port, ports, hold=False))
     eng.config_changed(holder[0])
-    took = await wait_count(sink, live, timeout=25)
-    return live / took, eng, spool, (sink_cm, sink)
+    took = await wait_count(sink, base + live, timeout=25)
+    return live / took, eng, spool
 
 
 def test_dead_half_does_not_starve_live_mail(tmp_path):
-    live_n, dead_n = 300, 300
-    with hostile_peers() as ports, LogCapture() as logs:
+    """Live only vs live + dead half, alternated 3 times (best of each: the machine is shared);
+    then fresh live mail beside the dead backlog."""
+    live_n, dead_n = 400, 400
+    with hostile_peers() as ports, smtp_sink() as sink, LogCapture() as logs:
         async def main() -> None:
-            rate_a, eng, spool, (cm, _) = await live_rate(tmp_path / "a", ports, live_n, 0)
-            await eng.stop()
-            await spool.close()
-            cm.__exit__(None, None, None)
-
-            rate_b, eng, spool, (cm, sink) = await live_rate(tmp_path / "b", ports, live_n,
-                                                             dead_n)
+            rates: dict[str, list[float]] = {"a": [], "b": []}
+            for n in range(3):
+                for variant, dead in (("a", 0), ("b", dead_n)):
+                    rate, eng, spool = await cycle(tmp_path / f"{variant}{n}", sink, ports,
+                                                   live_n, dead)
+                    rates[variant].append(rate)
+                    if variant == "b" and n == 2:
+                        break  # keep the last engine running for the fresh-mail check
+                    await eng.stop()
+                    await spool.close()
             try:
                 # the refusing next hop is dead; the dripping banner is cut off by min_rate
                 await logs.wait(r"destination\.state .*refuse.* to=dead", timeout=10)
                 await logs.wait(r"banner from .* cut off: \d+ bytes in", timeout=10)
                 # fresh live mail leaves within seconds while the dead backlog stays queued
+                base = dump_count(sink)
                 for i in range(20):
                     await spool.store(envelope(f"fresh{i}@d{i}.live.test"), MESSAGE)
                     eng.wake()
-                fresh_s = await wait_count(sink, live_n + 20, timeout=10)
+                fresh_s = await wait_count(sink, base + 20, timeout=10)
                 left = await spool.count()
                 states = {d["destination"]: d["state"] for d in eng.scheduler.destinations()}
             finally:
                 await eng.stop()
                 await spool.close()
-                cm.__exit__(None, None, None)
-            print(f"live only {rate_a:.0f} msg/s, with the dead half {rate_b:.0f} msg/s "
-                  f"(ratio {rate_b / rate_a:.2f}); fresh mail in {fresh_s:.2f}s")
-            assert rate_b >= 0.8 * rate_a, (rate_a, rate_b)
+            rate_a, rate_b = max(rates["a"]), max(rates["b"])
+            print(f"live only {rates['a']} msg/s, with the dead half {rates['b']} msg/s "
+                  f"(best-of ratio {rate_b / rate_a:.2f}); fresh mail in {fresh_s:.2f}s")
+            assert rate_b >= 0.8 * rate_a, rates
             assert fresh_s < 5.0
             assert left == dead_n  # nothing of the dead half delivered, nothing lost
             assert states.get(f"refuse/127.0.0.1:{ports['refuse']}") == "dead"
             assert not any(s == "dead" for d, s in states.items() if d.startswith("live/"))
 
-        run(main, timeout=80)
+        run(main, timeout=120)
     # one log line per transition, and every dead job deferred without a connection
     assert logs.lines("destination.state")
     assert "delivery temporarily suspended" in logs.text()

@@ -47,6 +47,7 @@ IDLE_POLL = 5.0  # longest sleep while something due could not be fetched (in fl
 COOLDOWN = 30.0  # a job that crashed (a bug, not a delivery result): its message rests this long
 FULL_FETCH_EVERY = 1.0  # longest time between full looks at the spool while jobs keep ending
 PARK_MAX_FACTOR = 4  # at most fetch_limit * this parked queue ids (kept out of fetches)
+DEFER_BATCH = 64  # jobs of dead destinations deferred concurrently (one spool commit)
 UNPROVEN_READY = 4  # waiting jobs an unproven destination may hold; more are parked
 HEALTH_KEEP = 10000  # idle destinations' health records kept before pruning
 STATE_WRITE_EVERY = 1.0  # seconds between writes of the destination state file
@@ -633,23 +634,28 @@ class Scheduler:
             self._defer_task.add_done_callback(self._tasks.discard)
 
     async def _defer_worker(self) -> None:
-        assert self.defer_job is not None
+        """Defer parked jobs DEFER_BATCH at a time (the spool commits them together)."""
         while self._deferring:
-            job, reason, wait = self._deferring.popleft()
-            try:
-                when = await self.defer_job(job, reason, wait)
-                if when is not None:
-                    heapq.heappush(self._wakeups, when)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                self._cooldown[job.queue_id] = time.monotonic() + COOLDOWN
-                heapq.heappush(self._wakeups, self.clock() + COOLDOWN)
-                log_event("scheduler.job_error", "error", qid=job.queue_id,
-                          destination=str(job.destination), error=f"{type(e).__name__}: {e}",
-                          retry_in_s=COOLDOWN)
-            finally:
-                self._job_done(job)
+            batch = [self._deferring.popleft()
+                     for _ in range(min(DEFER_BATCH, len(self._deferring)))]
+            await asyncio.gather(*(self._defer_one(*item) for item in batch))
+
+    async def _defer_one(self, job: Job, reason: str, wait: float) -> None:
+        assert self.defer_job is not None
+        try:
+            when = await self.defer_job(job, reason, wait)
+            if when is not None:
+                heapq.heappush(self._wakeups, when)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._cooldown[job.queue_id] = time.monotonic() + COOLDOWN
+            heapq.heappush(self._wakeups, self.clock() + COOLDOWN)
+            log_event("scheduler.job_error", "error", qid=job.queue_id,
+                      destination=str(job.destination), error=f"{type(e).__name__}: {e}",
+                      retry_in_s=COOLDOWN)
+        finally:
+            self._job_done(job)
 
 
 def _iso(ts: float) -> str:
