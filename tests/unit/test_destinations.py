@@ -102,3 +102,34 @@ def test_invariants_over_any_event_sequence(seq, limit, initial):
             assert allowed == 0 and h.dead_until > now
         if h.state is HealthState.PROBING:
             assert allowed == 1
+
+
+def test_domains_on_one_fixed_next_hop_share_a_destination_but_keep_their_own_jobs():
+    from ferrymail.config import parse_running
+    from ferrymail.delivery.scheduler import Destination, split_jobs
+    from ferrymail.spool import Envelope, QueuedMessage, RecipientRecord, RecipientState
+
+    cfg = parse_running("""
+servers: [{id: in, transport: hop}]
+routing: [{recipientdomain: "*.mx.test", transport: mx}]
+transportgroups:
+  - id: g
+    transports:
+      - {id: hop, connection: {server: 127.0.0.9, port: 2525}}
+      - {id: mx}
+""")
+    rcpts = ("a@one.test", "b@two.test", "c@two.test", "d@x.mx.test", "e@y.mx.test")
+    env = Envelope(sender="s@o.test", recipients=rcpts, client_ip="127.0.0.1", client_port=1,
+                   helo="h", server_id="in", received_at=0.0)
+    msg = QueuedMessage("0" * 16, env, tuple(
+        RecipientRecord(r, RecipientState.QUEUED, 0, 0.0, "", None) for r in rcpts))
+    jobs = split_jobs(msg, cfg, now=1.0)
+    by_rcpts = {tuple(r.address for r in j.recipients): j.destination for j in jobs}
+    hop = Destination("hop", "", "127.0.0.9:2525")
+    assert by_rcpts == {
+        ("a@one.test",): hop,  # one job per domain (the hook decides per domain) ...
+        ("b@two.test", "c@two.test"): hop,  # ... on one shared queue for the next hop
+        ("d@x.mx.test",): Destination("mx", "x.mx.test"),  # MX lookup: per domain
+        ("e@y.mx.test",): Destination("mx", "y.mx.test"),
+    }
+    assert str(hop) == "hop/127.0.0.9:2525" and hop.name == "127.0.0.9:2525"

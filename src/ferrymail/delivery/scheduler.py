@@ -252,6 +252,9 @@ class Scheduler:
                 await asyncio.wait(pending)
         self._ready.clear()
         self._waiting = 0
+        if self._state_write is not None:
+            self._state_write.cancel()
+            self._write_state()  # the last states, for `queue list` while stopped
 
     def wake(self) -> None:
         """New mail was stored (or something changed): look at the spool now."""
@@ -566,17 +569,20 @@ class Scheduler:
         self._schedule_state_write()
 
     def destinations(self) -> list[dict[str, object]]:
-        """Every destination not at full speed or with work: its state, for `queue list`."""
+        """Destinations with work, failures, or dead or probing: their state (`queue list`).
+
+        A dead destination past its period shows as ``dead 0s`` until the scheduler next
+        looks at it (that look is the logged transition to probing)."""
         cfg = self.config()
         limit = cfg.queues.concurrency
         mono = time.monotonic()
         now = self.clock()
         out: list[dict[str, object]] = []
         for dest, h in self._health.items():
-            h.tick(mono)
             waiting = len(self._ready.get(dest, ()))
             active = self._active.get(dest, 0)
-            if h.state is HealthState.NORMAL and not waiting and not active:
+            if (not waiting and not active and not h.failures
+                    and h.state in (HealthState.NORMAL, HealthState.SLOW_START)):
                 continue
             row: dict[str, object] = {
                 "destination": str(dest), "state": h.state.value,
