@@ -250,11 +250,19 @@ class SMTPServer:
     def _check_descriptors(self) -> None:
         """Warn when the connection limit cannot be reached before descriptors run out:
         then new clients would get a bare EOF, with nothing logged or counted."""
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft == resource.RLIM_INFINITY:
             return
         limit = self.config.limits.connections
-        if limit == 0 or limit + FD_RESERVE > soft:
+        need = limit + FD_RESERVE
+        if limit and soft < need and (hard == resource.RLIM_INFINITY or hard >= need):
+            # the soft limit may be raised up to the hard one without privileges
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+                log_event("smtp.limits.descriptors", server=self.id, nofile=need,
+                          was=soft, reason="room for limits.connections")
+                return
+        if limit == 0 or need > soft:
             log_event("smtp.limits.descriptors", "warning", server=self.id,
                       connections=limit or "unlimited", nofile=soft,
                       error=f"limits.connections plus {FD_RESERVE} descriptors for the spool, "
