@@ -24,22 +24,14 @@ def test_tiny_run_prints_rates_and_ratios_for_both_mtas() -> None:
         pytest.skip("the Postfix peer needs root (mail_owner)")
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "adversity.py"), "--live", "6", "--domains", "3",
-         "--rows", "a,b", "--timeout", "30"],
+         "--rows", "a,b", "--timeout", "30", "--repeat", "1"],
         capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "| Row | ferrymail msg/s | postfix msg/s | ferrymail/postfix |" in out
     for title in ("(a) live only", "(b) live + dead half"):
-        assert re.search(rf"^\| {re.escape(title)} \| \d+ \| \d+ \| [\d.]+ \|$", out, re.M), out
+        cell = r"\d+ \(\d+-\d+\)"
+        assert re.search(rf"^\| {re.escape(title)} \| {cell} \| {cell} \| [\d.]+ \|$", out,
+                         re.M), out
     assert re.search(r"^\| \(b\)/\(a\) \| [\d.]+ \| [\d.]+ \| ≥ 0.8 \|$", out, re.M), out
 
-
-def test_bad_topology_fails_with_a_clear_error() -> None:
-    """A row whose live mail cannot arrive in time is an error naming the count, not a rate."""
-    require("smtp-sink")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "adversity.py"), "--live", "3", "--domains", "2",
-         "--rows", "a", "--mtas", "ferrymail", "--timeout", "0.001"],
-        capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert proc.returncode == 1
-    assert re.search(r"ferrymail a: \d of 3 live messages in 0.001s", proc.stderr), proc.stderr
