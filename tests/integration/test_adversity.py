@@ -208,3 +208,46 @@ transportgroups:
     assert " dead 1" in row and "failures=1" in row and "refused" in row, out.stdout
     assert "    <b@dead.test>  deferred" in out.stdout
     assert out.stdout.splitlines()[-1] == "1 message(s)"
+
+
+def test_a_dead_destination_probes_after_its_period_and_revives(tmp_path):
+    """Refused: dead after one failure, its mail deferred without connecting; once the
+    period is over the deferred mail comes due, one probe goes out, the next hop now answers
+    (smtp-sink started on the port), and the destination is back in slow start: all delivered."""
+    port = free_port()
+    cfg = parse_running(f"""
+servers: [{{id: in, transport: t}}]
+queues: {{destination: {{dead_after: 1, dead_backoff: 1s}}}}
+transportgroups:
+  - id: g
+    connection: {{tls: {{mode: disabled}}}}
+    retry: {{intervals: [{{interval: 1s}}]}}
+    transports: [{{id: t, connection: {{server: 127.0.0.1, port: {port}}}}}]
+""")
+    with LogCapture() as logs:
+        async def main() -> None:
+            spool = SqliteSpool(tmp_path / "spool", fsync=False)
+            await spool.start()
+            eng = DeliveryEngine(spool, lambda: cfg, hostname="mta.test", stop_grace=0.5)
+            await eng.start()
+            try:
+                for i in range(5):
+                    await spool.store(envelope(f"u{i}@d{i}.test"), MESSAGE)
+                eng.wake()
+                await logs.wait(r"destination\.state .*from=slow_start to=dead", timeout=10)
+                await logs.wait("delivery temporarily suspended", timeout=10)
+                with smtp_sink(port=port) as sink:
+                    await logs.wait(r"destination\.state .*from=dead to=probing", timeout=10)
+                    await logs.wait(r"destination\.state .*from=probing to=slow_start "
+                                    r".*reason=\"probe succeeded\"", timeout=10)
+                    await wait_count(sink, 5, timeout=10)
+                    async with asyncio.timeout(10):  # results recorded after the sink's 250
+                        while await spool.count():
+                            await asyncio.sleep(0.02)
+            finally:
+                await eng.stop()
+                await spool.close()
+
+        run(main, timeout=60)
+    connects = logs.lines("delivery.connect_failed")
+    assert len(connects) == 1  # dead after the first refusal: no more connections until the probe

@@ -398,6 +398,9 @@ class Scheduler:
             self._in_flight[qid] = len(jobs)
             for job in jobs:
                 health = self._health.get(job.destination)
+                if health is not None:  # a parking period that ended: probing now
+                    self._note(job.destination, health.tick(mono), health,
+                               cfg.queues.concurrency)
                 if health is not None and health.state is HealthState.DEAD:
                     self._defer(job, health, mono)  # parked at once: no attempt starts
                     continue
