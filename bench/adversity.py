@@ -261,7 +261,24 @@ def report(rates: dict[tuple[str, str], float], runs: dict[tuple[str, str], list
                  if (m, num) in rates and (m, den) in rates else "-" for m in mtas]
         lines.append(f"| {title} | " + " | ".join(cells) + f" | {target} |")
     env = environment()
-    lines += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items())]
+    lines += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
+              "Notes:",
+              "- Each row is a fresh instance; messages are injected over SMTP (10 sessions) "
+              "while delivery is held, then released (ferrymail: running file with `hold: "
+              "false` + SIGHUP; Postfix: `postsuper -H ALL` untimed, `postqueue -f` timed); "
+              "the clock stops when smtp-sink has counted every live message.",
+              "- ferrymail: transports with a fixed `connection.server` per class (so all "
+              "live domains share one next-hop queue), `concurrency: 20`, "
+              "`total_concurrency: 100`, default timeouts and `queues.destination` defaults. "
+              "Postfix: `transport_maps` to the same next hops, "
+              "`default_destination_concurrency_limit = 20`, "
+              "`initial_destination_concurrency = 5`, `default_process_limit = 100`, "
+              "connection cache on demand, default timeouts.",
+              "- The dead half: a refusing port, a tarpit, a banner dripped a byte every 0.5 s "
+              "and an MX silent after DATA, 100 domains each (`bench/hostile.py`). None of it "
+              "may reach the sink.",
+              "- The machine is shared with other work (see loadavg): single runs vary a lot; "
+              "compare the medians and ranges, not one run."]
     return "\n".join(lines)
 
 

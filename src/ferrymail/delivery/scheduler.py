@@ -1,21 +1,30 @@
 """The scheduler: ready queues per destination, bounded concurrency, retry timing.
 
-Messages come from the spool (`due`), are split per destination (transport + recipient
-domain) into `Job`s and wait in that destination's ready queue. Jobs start while the
-destination has fewer than ``queues.concurrency`` running and the total is under
-``queues.total_concurrency``; destinations take turns, so a slow or dead destination holds
-at most its own slots and never delays the others. A queue id is "in flight" from fetch until
-all its jobs end and is excluded from `due`, so no recipient is ever tried twice at once.
+Messages come from the spool (`due`), are split into `Job`s (one per recipient domain) and
+wait in their destination's ready queue. A destination is the transport plus the next hop:
+the transport's fixed ``connection.server`` when it has one (every domain routed there shares
+the queue, its health and its connections), else the recipient domain. A queue id is "in
+flight" from fetch until all its jobs end and is excluded from `due`, so no recipient is ever
+tried twice at once.
+
+Starting jobs (`_dispatch`): destinations take turns while the total is under
+``queues.total_concurrency``. Each may run what its health allows (`destinations.py`: slow
+start from ``initial_concurrency``, halved on a connection failure, KumoMTA's ready-count
+curve, 0 while dead, 1 while probing); destinations without a recent success together hold
+at most ``unproven_share`` of the total, so tarpits and silent MXs never take every slot.
+The engine reports each attempt's verdict on the destination (`feedback`); a destination
+marked dead has its waiting jobs, and any fetched later, deferred at once through
+``defer_job`` (no connection) until the parking period ends and one probe goes out.
 
 Fetching: a full look at the spool (everything due, soonest first) refills the ready queues
 up to ``fetch_limit`` waiting jobs whenever fewer than ``low_water`` wait, and at least every
 FULL_FETCH_EVERY seconds or when a retry comes due; a job's end alone does not query the spool
 above the low-water mark. New mail (`wake()`) is fetched at once, whatever waits: by queue id
-after the newest fetched, with room for up to another ``fetch_limit`` jobs, of which no single
-destination may take more than ``fetch_limit``. So a dead destination with a long ready queue
-cannot keep new mail for others from leaving: a message with a job for a destination already
-holding ``fetch_limit`` waiting jobs is "parked" (left in the spool, kept out of fetches)
-until that queue has drained to half.
+after the newest fetched, with room for up to another ``fetch_limit`` jobs. A destination's
+ready queue holds at most ``fetch_limit`` jobs, or UNPROVEN_READY while it has no recent
+success; a message with a job for a full destination is "parked" (left in the spool, kept out
+of fetches) until that queue has drained to half or the destination proves itself, so a dead
+or hung destination's backlog cannot keep mail for others from being fetched.
 
 The loop wakes when mail is stored (`wake()`), when a job ends, or at the spool's
 `next_due()`. Retry timing (`plan_retry`) is pure and walks ``retry.intervals`` by attempt
