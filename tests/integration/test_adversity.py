@@ -251,3 +251,52 @@ transportgroups:
         run(main, timeout=60)
     connects = logs.lines("delivery.connect_failed")
     assert len(connects) == 1  # dead after the first refusal: no more connections until the probe
+
+
+def test_domains_with_the_same_mx_set_share_one_queue_after_the_first_lookup(tmp_path):
+    """KumoMTA's MX rollup: once a lookup showed that a.test and b.test have the same MX
+    set, their next mail shares that set's queue (and its health and concurrency)."""
+    from ferrymail.delivery.scheduler import Destination
+    from tests.integration.outbound_harness import dns_server
+
+    dns_port = free_port()
+    zone = {("a.test.", "MX"): ["10 mx.shared.test."], ("b.test.", "MX"): ["5 MX.shared.test."],
+            ("c.test.", "MX"): ["10 mx.other.test."],
+            ("mx.shared.test.", "A"): ["127.0.0.1"], ("mx.other.test.", "A"): ["127.0.0.1"]}
+    with smtp_sink() as sink:
+        async def main() -> None:
+            cfg = parse_running(f"""
+servers: [{{id: in, transport: t}}]
+resolver: {{nameservers: [127.0.0.1], port: {dns_port}, timeout: 2}}
+transportgroups:
+  - id: g
+    connection: {{port: {sink.port}, tls: {{mode: disabled}}}}
+    transports: [{{id: t}}]
+""")
+            async with dns_server(zone, dns_port):
+                spool = SqliteSpool(tmp_path / "spool", fsync=False)
+                await spool.start()
+                eng = DeliveryEngine(spool, lambda: cfg, hostname="mta.test", stop_grace=0.5)
+                await eng.start()
+                try:
+                    for rcpt in ("u@a.test", "u@b.test", "u@c.test"):  # first: per domain
+                        await spool.store(envelope(rcpt), MESSAGE)
+                    eng.wake()
+                    await wait_count(sink, 3, timeout=10)
+                    sched = eng.scheduler
+                    assert sched.mx_site("a.test") == sched.mx_site("B.test") == \
+                        "mx:mx.shared.test"
+                    assert sched.mx_site("c.test") == "mx:mx.other.test"
+                    shared = Destination("t", "", f"mx:mx.shared.test:{sink.port}")
+                    assert shared not in sched._health
+                    for rcpt in ("v@a.test", "v@b.test"):  # now: one queue for both
+                        await spool.store(envelope(rcpt), MESSAGE)
+                    eng.wake()
+                    await wait_count(sink, 5, timeout=10)
+                    assert shared in sched._health
+                    assert sched._health[shared].last_success is not None
+                finally:
+                    await eng.stop()
+                    await spool.close()
+
+        run(main, timeout=40)

@@ -345,9 +345,11 @@ class DeliveryEngine:
                 f"transport {transport.id!r} has no usable source address family")
             return Outcome(error=DeliveryError("config", why))
         try:
-            hosts = await self._destinations(cfg, server, job.destination.domain, families)
+            hosts = await self._destinations(cfg, server, job.domain, families)
         except DeliveryError as e:
             return Outcome(error=e)
+        if server is None:  # MX rollup: later mail for it shares the MX set's queue
+            self.scheduler.learn_mx(job.domain, [h.name for h in hosts])
         hosts, looping_error = self._better_than_self(job, hosts, port)
         if looping_error is not None:
             return Outcome(error=looping_error)

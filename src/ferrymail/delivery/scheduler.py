@@ -41,7 +41,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +61,8 @@ UNPROVEN_READY = 4  # waiting jobs an unproven destination may hold; more are pa
 HEALTH_KEEP = 10000  # idle destinations' health records kept before pruning
 STATE_WRITE_EVERY = 1.0  # seconds between writes of the destination state file
 DESTINATIONS_FILE = "destinations.json"  # its name in the spool directory (`queue list`)
+MX_SITE_TTL = 300.0  # seconds a learned MX set keeps a domain on that set's queue
+MX_SITES_MAX = 100_000  # learned domains kept (then forgotten at once and relearned)
 
 
 # -- retry timing ------------------------------------------------------------------------------
@@ -143,20 +145,38 @@ class Job:
     def queue_id(self) -> str:
         return self.message.queue_id
 
+    @property
+    def domain(self) -> str:
+        """The recipient domain (a job's recipients share one)."""
+        return recipient_domain(self.recipients[0].address) if self.recipients else ""
 
-def destination_for(cfg: RunningConfig, transport: str, domain: str) -> Destination:
-    """The queue for ``domain`` via ``transport``: its fixed server if it has one."""
+
+def destination_for(cfg: RunningConfig, transport: str, domain: str,
+                    mx_site: Callable[[str], str | None] | None = None) -> Destination:
+    """The queue for ``domain`` via ``transport``: its fixed server if it has one, else the
+    MX site ``mx_site(domain)`` learned from an earlier lookup (``mx:`` + its MX host names),
+    else the domain itself."""
     try:
         conn = cfg.transport(transport).connection
     except KeyError:
         return Destination(transport, domain)
-    if conn.server is None:
-        return Destination(transport, domain)
-    return Destination(transport, "", hostport(conn.server, conn.port))
+    if conn.server is not None:
+        return Destination(transport, "", hostport(conn.server, conn.port))
+    site = mx_site(domain) if mx_site is not None else None
+    if site is not None:
+        return Destination(transport, "", f"{site}:{conn.port}")
+    return Destination(transport, domain)
 
 
-def split_jobs(message: QueuedMessage, cfg: RunningConfig, now: float) -> list[Job]:
-    """The jobs for a message's pending recipients that are due at ``now``, per destination."""
+def mx_site_name(hosts: Sequence[str]) -> str:
+    """KumoMTA's site name for an MX set: ``mx:`` + the sorted, lower-cased host names."""
+    return "mx:" + ",".join(sorted({h.lower().rstrip(".") for h in hosts}))
+
+
+def split_jobs(message: QueuedMessage, cfg: RunningConfig, now: float,
+               mx_site: Callable[[str], str | None] | None = None) -> list[Job]:
+    """The jobs for a message's pending recipients that are due at ``now``: one per
+    recipient domain, each with its destination (`destination_for`)."""
     groups: dict[tuple[Destination, str], list[RecipientRecord]] = {}
     for rec in message.recipients:
         if not rec.state.pending or rec.next_attempt > now:
@@ -168,7 +188,8 @@ def split_jobs(message: QueuedMessage, cfg: RunningConfig, now: float) -> list[J
         domain = recipient_domain(rec.address)
         # One job per recipient domain even on a shared next hop: the pre-delivery hook
         # decides per domain. The jobs share the next hop's queue, health and connections.
-        groups.setdefault((destination_for(cfg, transport, domain), domain), []).append(rec)
+        dest = destination_for(cfg, transport, domain, mx_site)
+        groups.setdefault((dest, domain), []).append(rec)
     return [Job(message, d, tuple(rs)) for (d, _), rs in groups.items()]
 
 
@@ -234,6 +255,7 @@ class Scheduler:
         self._deferring: deque[tuple[Job, str, float]] = deque()
         self._defer_task: asyncio.Task[None] | None = None
         self._state_write: asyncio.TimerHandle | None = None
+        self._mx_sites: dict[str, tuple[str, float]] = {}  # domain -> (site, monotonic expiry)
 
     # -- lifecycle
 
@@ -392,7 +414,7 @@ class Scheduler:
                 self._newest = qid
             if qid in self._in_flight:  # (a fetch by id does not exclude those in flight)
                 continue
-            jobs = split_jobs(msg, cfg, now)
+            jobs = split_jobs(msg, cfg, now, self.mx_site)
             if not jobs:
                 continue
             mono = time.monotonic()
@@ -518,6 +540,25 @@ class Scheduler:
         if not self._stopping:
             self._dispatch()
             self._wake.set()
+
+    # -- MX rollup
+
+    def learn_mx(self, domain: str, hosts: Sequence[str]) -> None:
+        """``domain``'s MX hosts (from the engine's lookup): later jobs for it go to the
+        queue of that MX set, shared with every domain that has the same set, for
+        MX_SITE_TTL seconds."""
+        if not hosts:
+            return
+        if len(self._mx_sites) >= MX_SITES_MAX:
+            self._mx_sites.clear()  # bounded; relearned at the next lookups
+        self._mx_sites[domain.lower()] = (mx_site_name(hosts), time.monotonic() + MX_SITE_TTL)
+
+    def mx_site(self, domain: str) -> str | None:
+        """The MX site learned for ``domain``, if still fresh."""
+        known = self._mx_sites.get(domain.lower())
+        if known is None or known[1] < time.monotonic():
+            return None
+        return known[0]
 
     # -- destination health
 
