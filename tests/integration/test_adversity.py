@@ -250,7 +250,9 @@ transportgroups:
 
         run(main, timeout=60)
     connects = logs.lines("delivery.connect_failed")
-    assert len(connects) == 1  # dead after the first refusal: no more connections until the probe
+    # dead at the first refusal: at most the initial window (2) tried, then nothing until the
+    # probe (which found smtp-sink)
+    assert 1 <= len(connects) <= 2
 
 
 def test_domains_with_the_same_mx_set_share_one_queue_after_the_first_lookup(tmp_path):
