@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import statistics
 import subprocess
 import sys
 import time
@@ -121,9 +122,15 @@ async def cycle(tmp: Path, sink, ports: dict[str, int], live: int, dead: int
     return live / took, eng, spool
 
 
+def pair_ratios(rates: dict[str, list[float]]) -> list[float]:
+    """Each round's dead-half rate over its live-only rate."""
+    return [b / a for a, b in zip(rates["a"], rates["b"], strict=False)]
+
+
 def test_dead_half_does_not_starve_live_mail(tmp_path):
-    """Live only vs live + dead half, alternated (the machine is shared, so the best of each
-    is compared, over 2 to ROUNDS_MAX rounds); then fresh live mail beside the dead backlog."""
+    """Live only vs live + dead half, one right after the other in each round (the machine is
+    shared: each round's ratio compares runs under similar load, and the median of 3 to
+    ROUNDS_MAX rounds' ratios is judged); then fresh live mail beside the dead backlog."""
     live_n, dead_n = 500, 500
     with hostile_peers() as ports, smtp_sink() as sink, LogCapture() as logs:
         async def main() -> None:
@@ -137,7 +144,7 @@ def test_dead_half_does_not_starve_live_mail(tmp_path):
                     rate, eng, spool = await cycle(tmp_path / f"{variant}{n}", sink, ports,
                                                    live_n, dead)
                     rates[variant].append(rate)
-                if n >= 1 and max(rates["b"]) >= 0.8 * max(rates["a"]):
+                if n >= 2 and statistics.median(pair_ratios(rates)) >= 0.8:
                     break
             assert eng is not None and spool is not None  # the last dead-half run goes on
             try:
@@ -155,10 +162,10 @@ def test_dead_half_does_not_starve_live_mail(tmp_path):
             finally:
                 await eng.stop()
                 await spool.close()
-            rate_a, rate_b = max(rates["a"]), max(rates["b"])
+            ratio = statistics.median(pair_ratios(rates))
             print(f"live only {rates['a']} msg/s, with the dead half {rates['b']} msg/s "
-                  f"(best-of ratio {rate_b / rate_a:.2f}); fresh mail in {fresh_s:.2f}s")
-            assert rate_b >= 0.8 * rate_a, rates
+                  f"(median of the rounds' ratios {ratio:.2f}); fresh mail in {fresh_s:.2f}s")
+            assert ratio >= 0.8, rates
             assert fresh_s < 5.0
             assert left == dead_n  # nothing of the dead half delivered, nothing lost
             assert states.get(f"refuse/127.0.0.1:{ports['refuse']}") == "dead"
