@@ -325,3 +325,60 @@ def test_disabled_engine_keeps_mail_untouched(tmp_path):
         await spool.close()
 
     run(main)
+
+
+def test_unproven_destinations_hold_at_most_their_share_and_proven_ones_go_on(tmp_path):
+    """total_concurrency 4, unproven_share 0.5: three hung destinations (never a result) get
+    two slots between them, the third waits (logged and counted once), and a destination
+    with a recent success delivers its mail meanwhile on the slots left."""
+    cfg = parse_running("""
+servers: [{id: in, transport: t}]
+queues: {concurrency: 2, total_concurrency: 4, destination: {unproven_share: 0.5}}
+transportgroups: [{id: g, transports: [{id: t}]}]
+""")
+
+    async def main() -> None:
+        spool = SqliteSpool(tmp_path / "spool", fsync=False)
+        await spool.start()
+        hung = asyncio.Event()
+        started: Counter[str] = Counter()
+        delivered: list[str] = []
+
+        async def run_job(job: Job) -> None:
+            started[job.destination.domain] += 1
+            if job.destination.domain.startswith("hung"):
+                await hung.wait()
+            await deliver(spool, job)
+            delivered.append(job.destination.domain)
+
+        sched = Scheduler(spool, lambda: cfg, run_job)
+        sched.start()
+        await spool.store(envelope("a@live.test"), b"x\r\n")  # live.test proves itself
+        sched.wake()
+        async with asyncio.timeout(5):
+            while "live.test" not in delivered:
+                await asyncio.sleep(0.01)
+        with LogCapture() as logs:
+            for i in range(3):
+                await spool.store(envelope(f"h@hung{i}.test"), b"x\r\n")
+            sched.wake()
+            await logs.wait("event=scheduler.unproven_share_full", timeout=5)
+            for i in range(6):
+                await spool.store(envelope(f"b{i}@live.test"), b"x\r\n")
+            sched.wake()
+            async with asyncio.timeout(5):
+                while delivered.count("live.test") < 7:
+                    await asyncio.sleep(0.01)
+            assert sum(started[f"hung{i}.test"] for i in range(3)) == 2
+            assert sched.unproven_share_hits == 1
+            (line,) = logs.lines("scheduler.unproven_share_full")
+            assert "cap=2" in line and "waiting=t/hung" in line
+        hung.set()
+        async with asyncio.timeout(5):
+            while await spool.count():
+                await asyncio.sleep(0.01)
+        await sched.stop()
+        await spool.close()
+        assert sorted(started) == ["hung0.test", "hung1.test", "hung2.test", "live.test"]
+
+    run(main)

@@ -61,6 +61,7 @@ UNPROVEN_READY = 4  # waiting jobs an unproven destination may hold; more are pa
 HEALTH_KEEP = 10000  # idle destinations' health records kept before pruning
 STATE_WRITE_EVERY = 1.0  # seconds between writes of the destination state file
 DESTINATIONS_FILE = "destinations.json"  # its name in the spool directory (`queue list`)
+UNPROVEN_LOG_EVERY = 10.0  # seconds between log lines about a full unproven share
 MX_SITE_TTL = 300.0  # seconds a learned MX set keeps a domain on that set's queue
 MX_SITES_MAX = 100_000  # learned domains kept (then forgotten at once and relearned)
 
@@ -256,6 +257,9 @@ class Scheduler:
         self._defer_task: asyncio.Task[None] | None = None
         self._state_write: asyncio.TimerHandle | None = None
         self._mx_sites: dict[str, tuple[str, float]] = {}  # domain -> (site, monotonic expiry)
+        self._unproven_full = False  # the unproven share is full (since it last had room)
+        self._unproven_logged = -UNPROVEN_LOG_EVERY  # monotonic time of the last log line
+        self.unproven_share_hits = 0  # times the unproven share filled up (counted bound)
 
     # -- lifecycle
 
@@ -480,6 +484,7 @@ class Scheduler:
                     continue
                 unproven = not health.proven(mono, policy)
                 if unproven and len(self._unproven_slots) >= unproven_cap:
+                    self._unproven_share_full(dest, unproven_cap)
                     continue
                 self._start(queue.popleft(), unproven)
                 self._waiting -= 1
@@ -502,7 +507,9 @@ class Scheduler:
         dest = self._slots.pop(id(job), None)
         if dest is None:
             return False  # released already
-        self._unproven_slots.discard(id(job))
+        if id(job) in self._unproven_slots:
+            self._unproven_slots.discard(id(job))
+            self._unproven_full = False  # the share has room: the next time it fills counts
         self._active[dest] -= 1
         if not self._active[dest]:
             del self._active[dest]
@@ -540,6 +547,27 @@ class Scheduler:
         if not self._stopping:
             self._dispatch()
             self._wake.set()
+
+    def _unproven_share_full(self, dest: Destination, cap: int) -> None:
+        """The bound on slots of unproven destinations held back ``dest``: counted each time
+        the share fills up, logged at most every UNPROVEN_LOG_EVERY seconds."""
+        if self._unproven_full:
+            return
+        self._unproven_full = True
+        self.unproven_share_hits += 1
+        mono = time.monotonic()
+        if mono - self._unproven_logged < UNPROVEN_LOG_EVERY:
+            return
+        self._unproven_logged = mono
+        holders: dict[str, int] = {}
+        for job_id in self._unproven_slots:
+            held = self._slots.get(job_id)
+            if held is not None:
+                holders[str(held)] = holders.get(str(held), 0) + 1
+        log_event("scheduler.unproven_share_full", "warning", cap=cap, waiting=str(dest),
+                  held_by=",".join(f"{d}:{n}" for d, n in sorted(holders.items())),
+                  times=self.unproven_share_hits,
+                  effect="destinations without a recent success wait; proven ones go on")
 
     # -- MX rollup
 
