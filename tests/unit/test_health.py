@@ -177,3 +177,15 @@ def test_proxy_level_views_for_metrics() -> None:
     assert h.is_up(P, 1.0) and h.is_up(None, 1.0) and not h.is_up(v6, 1.0)
     assert h.down(10.0) == [("::1", 2526, 20.0)]
     assert h.down(31.0) == [] and h.is_up(v6, 31.0)  # ran out: probing, usable again
+
+
+def test_proxy_failures_say_nothing_about_the_destination() -> None:
+    from ferrymail.delivery.engine import Outcome, Route, destination_feedback
+
+    proxied = Outcome(error=DeliveryError("proxy", "EOF before banner via proxy"),
+                      route=Route(source=A))
+    cut = Outcome(error=DeliveryError("network", "connection closed"), route=Route(source=A))
+    assert destination_feedback(proxied)[0] is False  # without the proxy tier's view
+    at_fault = {id(proxied)}
+    assert destination_feedback(proxied, lambda o: id(o) in at_fault) == (None, "")
+    assert destination_feedback(cut, lambda o: id(o) in at_fault)[0] is False
