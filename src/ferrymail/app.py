@@ -29,10 +29,28 @@ from ferrymail.config import (
 )
 from ferrymail.delivery.engine import DeliveryEngine
 from ferrymail.observe.log import log_event
+from ferrymail.orchestrator.limiter import Limiter
+from ferrymail.orchestrator.local import LocalLimiter
 from ferrymail.smtp.server import SMTPServer
 from ferrymail.spool import SqliteSpool
 
 DEFAULT_GRACE = 5.0
+
+
+def make_limiter(startup: StartupConfig) -> Limiter:
+    """The shaping limiter: cluster-wide through Redis with a ``cluster`` section, else
+    in-process (suspensions in the spool directory)."""
+    if startup.cluster is None:
+        return LocalLimiter.for_spool(startup.spool.path)
+    from ferrymail.orchestrator.redis import RedisLimiter
+
+    return RedisLimiter(startup.cluster, default_instance=default_instance(startup))
+
+
+def default_instance(startup: StartupConfig) -> str:
+    """Host name + listener ports: unique per instance on one host."""
+    ports = sorted({str(lst.port) for s in startup.servers for lst in s.listeners})
+    return "-".join([startup.environment.hostname, *ports])
 
 
 class Component(Protocol):
@@ -75,7 +93,8 @@ class App:
         # Outbound: reads self.running at each attempt; servers wake it when they store mail.
         self.delivery = DeliveryEngine(
             self.spool, lambda: self.running, hostname=startup.environment.hostname,
-            hook_base_dir=Path(running_file).resolve().parent if running_file else None)
+            hook_base_dir=Path(running_file).resolve().parent if running_file else None,
+            limiter=make_limiter(startup))
         self.servers: list[SMTPServer] = [
             SMTPServer(cfg, hostname=startup.hostname_for(cfg.id),
                        spool=self.delivery.notifying(self.spool), running=lambda: self.running)

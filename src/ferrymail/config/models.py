@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from .policies import Cluster, Grouping, Policy, shaping_problems
 from .types import (
     DomainPattern,
     Duration,
@@ -169,6 +170,7 @@ class StartupConfig(_Model):
     environment: Environment = Field(default_factory=Environment)
     servers: tuple[StartupServer, ...] = ()
     spool: Spool = Field(default_factory=Spool)
+    cluster: Cluster | None = None  # shaping shared through Redis (orchestrator)
 
     _source: str | None = PrivateAttr(default=None)
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)
@@ -489,6 +491,8 @@ class RunningConfig(_Model):
     scripting: Scripting = Field(default_factory=Scripting)
     resolver: Resolver = Field(default_factory=Resolver)
     queues: Queues = Field(default_factory=Queues)
+    policies: tuple[Policy, ...] = ()  # delivery shaping (orchestrator), reloadable
+    groupings: tuple[Grouping, ...] = ()
 
     _source: str | None = PrivateAttr(default=None)
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)
@@ -641,6 +645,7 @@ def running_problems(cfg: RunningConfig) -> list[Problem]:
                         (here, f"address {ident!r} is {addr.address}, an IPv{addr.family} "
                          f"address, listed under {family}")
                     )
+    problems += shaping_problems(cfg.policies, cfg.groupings)
     return problems
 
 

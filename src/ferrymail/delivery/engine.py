@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ from ferrymail.delivery.routing import (
 from ferrymail.delivery.scheduler import Job, Scheduler, plan_retry
 from ferrymail.hooks import HookContext, HookDecision, HookError, PredeliveryHook
 from ferrymail.observe.log import log_event
+from ferrymail.orchestrator.limiter import Denied, Lease, Limiter
+from ferrymail.orchestrator.local import LocalLimiter
+from ferrymail.orchestrator.policy import Attempt, Limit, limits_for
 from ferrymail.smtp.client import SMTPClient, TLSContextFactory, TLSMode
 from ferrymail.smtp.protocol import Reply
 from ferrymail.spool import (
@@ -58,6 +62,9 @@ from ferrymail.spool import (
     SpoolError,
 )
 
+SLOT_WAIT = 10.0  # longest in-memory wait for a shaping slot before parking in the spool
+PARK_AFTER = 2.0  # a parked job's next look when no time is known (a concurrency slot)
+PARK_MAX = 30.0  # ... and at the latest (a suspension may be removed before it ends)
 MAX_MX_ADDRESSES = 10  # MX addresses tried in one attempt (Postfix's smtp_mx_address_limit: 5)
 STOP_GRACE = 10.0
 
@@ -85,6 +92,15 @@ class Route:
     mx_ip: str = ""
     local_ip: str | None = None
     tls: bool = False
+    waited: float = 0.0  # seconds spent waiting for shaping slots (orchestrator)
+    wait_reason: str = ""
+
+
+@dataclass
+class Waiting:
+    """No shaping slot within SLOT_WAIT: the job goes back to the spool, no attempt counted."""
+
+    denied: Denied
 
 
 @dataclass
@@ -96,6 +112,7 @@ class Outcome:
     hook: HookDecision | None = None  # a queue/bounce/delete decision
     hook_error: HookError | None = None
     route: Route = field(default_factory=Route)
+    waiting: Denied | None = None  # parked for a shaping limit: not an attempt
 
 
 @dataclass
@@ -108,6 +125,7 @@ class _Result:
     next_attempt: float
     notified: int | None = None
     dsn: dsnlib.RecipientStatus | None = None  # a failed or delayed report to send
+    counted: bool = True  # False: parked by a shaping limit, the attempt count stays
 
 
 class _NotifyingSpool:
@@ -142,6 +160,7 @@ class DeliveryEngine:
         tls_context_factory: TLSContextFactory | None = None,
         stop_grace: float = STOP_GRACE,
         enabled: bool = True,
+        limiter: Limiter | None = None,
     ) -> None:
         self.spool = spool
         self.enabled = enabled  # False: mail is only kept (e.g. to measure reception alone)
@@ -152,7 +171,10 @@ class DeliveryEngine:
         self.tls_context_factory = tls_context_factory
         self.stop_grace = stop_grace
         self.scheduler = Scheduler(spool, running, self.run_job, clock=clock)
-        self.pool = ConnectionPool()
+        self.pool = ConnectionPool(on_closed=self._closed)
+        # Shaping (orchestrator): in-process unless the App passes a cluster-wide one.
+        self.limiter: Limiter = limiter if limiter is not None else LocalLimiter()
+        self._leases: dict[int, Lease] = {}  # id(client) -> the slots its connection holds
         self.rotation = SourceRotation()
         self._resolver: Resolver | None = None
         self._resolver_key: object = None
@@ -175,6 +197,7 @@ class DeliveryEngine:
             self._hook = PredeliveryHook.load(
                 spec, timeout=cfg.scripting.hooks.timeout, base_dir=self.hook_base_dir)
         self._hook_cfg = cfg
+        await self.limiter.start()
         self.pool.start()
         self.scheduler.start()
         log_event("delivery.started", hostname=self.hostname,
@@ -184,6 +207,7 @@ class DeliveryEngine:
     async def stop(self) -> None:
         await self.scheduler.stop(self.stop_grace)
         await self.pool.close()
+        await self.limiter.stop()
         if self._background:
             await asyncio.wait(set(self._background), timeout=5)
 
@@ -341,9 +365,11 @@ class DeliveryEngine:
                     continue
                 route = Route(mx=host.name, mx_ip=ip)
                 result = await self._try_address(job, host, ip, port, tls, timeouts, sources,
-                                                 recipients, data, conn, route)
+                                                 recipients, data, conn, route, cfg)
                 if isinstance(result, Outcome):
                     return result
+                if isinstance(result, Waiting):
+                    return Outcome(waiting=result.denied, route=route)
                 last = result  # this MX address failed or refused: on to the next
         if last is None:
             last = DeliveryError("config", f"no source address can reach any MX address of "
@@ -383,74 +409,181 @@ class DeliveryEngine:
     async def _try_address(
         self, job: Job, host: MXHost, ip: str, port: int, tls: TLSMode, timeouts: Timeouts,
         sources: list[Source], recipients: list[str], data: bytes, conn: Connection,
-        route: Route,
-    ) -> Outcome | DeliveryError:
+        route: Route, cfg: RunningConfig,
+    ) -> Outcome | DeliveryError | Waiting:
         """Deliver via one MX address, trying sources in turn; an Outcome when a transaction
-        ran, else the error that ended the tries on this address."""
+        ran, else the error that ended the tries on this address, or `Waiting` when shaping
+        limits refused every source for SLOT_WAIT seconds.
+
+        Shaping (orchestrator): a new connection needs `Limiter.connect` (concurrency lease,
+        connection interval, suspensions) for its source, a full source is skipped for the
+        next; each message needs `Limiter.message` (rates). When every source is refused the
+        job waits here, without an attempt counted, until a slot may be free."""
         msg = job.message
         env = msg.envelope
-        last: DeliveryError | None = None
-        pooled: tuple[Source, SMTPClient] | None = None
-        for src in sources:
-            client = self.pool.take(PoolKey(src, ip, port, tls.value))
-            if client is not None:
-                pooled = (src, client)
-                break
-        order = sources if pooled is None else [pooled[0], *[s for s in sources
-                                                              if s != pooled[0]]]
-        for src in order:
-            route.source = src
-            client = None
-            reused = False
-            if pooled is not None and pooled[0] == src:
-                client, reused = pooled[1], True
-                pooled = None
-            for _ in range(2):  # a reused session the peer dropped gets one fresh connection
-                if client is None:
+        waited_since = time.monotonic()
+        deadline = waited_since + SLOT_WAIT
+        while True:
+            last: DeliveryError | None = None
+            refused: Denied | None = None
+            pooled: tuple[Source, SMTPClient] | None = None
+            for src in sources:
+                client = self.pool.take(PoolKey(src, ip, port, tls.value))
+                if client is not None:
+                    pooled = (src, client)
+                    break
+            order = sources if pooled is None else [pooled[0], *[s for s in sources
+                                                                  if s != pooled[0]]]
+            for src in order:
+                route.source = src
+                client = None
+                reused = False
+                attempt = Attempt(src.address or "", ip, host.name.lower().rstrip("."),
+                                  job.destination.domain, job.destination.transport,
+                                  str(src.proxy) if src.proxy else "direct")
+                limits = limits_for(cfg, attempt)
+                if pooled is not None and pooled[0] == src:
+                    client, reused = pooled[1], True
+                    pooled = None
+                for _ in range(2):  # a reused session the peer dropped gets one fresh one
+                    if client is None:
+                        slot = await self._connect_slot(attempt, limits)
+                        if isinstance(slot, Denied):
+                            refused = _longer(refused, slot)
+                            break  # this source is full: try the next one
+                        try:
+                            client = await SMTPClient.connect(
+                                src, ip, port, mx_host=host.name, tls=tls, timeouts=timeouts,
+                                tls_context_factory=self.tls_context_factory)
+                        except SMTPReplyError as e:
+                            self.limiter.release(slot)
+                            self._log_connect_failure(job, src, host, ip, e, "next MX address")
+                            await self._suspend_on(limits, e.reply)
+                            return e
+                        except DeliveryError as e:
+                            self.limiter.release(slot)
+                            last = e
+                            if e.kind == "proxy" and src.proxy is not None:
+                                down_for = self.rotation.health.mark_failed(src.proxy,
+                                                                            self.clock())
+                                self._log_connect_failure(job, src, host, ip, e, "next source",
+                                                          proxy_down_s=down_for)
+                                break
+                            if e.kind == "config":  # this source cannot be used (bind, family)
+                                self._log_connect_failure(job, src, host, ip, e, "next source")
+                                break
+                            self._log_connect_failure(job, src, host, ip, e, "next MX address")
+                            return e
+                        except BaseException:
+                            self.limiter.release(slot)
+                            raise
+                        self._leases[id(client)] = slot
+                        if src.proxy is not None:
+                            self.rotation.health.mark_ok(src.proxy)
+                    denied = await self._message_slot(attempt, limits, client, deadline)
+                    if denied is not None:
+                        if denied.kind == "lost":
+                            self._drop(client)
+                            client, reused = None, False
+                            continue
+                        self.pool.put(PoolKey(src, ip, port, tls.value), client,
+                                      idle=conn.reuse.idle, max_messages=conn.reuse.messages)
+                        refused = _longer(refused, denied)
+                        client = None
+                        break
+                    route.local_ip = client.local_ip
+                    route.tls = client.tls_started
+                    if refused is not None or time.monotonic() - waited_since > 0.001:
+                        route.waited = time.monotonic() - waited_since
+                        route.wait_reason = refused.reason if refused else ""
+                    extra = None
+                    if "DSN" in client.extensions:
+                        extra = {k.upper(): v for k, v in env.mail_params
+                                 if k.upper() in ("RET", "ENVID")} or None
                     try:
-                        client = await SMTPClient.connect(
-                            src, ip, port, mx_host=host.name, tls=tls, timeouts=timeouts,
-                            tls_context_factory=self.tls_context_factory)
-                    except SMTPReplyError as e:
-                        self._log_connect_failure(job, src, host, ip, e, "next MX address")
-                        return e
+                        result = await client.send(env.sender, recipients, data,
+                                                   mail_params=extra)
                     except DeliveryError as e:
-                        last = e
-                        if e.kind == "proxy" and src.proxy is not None:
-                            down_for = self.rotation.health.mark_failed(src.proxy, self.clock())
-                            self._log_connect_failure(job, src, host, ip, e, "next source",
-                                                      proxy_down_s=down_for)
-                            break
-                        if e.kind == "config":  # this source cannot be used (bind, family)
-                            self._log_connect_failure(job, src, host, ip, e, "next source")
-                            break
-                        self._log_connect_failure(job, src, host, ip, e, "next MX address")
-                        return e
-                    if src.proxy is not None:
-                        self.rotation.health.mark_ok(src.proxy)
-                route.local_ip = client.local_ip
-                route.tls = client.tls_started
-                extra = None
-                if "DSN" in client.extensions:
-                    extra = {k.upper(): v for k, v in env.mail_params
-                             if k.upper() in ("RET", "ENVID")} or None
-                try:
-                    result = await client.send(env.sender, recipients, data, mail_params=extra)
-                except DeliveryError as e:
-                    client.close()
-                    if reused and e.temporary and e.kind in ("network", "protocol"):
-                        client, reused = None, False
-                        continue
-                    return Outcome(error=e, route=route)
-                self.pool.put(PoolKey(src, ip, port, tls.value), client,
+                        self._drop(client)
+                        if reused and e.temporary and e.kind in ("network", "protocol"):
+                            client, reused = None, False
+                            continue
+                        return Outcome(error=e, route=route)
+                    self.pool.put(PoolKey(src, ip, port, tls.value), client,
+                                  idle=conn.reuse.idle, max_messages=conn.reuse.messages)
+                    self.limiter.wake()  # a waiter may take this session from the pool
+                    replies = {a: result.reply_for(a) for a in recipients}
+                    await self._suspend_on(limits, *replies.values())
+                    return Outcome(replies=replies, route=route)
+            if pooled is not None:
+                self.pool.put(PoolKey(pooled[0], ip, port, tls.value), pooled[1],
                               idle=conn.reuse.idle, max_messages=conn.reuse.messages)
-                return Outcome(replies={a: result.reply_for(a) for a in recipients},
-                               route=route)
-        if pooled is not None:
-            self.pool.put(PoolKey(pooled[0], ip, port, tls.value), pooled[1],
-                          idle=conn.reuse.idle, max_messages=conn.reuse.messages)
-        assert last is not None
-        return last
+            if refused is None or last is not None:
+                assert last is not None
+                return last
+            # Every source was refused by a shaping limit: wait, no attempt counted.
+            left = deadline - time.monotonic()
+            if left <= 0 or refused.kind in ("suspended", "closed") or (
+                    refused.retry_after is not None and refused.retry_after > left):
+                route.waited = time.monotonic() - waited_since
+                route.wait_reason = refused.reason
+                return Waiting(refused)
+            if refused.kind == "concurrency" and refused.key and self.pool.close_idle(
+                    lambda c, key=refused.key: key in self._lease_keys(c)):
+                # An idle session of ours holds the slot: once it is closed, the slot is free.
+                await self.limiter.wait(refused, min(left, 1.0))
+                continue
+            await self.limiter.wait(refused, left)
+
+    async def _connect_slot(self, attempt: Attempt, limits: tuple[Limit, ...]
+                            ) -> Lease | Denied:
+        return await self.limiter.connect(attempt, limits)
+
+    async def _message_slot(self, attempt: Attempt, limits: tuple[Limit, ...],
+                            client: SMTPClient, deadline: float) -> Denied | None:
+        """Wait for every rate of ``limits`` on this connection, while within ``deadline``;
+        the refusal when waiting longer would be needed (or the lease was lost)."""
+        lease = self._leases.get(id(client))
+        while True:
+            denied = await self.limiter.message(attempt, limits, lease)
+            if denied is None or denied.kind in ("lost", "suspended", "closed"):
+                return denied
+            left = deadline - time.monotonic()
+            if denied.retry_after is None or denied.retry_after > left:
+                return denied
+            await asyncio.sleep(denied.retry_after)
+
+    async def _suspend_on(self, limits: tuple[Limit, ...], *replies: Reply) -> None:
+        """Dynamic suspensions: a policy's ``suspend_on`` matched by a remote reply."""
+        for lim in limits:
+            for rule in lim.suspend_on:
+                for reply in replies:
+                    if reply.code < 400:
+                        continue
+                    if rule.code is not None and reply.code != rule.code:
+                        continue
+                    text = str(reply)
+                    if rule.text is not None and not re.search(rule.text, text):
+                        continue
+                    reason = text[:200]
+                    await self.limiter.suspend(dict(lim.fields), rule.duration, reason)
+                    log_event("shaping.suspended", "warning", key=lim.label,
+                              duration_s=rule.duration, reason=reason, origin="reply")
+                    return
+
+    def _lease_keys(self, client: SMTPClient) -> tuple[str, ...]:
+        lease = self._leases.get(id(client))
+        return lease.keys if lease is not None else ()
+
+    def _closed(self, client: SMTPClient) -> None:
+        """A connection is closed: its shaping slots are free."""
+        lease = self._leases.pop(id(client), None)
+        if lease is not None:
+            self.limiter.release(lease)
+
+    def _drop(self, client: SMTPClient) -> None:
+        client.close()
+        self._closed(client)
 
     def _log_connect_failure(self, job: Job, src: Source, host: MXHost, ip: str,
                              e: DeliveryError, then: str, **extra: object) -> None:
@@ -470,8 +603,16 @@ class DeliveryEngine:
         msg = job.message
         env = msg.envelope
         retry = transport.retry if transport is not None else Retry()
-        results = [self._result(r, outcome, retry, env.received_at, now)
-                   for r in job.recipients]
+        if outcome.waiting is not None:
+            # Parked for a shaping limit: not an attempt; back when a slot may be free.
+            w = outcome.waiting
+            wait = w.retry_after if w.retry_after is not None else PARK_AFTER
+            due = now + min(max(wait, 0.5), PARK_MAX)
+            results = [_Result(r, RecipientState.DEFERRED, f"waiting: {w.reason}", due,
+                               counted=False) for r in job.recipients]
+        else:
+            results = [self._result(r, outcome, retry, env.received_at, now)
+                       for r in job.recipients]
 
         failed = [x for x in results if x.dsn is not None and x.dsn.action == "failed"]
         delayed = [x for x in results if x.dsn is not None and x.dsn.action == "delayed"]
@@ -487,8 +628,8 @@ class DeliveryEngine:
                     else:
                         x.notified = None
         updates = [
-            RecipientUpdate(x.record.address, x.state, x.record.attempts + 1, x.next_attempt,
-                            x.last_reply, x.notified)
+            RecipientUpdate(x.record.address, x.state, x.record.attempts + int(x.counted),
+                            x.next_attempt, x.last_reply, x.notified)
             for x in results
         ]
         try:
@@ -638,9 +779,16 @@ class DeliveryEngine:
                           helo=src.helo, proxy=str(src.proxy) if src.proxy else "direct")
         if route.mx:
             fields.update(mx=route.mx, mx_ip=route.mx_ip)
+        if route.waited:
+            fields.update(waited_ms=int(route.waited * 1000), waited_for=route.wait_reason or None)
         event = "delivery.attempt"
         level = "info"
-        if outcome.replies:
+        if outcome.waiting is not None:
+            event = "delivery.waiting"
+            fields["attempt"] = min(x.record.attempts for x in results)
+            fields.update(kind=outcome.waiting.kind, reason=outcome.waiting.reason)
+            result = "parked"
+        elif outcome.replies:
             reply = next(iter(outcome.replies.values()))
             worst = [r for r in outcome.replies.values() if r.code >= 300]
             if worst:
@@ -666,6 +814,13 @@ class DeliveryEngine:
             fields["results"] = ",".join(f"{x.record.address}:{names.get(x.state, '?')}"
                                          for x in results)
         log_event(event, level, **fields)
+
+
+def _longer(a: Denied | None, b: Denied) -> Denied:
+    """The refusal to report: the one with the longer known wait (None: unknown, shortest)."""
+    if a is None or (b.retry_after or 0.0) > (a.retry_after or 0.0):
+        return b
+    return a
 
 
 def _iso(ts: float) -> str:
