@@ -173,7 +173,7 @@ class Cluster(_Model):
     lease_ttl: Annotated[float, PlainValidator(lambda v: _at_least(v, 2.0))] = 30.0
     timeout: PositiveDuration = 0.5
     prefix: Annotated[str, Field(min_length=1, max_length=64)] = "ferrymail"
-    heartbeat: PositiveDuration = 1.0
+    heartbeat: PositiveDuration = 0.25  # registry beat and shared-suspension refresh
 
 
 def _at_least(value: Any, low: float) -> float:
