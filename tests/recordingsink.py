@@ -24,6 +24,7 @@ class Conn:
     opened: float
     closed: float | None = None
     messages: int = 0
+    helo: str = ""
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Msg:
     ip: str
     at: float
     rcpts: int
+    rcpt: str = ""  # the first recipient
+    helo: str = ""
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Recording:
     msgs: list[Msg] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     reject: str | None = None
+    delay: float = 0.0  # seconds before answering each end of data (a slower MX)
 
     def messages(self) -> list[Msg]:
         with self.lock:
@@ -48,12 +52,16 @@ class Recording:
         with self.lock:
             return list(self.conns)
 
-    def max_concurrent(self, ip: str) -> int:
-        """Most connections from ``ip`` open at one time (a close before an open at the same
-        instant counts first)."""
+    def max_concurrent(self, ip: str, helo: str | None = None, start: float = 0.0,
+                       end: float = float("inf")) -> int:
+        """Most connections from ``ip`` (and ``helo``) open at one time within
+        [start, end] (a close before an open at the same instant counts first)."""
         events: list[tuple[float, int]] = []
         for c in self.connections():
-            if c.ip == ip:
+            closed = c.closed if c.closed is not None else float("inf")
+            if closed < start or c.opened > end:
+                continue
+            if c.ip == ip and (helo is None or c.helo == helo):
                 events.append((c.opened, 1))
                 events.append((c.closed if c.closed is not None else float("inf"), -1))
         events.sort()
@@ -73,6 +81,8 @@ class _Session(asyncio.Protocol):
         self.buf = b""
         self.in_data = False
         self.rcpts = 0
+        self.rcpt = ""
+        self.paused = False
         self.conn: Conn | None = None
         self.transport: asyncio.Transport | None = None
 
@@ -88,12 +98,20 @@ class _Session(asyncio.Protocol):
         if self.conn is not None and self.conn.closed is None:
             self.conn.closed = time.monotonic()
 
+    def _late(self, reply: bytes) -> None:
+        self.paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(reply)
+            self.data_received(b"")
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._end()
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None and self.conn is not None
         self.buf += data
+        if self.paused:
+            return
         out = []
         while True:
             if self.in_data:
@@ -108,8 +126,17 @@ class _Session(asyncio.Protocol):
                 self.buf = self.buf[skip:]
                 self.in_data = False
                 with self.rec.lock:
-                    self.rec.msgs.append(Msg(self.conn.ip, time.monotonic(), self.rcpts))
+                    self.rec.msgs.append(Msg(self.conn.ip, time.monotonic(), self.rcpts,
+                                             self.rcpt, self.conn.helo))
                     self.conn.messages += 1
+                if self.rec.delay:
+                    if out:
+                        self.transport.write(b"".join(out))
+                        out = []
+                    self.paused = True  # the next commands wait for this reply
+                    asyncio.get_running_loop().call_later(
+                        self.rec.delay, self._late, b"250 2.0.0 ok\r\n")
+                    return
                 out.append(b"250 2.0.0 ok\r\n")
                 continue
             nl = self.buf.find(b"\r\n")
@@ -118,12 +145,15 @@ class _Session(asyncio.Protocol):
             line, self.buf = self.buf[:nl], self.buf[nl + 2:]
             verb = line[:4].upper()
             if verb in (b"EHLO", b"HELO"):
+                self.conn.helo = line[5:].decode("ascii", "replace").strip()
                 out.append(b"250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
             elif verb == b"MAIL":
-                self.rcpts = 0
+                self.rcpts, self.rcpt = 0, ""
                 out.append((self.rec.reject + "\r\n").encode() if self.rec.reject
                            else b"250 2.1.0 ok\r\n")
             elif verb == b"RCPT":
+                if not self.rcpts:
+                    self.rcpt = line[8:].decode("ascii", "replace").strip(" <>")
                 self.rcpts += 1
                 out.append(b"250 2.1.5 ok\r\n")
             elif verb == b"DATA":

@@ -293,3 +293,42 @@ def test_leases_never_exceed_the_limit(limit, divisor, ops):
         elif held:
             lim.release(held.pop(idx % len(held)))
         assert lim.held("k") == len(held) <= max(1, math.ceil(limit / divisor))
+
+
+def test_rate_reservation_holds_the_message_until_its_slot():
+    clock = FakeClock()
+    lim = LocalLimiter(clock=clock)
+    r = Limit("k", "localip=k", rate=Rate(10, 1.0))
+    assert lim.message_now(attempt(), (r,), None, ahead=0.25) is None  # now
+    assert lim.message_now(attempt(), (r,), None, ahead=0.25) == pytest.approx(0.1)
+    assert lim.message_now(attempt(), (r,), None, ahead=0.25) == pytest.approx(0.2)
+    d = lim.message_now(attempt(), (r,), None, ahead=0.25)
+    assert isinstance(d, Denied) and d.retry_after == pytest.approx(0.05)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 50), period=st.sampled_from([0.5, 1.0, 10.0]),
+       burst=st.integers(1, 5), ahead=st.floats(0.0, 2.0),
+       gaps=st.lists(st.floats(0.0, 0.3, allow_nan=False), min_size=1, max_size=200),
+       window=st.floats(0.01, 20.0))
+def test_gcra_reservations_never_exceed_rate_in_any_window(n, period, burst, ahead, gaps,
+                                                           window):
+    """Reserved slots (sent at now + wait) obey the same bound: N·W/S + burst per window."""
+    interval = period / n
+    tat = None
+    now = 0.0
+    sent: list[float] = []
+    for g in gaps:
+        now += g
+        ok, new_tat, wait = gcra(tat, now, interval, burst, ahead)
+        if ok:
+            assert wait <= ahead + 1e-6
+            tat = new_tat
+            sent.append(now + wait)
+    sent.sort()
+    bound = n * window / period + burst
+    j = 0
+    for i, t in enumerate(sent):
+        while j < len(sent) and sent[j] < t + window:
+            j += 1
+        assert j - i <= bound + 1e-6

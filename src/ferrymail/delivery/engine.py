@@ -63,6 +63,7 @@ from ferrymail.spool import (
 )
 
 SLOT_WAIT = 10.0  # longest in-memory wait for a shaping slot before parking in the spool
+RESERVE_AHEAD = 1.0  # a rate slot may be reserved this far ahead (then waited for)
 PARK_AFTER = 2.0  # a parked job's next look when no time is known (a concurrency slot)
 PARK_MAX = 30.0  # ... and at the latest (a suspension may be removed before it ends)
 MAX_MX_ADDRESSES = 10  # MX addresses tried in one attempt (Postfix's smtp_mx_address_limit: 5)
@@ -449,7 +450,7 @@ class DeliveryEngine:
                     if client is None:
                         slot = await self._connect_slot(attempt, limits)
                         if isinstance(slot, Denied):
-                            refused = _longer(refused, slot)
+                            refused = _sooner(refused, slot)
                             break  # this source is full: try the next one
                         try:
                             client = await SMTPClient.connect(
@@ -488,7 +489,7 @@ class DeliveryEngine:
                             continue
                         self.pool.put(PoolKey(src, ip, port, tls.value), client,
                                       idle=conn.reuse.idle, max_messages=conn.reuse.messages)
-                        refused = _longer(refused, denied)
+                        refused = _sooner(refused, denied)
                         client = None
                         break
                     route.local_ip = client.local_ip
@@ -541,17 +542,25 @@ class DeliveryEngine:
 
     async def _message_slot(self, attempt: Attempt, limits: tuple[Limit, ...],
                             client: SMTPClient, deadline: float) -> Denied | None:
-        """Wait for every rate of ``limits`` on this connection, while within ``deadline``;
-        the refusal when waiting longer would be needed (or the lease was lost)."""
+        """Wait for every rate of ``limits`` on this connection, while within ``deadline``
+        (a slot up to RESERVE_AHEAD ahead is reserved, then waited for); the refusal when
+        waiting longer would be needed (or the lease was lost)."""
         lease = self._leases.get(id(client))
         while True:
-            denied = await self.limiter.message(attempt, limits, lease)
-            if denied is None or denied.kind in ("lost", "suspended", "closed"):
-                return denied
             left = deadline - time.monotonic()
-            if denied.retry_after is None or denied.retry_after > left:
-                return denied
-            await asyncio.sleep(denied.retry_after)
+            got = await self.limiter.message(attempt, limits, lease,
+                                             max(0.0, min(RESERVE_AHEAD, left)))
+            if got is None:
+                return None
+            if isinstance(got, float):
+                await asyncio.sleep(got)  # the reserved slot's time
+                return None
+            if got.kind in ("lost", "suspended", "closed"):
+                return got
+            left = deadline - time.monotonic()
+            if got.retry_after is None or got.retry_after > left:
+                return got
+            await asyncio.sleep(got.retry_after)
 
     async def _suspend_on(self, limits: tuple[Limit, ...], *replies: Reply) -> None:
         """Dynamic suspensions: a policy's ``suspend_on`` matched by a remote reply."""
@@ -816,11 +825,14 @@ class DeliveryEngine:
         log_event(event, level, **fields)
 
 
-def _longer(a: Denied | None, b: Denied) -> Denied:
-    """The refusal to report: the one with the longer known wait (None: unknown, shortest)."""
-    if a is None or (b.retry_after or 0.0) > (a.retry_after or 0.0):
+def _sooner(a: Denied | None, b: Denied) -> Denied:
+    """Of two sources' refusals, the one that may pass first (an unknown wait, a
+    concurrency slot held elsewhere, counts as PARK_AFTER): the job waits for the best."""
+    if a is None:
         return b
-    return a
+    wait_a = a.retry_after if a.retry_after is not None else PARK_AFTER
+    wait_b = b.retry_after if b.retry_after is not None else PARK_AFTER
+    return b if wait_b < wait_a else a
 
 
 def _iso(ts: float) -> str:

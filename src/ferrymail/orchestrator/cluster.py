@@ -9,8 +9,12 @@ limiter, later proxy health) use `call`/`script` and `on_tick` rather than a cli
 their own.
 
 State: ``shared`` while Redis answers, ``fallback`` after a failed call until a heartbeat
-succeeds again (retried with back-off, 0.25 s doubling to 5 s). Each transition is one
-``cluster.state`` log line; `status()` gives the current state for status views.
+succeeds again (retried with back-off, 0.25 s doubling to 1 s: while some instances are
+back on Redis and others still in fallback, their counts do not see each other, so that
+window is kept short). The live count used for the fallback's split is the largest seen
+over the last six beats, so that a dead instance drops out within about a second and a Redis
+restarted empty does not briefly look alone. Each transition is one ``cluster.state`` log
+line; `status()` gives the current state for status views.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -30,7 +35,7 @@ from redis.exceptions import NoScriptError, RedisError
 from ferrymail.config.policies import Cluster as ClusterConfig
 from ferrymail.observe.log import log_event
 
-BACKOFF_START, BACKOFF_MAX = 0.25, 5.0
+BACKOFF_START, BACKOFF_MAX = 0.25, 1.0
 REGISTRY_BEATS = 3  # an instance is alive for this many heartbeats after its last one
 
 
@@ -52,9 +57,10 @@ class Cluster:
         self.prefix = cfg.prefix
         self.client = aioredis.Redis.from_url(
             cfg.redis, socket_timeout=cfg.timeout, socket_connect_timeout=cfg.timeout,
-            retry=Retry(NoBackoff(), 0), decode_responses=True)
+            retry=Retry(NoBackoff(), 1), decode_responses=True)  # one reconnect, no wait
         self.state = "starting"
         self.instances = 1  # last known number of live instances (this one included)
+        self._counts: deque[int] = deque(maxlen=2 * REGISTRY_BEATS)
         self.last_error = ""
         self.since = time.time()
         self._scripts: dict[str, tuple[str, str]] = {}  # name -> (text, sha)
@@ -158,7 +164,10 @@ class Cluster:
             self._retry_at = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, BACKOFF_MAX)
             return
-        self.instances = max(1, int(count))
+        # The largest count of the last beats: a Redis that came back empty lists only the
+        # instances that beat since, and a split by that count would overshoot.
+        self._counts.append(max(1, int(count)))
+        self.instances = max(self._counts)
         if self.state != "shared":
             self._backoff = BACKOFF_START
             self._set("shared")

@@ -2,8 +2,10 @@
 
 ``connect(attempt, limits)`` before opening a connection: suspensions, then every
 concurrency lease and every connection interval of ``limits``, all or none; a `Lease` or a
-`Denied`. ``message(attempt, limits, lease)`` before each message on a connection, new or
-reused: suspensions, the lease still held (extended), every rate, all or none. ``release``
+`Denied`. ``message(attempt, limits, lease, ahead)`` before each message on a connection, new or
+reused: suspensions, the lease still held (extended), every rate, all or none; with
+``ahead`` > 0 a rate slot up to that far in the future is reserved and the seconds to hold
+the message are returned (None: send now). ``release``
 when the connection closes. ``wait(denied, timeout)`` sleeps until a slot may be free: a
 release in this process, the computed time for rates and intervals, or a short poll for what
 other instances hold. Nothing here spins or counts a delivery attempt.
@@ -52,14 +54,19 @@ class Lease:
     released: bool = False
 
 
-def gcra(tat: float | None, now: float, interval: float, burst: int
+def gcra(tat: float | None, now: float, interval: float, burst: int, ahead: float = 0.0
          ) -> tuple[bool, float, float]:
-    """One GCRA step: (allowed, tat to store if allowed, seconds until allowed if not)."""
+    """One GCRA step: (allowed, tat to store if allowed, seconds to wait).
+
+    ``ahead`` > 0 reserves a slot up to that many seconds in the future: allowed, and the
+    wait is how long to hold the message before sending it (its conforming time), so a
+    sender that wakes late loses no slot. Refused: the wait is until a reservation could
+    be made (until the slot itself with ``ahead`` 0)."""
     t = now if tat is None or tat < now else tat
     allow_at = t - (burst - 1) * interval
-    if now >= allow_at - EPSILON:
-        return True, t + interval, 0.0
-    return False, t, allow_at - now
+    if allow_at - now <= ahead + EPSILON:
+        return True, t + interval, max(0.0, allow_at - now)
+    return False, t, allow_at - now - ahead
 
 
 def ms(seconds: float) -> str:
@@ -77,7 +84,7 @@ class Limiter(Protocol):
     async def connect(self, attempt: Attempt, limits: tuple[Limit, ...]) -> Lease | Denied: ...
 
     async def message(self, attempt: Attempt, limits: tuple[Limit, ...],
-                      lease: Lease | None) -> Denied | None: ...
+                      lease: Lease | None, ahead: float = 0.0) -> Denied | float | None: ...
 
     def release(self, lease: Lease) -> None: ...
 

@@ -122,11 +122,11 @@ class LocalLimiter:
         return lease
 
     async def message(self, attempt: Attempt, limits: tuple[Limit, ...],
-                      lease: Lease | None) -> Denied | None:
-        return self.message_now(attempt, limits, lease)
+                      lease: Lease | None, ahead: float = 0.0) -> Denied | float | None:
+        return self.message_now(attempt, limits, lease, ahead)
 
     def message_now(self, attempt: Attempt, limits: tuple[Limit, ...],
-                    lease: Lease | None) -> Denied | None:
+                    lease: Lease | None, ahead: float = 0.0) -> Denied | float | None:
         denied = self.suspended(attempt)
         if denied is not None:
             return denied
@@ -136,20 +136,23 @@ class LocalLimiter:
         now = self.clock()
         new_tats: dict[str, float] = {}
         worst: Denied | None = None
+        hold = 0.0
         for lim in limits:
             if lim.rate is None:
                 continue
             key = lim.rate_key
-            ok, tat, wait = gcra(self._tat.get(key), now, lim.rate.interval * d, lim.rate.burst)
+            ok, tat, wait = gcra(self._tat.get(key), now, lim.rate.interval * d, lim.rate.burst,
+                                 ahead)
             if ok:
                 new_tats[key] = tat
+                hold = max(hold, wait)
             elif worst is None or (worst.retry_after or 0) < wait:
                 worst = Denied("rate", self._why(
                     f"rate {lim.rate} for {lim.label}: next slot in {ms(wait)}"), wait)
         if worst is not None:
             return worst
         self._tat.update(new_tats)
-        return None
+        return hold or None
 
     def release(self, lease: Lease) -> None:
         if lease.released:

@@ -55,6 +55,7 @@ class RedisLimiter:
         self.suspensions: list[Suspension] = []
         self._held: dict[str, Lease] = {}  # lease id -> lease, for the heartbeat
         self._extended = 0.0
+        self._synced = False  # the leases held are registered in Redis (after a fallback)
         self._releasing: set[asyncio.Task[None]] = set()
         self.cluster.on_tick(self._tick)
         self.cluster.on_transition(self._transition)
@@ -73,6 +74,11 @@ class RedisLimiter:
     def status(self) -> dict[str, object]:
         return {"scope": self.scope, **self.cluster.status(), "leases": len(self._held)}
 
+    @property
+    def shared(self) -> bool:
+        """Limits are answered by Redis (else by the fallback, see the module doc)."""
+        return self.cluster.up and self._synced
+
     # -- fallback
 
     def _divisor(self) -> int:
@@ -89,7 +95,10 @@ class RedisLimiter:
             for lease in self._held.values():
                 self.fallback.adopt(lease)
         else:
-            self._extended = 0.0  # register what was opened meanwhile at the next tick
+            # Until the next tick has registered what was opened meanwhile, the fallback
+            # keeps answering: an empty Redis must not hand out those slots a second time.
+            self._synced = False
+            self._extended = 0.0
         self.fallback.wake()
 
     # -- the Limiter interface
@@ -109,7 +118,7 @@ class RedisLimiter:
         lease_id = secrets.token_hex(8)
         if not lease_limits and not intervals:
             return Lease(lease_id, ())
-        if self.cluster.up:
+        if self.shared:
             keys = [self.cluster.key("c", lim.key) for lim in lease_limits]
             keys += [self.cluster.key("i", lim.interval_key) for lim in intervals]
             args: list[object] = [lease_id, self.cfg.lease_ttl, len(lease_limits),
@@ -143,7 +152,7 @@ class RedisLimiter:
         return got
 
     async def message(self, attempt: Attempt, limits: tuple[Limit, ...],
-                      lease: Lease | None) -> Denied | None:
+                      lease: Lease | None, ahead: float = 0.0) -> Denied | float | None:
         denied = self._suspended(attempt)
         if denied is not None:
             return denied
@@ -152,12 +161,12 @@ class RedisLimiter:
         rates = [lim for lim in limits if lim.rate is not None]
         if not rates:
             return None  # leases are kept alive by the heartbeat
-        if self.cluster.up:
+        if self.shared:
             held = list(lease.keys) if lease is not None else []
             keys = [self.cluster.key("c", k) for k in held]
             keys += [self.cluster.key("r", lim.rate_key) for lim in rates]
             args: list[object] = [lease.id if lease else "", self.cfg.lease_ttl, len(held),
-                                  len(rates)]
+                                  len(rates), ahead]
             args += [lease.limits.get(k, 1) if lease else 1 for k in held]
             for lim in rates:
                 assert lim.rate is not None
@@ -168,7 +177,7 @@ class RedisLimiter:
                 pass
             else:
                 if res[0] == "ok":
-                    return None
+                    return float(res[1]) or None
                 if res[0] == "lost":
                     assert lease is not None
                     lease.lost = True
@@ -179,7 +188,7 @@ class RedisLimiter:
                               f"{ms(wait)}", wait)
         if self.cfg.fallback == "closed":
             return Denied("closed", "redis unreachable: closed (no new connections)", 1.0)
-        return self.fallback.message_now(attempt, limits, lease)
+        return self.fallback.message_now(attempt, limits, lease, ahead)
 
     def release(self, lease: Lease) -> None:
         if lease.released:
@@ -218,9 +227,10 @@ class RedisLimiter:
     async def _tick(self) -> None:
         await self._refresh_suspensions()
         now = time.monotonic()
-        if now - self._extended >= self.cfg.lease_ttl / 3:
+        if now - self._extended >= self.cfg.lease_ttl / 3 or not self._synced:
             await self._extend()
             self._extended = now
+            self._synced = True
 
     async def _refresh_suspensions(self) -> None:
         raw = await self.cluster.call(lambda r: r.hgetall(self.cluster.key("suspensions")))
