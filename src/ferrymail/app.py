@@ -28,6 +28,7 @@ from ferrymail.config import (
     load_startup,
 )
 from ferrymail.delivery.engine import DeliveryEngine
+from ferrymail.delivery.loops import OwnListeners
 from ferrymail.observe.log import log_event
 from ferrymail.orchestrator.limiter import Limiter
 from ferrymail.orchestrator.local import LocalLimiter
@@ -94,6 +95,8 @@ class App:
         self.delivery = DeliveryEngine(
             self.spool, lambda: self.running, hostname=startup.environment.hostname,
             hook_base_dir=Path(running_file).resolve().parent if running_file else None,
+            own_listeners=OwnListeners.of((lst.address, lst.port) for s in startup.servers
+                                          for lst in s.listeners),
             limiter=make_limiter(startup))
         self.servers: list[SMTPServer] = [
             SMTPServer(cfg, hostname=startup.hostname_for(cfg.id),
