@@ -523,7 +523,7 @@ class DeliveryEngine:
                         self._leases[id(client)] = slot
                         if src.proxy is not None:
                             self.rotation.health.mark_ok(src.proxy)
-                    denied = await self._message_slot(attempt, limits, client, deadline)
+                    denied = await self._message_slot(attempt, limits, client, deadline, route)
                     if denied is not None:
                         if denied.kind == "lost":
                             self._drop(client)
@@ -537,9 +537,9 @@ class DeliveryEngine:
                     route.local_ip = client.local_ip
                     route.tls = client.tls_started
                     route.tls_fallback = client.tls_fallback
-                    if refused is not None or time.monotonic() - waited_since > 0.001:
+                    if refused is not None:
                         route.waited = time.monotonic() - waited_since
-                        route.wait_reason = refused.reason if refused else ""
+                        route.wait_reason = refused.reason
                     extra = None
                     if "DSN" in client.extensions:
                         extra = {k.upper(): v for k, v in env.mail_params
@@ -589,7 +589,7 @@ class DeliveryEngine:
         return await self.limiter.connect(attempt, limits)
 
     async def _message_slot(self, attempt: Attempt, limits: tuple[Limit, ...],
-                            client: SMTPClient, deadline: float) -> Denied | None:
+                            client: SMTPClient, deadline: float, route: Route) -> Denied | None:
         """Wait for every rate of ``limits`` on this connection, while within ``deadline``
         (a slot up to RESERVE_AHEAD ahead is reserved, then waited for); the refusal when
         waiting longer would be needed (or the lease was lost)."""
@@ -602,6 +602,8 @@ class DeliveryEngine:
                 return None
             if isinstance(got, float):
                 await asyncio.sleep(got)  # the reserved slot's time
+                route.waited += got
+                route.wait_reason = route.wait_reason or "rate: reserved slot"
                 return None
             if got.kind in ("lost", "suspended", "closed"):
                 return got
@@ -609,6 +611,8 @@ class DeliveryEngine:
             if got.retry_after is None or got.retry_after > left:
                 return got
             await asyncio.sleep(got.retry_after)
+            route.waited += got.retry_after
+            route.wait_reason = got.reason
 
     async def _suspend_on(self, limits: tuple[Limit, ...], *replies: Reply) -> None:
         """Dynamic suspensions: a policy's ``suspend_on`` matched by a remote reply."""
