@@ -94,7 +94,9 @@ policies:
     opens = sorted(c.opened for c in rec.connections())
     assert len(opens) >= n // 4
     gaps = [b - a for a, b in itertools.pairwise(opens)]
-    assert min(gaps) >= 0.3 - 0.01, gaps
+    # The sink's thread stamps opens and shares this process (and its GIL) with the engine:
+    # 30 ms of slack, as in test_cluster_shaping.py.
+    assert min(gaps) >= 0.3 - 0.03, gaps
 
 
 def test_suspension_file_holds_mail_without_counting_attempts(tmp_path):

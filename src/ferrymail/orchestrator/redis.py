@@ -144,6 +144,8 @@ class RedisLimiter:
                                   {lim.key: lim.concurrency or 0 for lim in lease_limits},
                                   shared=True)
                     self._held[lease_id] = lease
+                    if not self.shared:  # the fallback began while Redis answered us
+                        self.fallback.adopt(lease)
                     return lease
                 if res[0] == "concurrency":
                     lim = lease_limits[int(res[1]) - 1]
