@@ -33,7 +33,7 @@ from ferrymail.config.models import DEFAULT_TRUSTED_PROXIES
 from ferrymail.delivery.engine import DeliveryEngine
 from ferrymail.delivery.loops import OwnListeners
 from ferrymail.observe.log import log_event
-from ferrymail.orchestrator.limiter import Limiter
+from ferrymail.orchestrator.limiter import STATUS_FILE, Limiter
 from ferrymail.orchestrator.local import LocalLimiter
 from ferrymail.smtp.server import SMTPServer
 from ferrymail.spool import SqliteSpool
@@ -48,7 +48,8 @@ def make_limiter(startup: StartupConfig) -> Limiter:
         return LocalLimiter.for_spool(startup.spool.path)
     from ferrymail.orchestrator.redis import RedisLimiter
 
-    return RedisLimiter(startup.cluster, default_instance=default_instance(startup))
+    return RedisLimiter(startup.cluster, default_instance=default_instance(startup),
+                        status_file=Path(startup.spool.path) / STATUS_FILE)
 
 
 def default_instance(startup: StartupConfig) -> str:

@@ -65,6 +65,7 @@ from ferrymail.spool import (
 
 SLOT_WAIT = 10.0  # longest in-memory wait for a shaping slot before parking in the spool
 RESERVE_AHEAD = 1.0  # a rate slot may be reserved this far ahead (then waited for)
+LATE_SEND, MAX_LATE = 0.025, 5  # a rate slot reached this late is given up (at most 5 times)
 PARK_AFTER = 2.0  # a parked job's next look when no time is known (a concurrency slot)
 PARK_MAX = 30.0  # ... and at the latest (a suspension may be removed before it ends)
 MAX_MX_ADDRESSES = 10  # MX addresses tried in one attempt (Postfix's smtp_mx_address_limit: 5)
@@ -592,18 +593,29 @@ class DeliveryEngine:
                             client: SMTPClient, deadline: float, route: Route) -> Denied | None:
         """Wait for every rate of ``limits`` on this connection, while within ``deadline``
         (a slot up to RESERVE_AHEAD ahead is reserved, then waited for); the refusal when
-        waiting longer would be needed (or the lease was lost)."""
+        waiting longer would be needed (or the lease was lost).
+
+        A slot this process reaches more than LATE_SEND after its time (a busy event loop, a
+        slow Redis reply) is given up for a fresh one: sending late would bunch this message
+        with the next slot's and exceed the rate over a short window. After MAX_LATE such
+        slots in a row the message goes anyway."""
         lease = self._leases.get(id(client))
+        late = 0
         while True:
             left = deadline - time.monotonic()
+            asked = time.monotonic()
             got = await self.limiter.message(attempt, limits, lease,
                                              max(0.0, min(RESERVE_AHEAD, left)))
-            if got is None:
-                return None
-            if isinstance(got, float):
-                await asyncio.sleep(got)  # the reserved slot's time
-                route.waited += got
-                route.wait_reason = route.wait_reason or "rate: reserved slot"
+            if got is None or isinstance(got, float):
+                if got:
+                    await asyncio.sleep(got)  # the reserved slot's time
+                    route.waited += got
+                    route.wait_reason = route.wait_reason or "rate: reserved slot"
+                has_rate = any(lim.rate is not None for lim in limits)
+                if (has_rate and time.monotonic() - asked - (got or 0.0) > LATE_SEND
+                        and late < MAX_LATE):
+                    late += 1
+                    continue
                 return None
             if got.kind in ("lost", "suspended", "closed"):
                 return got

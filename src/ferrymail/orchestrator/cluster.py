@@ -14,17 +14,21 @@ back on Redis and others still in fallback, their counts do not see each other, 
 window is kept short). The live count used for the fallback's split is the largest seen
 over the last six beats, so that a dead instance drops out within about a second and a Redis
 restarted empty does not briefly look alone. Each transition is one ``cluster.state`` log
-line; `status()` gives the current state for status views.
+line; `status()` gives the current state, also written to ``cluster-status.json`` in the
+spool directory on every change (``ferrymail queue list`` shows it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -34,6 +38,9 @@ from redis.exceptions import NoScriptError, RedisError
 
 from ferrymail.config.policies import Cluster as ClusterConfig
 from ferrymail.observe.log import log_event
+from ferrymail.orchestrator.limiter import STATUS_FILE
+
+__all__ = ["STATUS_FILE", "Cluster", "RedisDown", "lua"]
 
 BACKOFF_START, BACKOFF_MAX = 0.25, 1.0
 REGISTRY_BEATS = 3  # an instance is alive for this many heartbeats after its last one
@@ -51,8 +58,10 @@ def lua(name: str) -> str:
 class Cluster:
     """One instance's membership: Redis client, registry heartbeat, shared/fallback state."""
 
-    def __init__(self, cfg: ClusterConfig, instance: str) -> None:
+    def __init__(self, cfg: ClusterConfig, instance: str,
+                 status_file: Path | None = None) -> None:
         self.cfg = cfg
+        self.status_file = status_file
         self.instance = cfg.instance or instance
         self.prefix = cfg.prefix
         self.client = aioredis.Redis.from_url(
@@ -121,6 +130,20 @@ class Cluster:
                   error=self.last_error if state == "fallback" else None)
         for cb in self._transitions:
             cb(state)
+        self.write_status()
+
+    def write_status(self) -> None:
+        """Write `status()` to the status file (atomically), if there is one."""
+        if self.status_file is None:
+            return
+        try:
+            self.status_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.status_file.with_name(self.status_file.name + ".tmp")
+            tmp.write_text(json.dumps(self.status()))
+            os.replace(tmp, self.status_file)
+        except OSError as e:
+            log_event("cluster.status_failed", "warning", file=str(self.status_file),
+                      error=str(e))
 
     # -- lifecycle
 
@@ -136,6 +159,9 @@ class Cluster:
         self._task = asyncio.create_task(self._loop(), name="ferrymail-cluster")
 
     async def stop(self) -> None:
+        if self.status_file is not None:
+            with contextlib.suppress(OSError):
+                self.status_file.unlink()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -167,7 +193,9 @@ class Cluster:
         # The largest count of the last beats: a Redis that came back empty lists only the
         # instances that beat since, and a split by that count would overshoot.
         self._counts.append(max(1, int(count)))
-        self.instances = max(self._counts)
+        before, self.instances = self.instances, max(self._counts)
+        if before != self.instances:
+            self.write_status()
         if self.state != "shared":
             self._backoff = BACKOFF_START
             self._set("shared")
@@ -180,6 +208,7 @@ class Cluster:
                 log_event("cluster.tick_error", "error", error=f"{type(e).__name__}: {e}")
 
     def status(self) -> dict[str, object]:
-        return {"state": self.state, "instance": self.instance, "instances": self.instances,
+        return {"pid": os.getpid(), "state": self.state, "instance": self.instance,
+                "instances": self.instances,
                 "redis": self.cfg.redis, "fallback": self.cfg.fallback,
                 "since": self.since, "error": self.last_error or None}

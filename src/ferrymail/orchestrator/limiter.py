@@ -26,6 +26,7 @@ from typing import Literal, Protocol
 
 from ferrymail.orchestrator.policy import Attempt, Limit
 
+STATUS_FILE = "cluster-status.json"  # in the spool directory: the cluster state, for queue list
 EPSILON = 1e-9  # seconds: float sums of intervals must not make an on-time request late
 
 DenyKind = Literal["concurrency", "rate", "connectinterval", "suspended", "lost", "closed"]

@@ -29,6 +29,7 @@ import random
 import secrets
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from redis.exceptions import RedisError
 
@@ -55,9 +56,10 @@ class RedisLimiter:
 
     scope = "redis"
 
-    def __init__(self, cfg: ClusterConfig, *, default_instance: str) -> None:
+    def __init__(self, cfg: ClusterConfig, *, default_instance: str,
+                 status_file: Path | None = None) -> None:
         self.cfg = cfg
-        self.cluster = Cluster(cfg, default_instance)
+        self.cluster = Cluster(cfg, default_instance, status_file)
         self.fallback = LocalLimiter(divisor=self._divisor, note=self._note)
         self.suspensions: list[Suspension] = []
         self._held: dict[str, Lease] = {}  # lease id -> lease, for the heartbeat
