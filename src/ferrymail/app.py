@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from ferrymail import privileges
 from ferrymail.abnf import is_digits
 from ferrymail.config import (
     ConfigError,
@@ -94,7 +95,8 @@ class App:
         self.startup_file = startup_file
         self.running_file = running_file
         self.grace = grace
-        self.spool = SqliteSpool(startup.spool.path, fsync=startup.spool.fsync)
+        self.spool = SqliteSpool(startup.spool.path, fsync=startup.spool.fsync,
+                                 min_free=startup.spool.min_free)
         # Outbound: reads self.running at each attempt; servers wake it when they store mail.
         self.delivery = DeliveryEngine(
             self.spool, lambda: self.running, hostname=startup.environment.hostname,
@@ -139,13 +141,26 @@ class App:
     # -- lifecycle
 
     async def start(self) -> None:
-        """Open the spool, then start every component; on failure undo what was started."""
+        """Bind the listeners, drop privileges (``environment.user``), open the spool, then
+        start every component; on failure undo what was started."""
         for key, name in hostname_problems(self.startup):
             log_event("config.hostname", "warning", key=key, hostname=name,
                       error=f"{name!r} is not a fully qualified domain name: the banner, "
                             "HELO and Message-IDs will say it, and many receivers refuse "
                             "such mail; set environment.hostname")
-        await self.spool.start()
+        env = self.startup.environment
+        creds = None if env.user is None else privileges.resolve(env.user, env.group)
+        try:
+            for srv in self.servers:
+                await srv.bind()
+            if creds is not None:
+                privileges.prepare_spool_dir(self.startup.spool.path, creds)
+                privileges.drop_privileges(creds)
+            await self.spool.start()
+        except BaseException:
+            for srv in self.servers:
+                await srv.stop(0)
+            raise
         try:
             for component in self.components:
                 await component.start()

@@ -24,6 +24,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_config_error(exc)
         return EXIT_CONFIG
     log.configure(app.startup.environment.logging.level)
+    # Whatever the daemon creates (spool files, SQLite's WAL and shared-memory files) is
+    # for its own user only.
+    os.umask(0o077)
     try:
         uvloop.run(app.run())
     except KeyboardInterrupt:
