@@ -33,6 +33,7 @@ from ferrymail.config import (
 from ferrymail.config.models import DEFAULT_TRUSTED_PROXIES
 from ferrymail.delivery.engine import DeliveryEngine
 from ferrymail.delivery.loops import OwnListeners
+from ferrymail.delivery.scheduler import DESTINATIONS_FILE
 from ferrymail.observe.log import log_event
 from ferrymail.orchestrator.limiter import STATUS_FILE, Limiter
 from ferrymail.orchestrator.local import LocalLimiter
@@ -103,6 +104,7 @@ class App:
             hook_base_dir=Path(running_file).resolve().parent if running_file else None,
             own_listeners=OwnListeners.of((lst.address, lst.port) for s in startup.servers
                                           for lst in s.listeners),
+            state_path=Path(startup.spool.path) / DESTINATIONS_FILE,
             limiter=make_limiter(startup))
         self.servers: list[SMTPServer] = [
             SMTPServer(cfg, hostname=startup.hostname_for(cfg.id),

@@ -79,6 +79,10 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
             extra = f"  attempts={rcpt.attempts}" if rcpt.attempts else ""
             reply = f'  last="{rcpt.last_reply}"' if rcpt.last_reply else ""
             print(f"    <{rcpt.address}>  {rcpt.state.value}{extra}{reply}")
+    from ferrymail.delivery.scheduler import destination_lines
+
+    for line in destination_lines(Path(startup.spool.path), now):  # written by the scheduler
+        print(line)
     print(f"{len(messages)} message(s)" + (" (limit reached)" if len(messages) >= args.limit
                                          else ""))
     return EXIT_OK
