@@ -84,10 +84,10 @@ def cmd_proxy_status(args: argparse.Namespace) -> int:
               "store); a single instance keeps its proxy health in memory and the admin API "
               "that would expose it is not built yet", file=sys.stderr)
         return EXIT_FAIL
-    url = startup.cluster.redis
+    c = startup.cluster
 
     async def read() -> list[HealthEntry]:
-        store = RedisHealthStore(url)
+        store = RedisHealthStore(c.redis, prefix=f"{c.prefix}:proxyhealth:", timeout=c.timeout)
         try:
             return await store.entries()
         finally:

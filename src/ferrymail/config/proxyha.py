@@ -1,15 +1,16 @@
 """Config models for proxy-tier health and the cluster's shared store.
 
 Running (reloadable): ``proxyhealth`` (thresholds, suspension, back-off) and, per proxy,
-``proxyprotocol.check`` (active checks). Startup: ``cluster.redis`` (where instances share
-proxy health). Semantics in `ferrymail.delivery.health` and ``docs/proxy-tier.md``.
+``proxyprotocol.check`` (active checks). Instances share proxy health through the startup
+``cluster`` section (`ferrymail.config.policies.Cluster`). Semantics in
+`ferrymail.delivery.health` and ``docs/proxy-tier.md``.
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ferrymail.config.types import Host, Port, PositiveDuration, PositiveInt
 
@@ -63,9 +64,3 @@ class ProxyHealthPolicy(_Model):
         if self.suspend_max < self.suspend:
             raise ValueError("suspend_max must be at least suspend")
         return self
-
-
-class Cluster(_Model):
-    """Instances that share state through Redis (``redis://host:port/db``)."""
-
-    redis: Annotated[StrictStr, Field(pattern=r"^(redis|rediss|unix)://")]

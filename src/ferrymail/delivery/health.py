@@ -627,5 +627,6 @@ class HealthChecker:
 def health_store_for(startup: StartupConfig) -> HealthStore:
     """Redis when ``cluster.redis`` is set (health shared by the cluster), else in-process."""
     if startup.cluster is not None:
-        return RedisHealthStore(startup.cluster.redis)
+        c = startup.cluster
+        return RedisHealthStore(c.redis, prefix=f"{c.prefix}:proxyhealth:", timeout=c.timeout)
     return LocalHealthStore()
