@@ -531,7 +531,8 @@ transportgroups:
 
 
 @contextlib.contextmanager
-def ferrymail(d: Path, host: str = "127.0.0.1", args: tuple[str, ...] = ()) -> Iterator[Peer]:
+def ferrymail(d: Path, host: str = "127.0.0.1",
+              args: tuple[str, ...] = ("--workers", "1")) -> Iterator[Peer]:
     """`ferrymail run` with a direct and a PROXY-protocol listener and an fsynced spool;
     `args` go on its command line (e.g. `("--workers", "2")`)."""
     exe = VENV_BIN / "ferrymail"

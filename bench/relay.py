@@ -96,8 +96,7 @@ def start_mta(v: Variant, stack: contextlib.ExitStack, d: Path, sink: peers.Peer
                                                services=peers.POSTFIX_SMTP_SERVICE))
         return outbound.Postfix(pf, v.source, sink)
     workers = plan.workers if v.many else v.workers
-    fm = stack.enter_context(peers.ferrymail(
-        d, args=("--workers", str(workers)) if v.many else ()))
+    fm = stack.enter_context(peers.ferrymail(d, args=("--workers", str(workers))))
     ov = outbound.Variant(v.key, v.label, v.source, None)
     oplan = outbound.Plan(sizes=plan.sizes, messages=plan.messages, repeat=plan.repeat,
                           warmup=plan.warmup, sessions=plan.sessions,

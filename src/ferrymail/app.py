@@ -18,7 +18,7 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ferrymail.abnf import is_digits
 from ferrymail.config import (
@@ -35,6 +35,9 @@ from ferrymail.delivery.loops import OwnListeners
 from ferrymail.observe.log import log_event
 from ferrymail.smtp.server import SMTPServer
 from ferrymail.spool import SqliteSpool
+
+if TYPE_CHECKING:
+    from ferrymail.supervisor import WorkerSlot
 
 DEFAULT_GRACE = 5.0
 
@@ -69,13 +72,20 @@ class App:
 
     def __init__(self, startup: StartupConfig, running: RunningConfig, *,
                  startup_file: str | None = None, running_file: str | None = None,
-                 grace: float = DEFAULT_GRACE) -> None:
+                 grace: float = DEFAULT_GRACE, worker: WorkerSlot | None = None) -> None:
         self.startup = startup
         self.running = running
         self.startup_file = startup_file
         self.running_file = running_file
         self.grace = grace
-        self.spool = SqliteSpool(startup.spool.path, fsync=startup.spool.fsync)
+        # one of several worker processes (supervisor.py): its own spool shard, the
+        # supervisor's listening sockets, no pidfile of its own
+        self.worker = worker
+        if worker is None:
+            self.spool = SqliteSpool(startup.spool.path, fsync=startup.spool.fsync)
+        else:
+            self.spool = SqliteSpool(worker.spool_path, fsync=startup.spool.fsync,
+                                     shard=(worker.index, worker.count))
         # Outbound: reads self.running at each attempt; servers wake it when they store mail.
         self.delivery = DeliveryEngine(
             self.spool, lambda: self.running, hostname=startup.environment.hostname,
@@ -84,7 +94,8 @@ class App:
                                           for lst in s.listeners))
         self.servers: list[SMTPServer] = [
             SMTPServer(cfg, hostname=startup.hostname_for(cfg.id),
-                       spool=self.delivery.notifying(self.spool), running=lambda: self.running)
+                       spool=self.delivery.notifying(self.spool), running=lambda: self.running,
+                       sockets=worker.sockets[cfg.id] if worker is not None else None)
             for cfg in startup.servers
         ]
         # Started in this order after the spool, stopped in this order before it closes:
@@ -98,13 +109,13 @@ class App:
 
     @classmethod
     def from_files(cls, startup_file: str | None = None, running_file: str | None = None,
-                   **kwargs: float) -> App:
+                   **kwargs: float | WorkerSlot | None) -> App:
         """Load and cross-check both files (None: embedded defaults); raises ConfigError."""
         startup = load_startup(startup_file)
         running = load_running(running_file)
         cross_check(startup, running, running_file or "<embedded running.yaml>")
         return cls(startup, running, startup_file=startup_file, running_file=running_file,
-                   **kwargs)
+                   **kwargs)  # type: ignore[arg-type]
 
     # -- composition
 
@@ -135,7 +146,8 @@ class App:
             raise
         log_event("app.started", servers=",".join(s.id for s in self.servers),
                   listeners=",".join(f"{h}:{p}" for s in self.servers for h, p in s.listeners),
-                  spool=str(self.startup.spool.path), pid=os.getpid())
+                  spool=str(self.spool.path), pid=os.getpid(),
+                  worker=self.worker.index if self.worker is not None else None)
 
     async def stop(self) -> None:
         """Stop components in start order, then close the spool."""
@@ -183,13 +195,8 @@ class App:
         loop.set_exception_handler(_log_loop_exception)
         self._stop_requested = asyncio.Event()
         pidfile = Path(self.startup.environment.pidfile)
-        other = running_pid(pidfile)
-        if other is not None:
-            raise RuntimeError(f"ferrymail is already running (pid {other} in {pidfile})")
-        try:
-            write_pidfile(pidfile)
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot write pidfile {pidfile}: {exc.strerror}") from exc
+        if self.worker is None:  # a worker's supervisor holds the pidfile
+            claim_pidfile(pidfile)
         # Handlers go in before the listeners open: a SIGHUP's default action would kill us.
         # A reload asked for while starting is done once everything has started.
         hup_during_start: list[bool] = []
@@ -204,6 +211,8 @@ class App:
             remove_pidfile(pidfile)
             raise
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        if self.worker is not None:
+            self.worker.ready()
         if hup_during_start:
             self.reload()
         try:
@@ -291,6 +300,17 @@ def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         error=f"{type(exc).__name__}: {exc}" if exc is not None else None,
         at=(f"{where.tb_frame.f_code.co_filename}:{where.tb_lineno}" if where else None),
     )
+
+
+def claim_pidfile(pidfile: Path) -> None:
+    """Write our pid to ``pidfile``; RuntimeError if another live ferrymail holds it."""
+    other = running_pid(pidfile)
+    if other is not None:
+        raise RuntimeError(f"ferrymail is already running (pid {other} in {pidfile})")
+    try:
+        write_pidfile(pidfile)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write pidfile {pidfile}: {exc.strerror}") from exc
 
 
 def write_pidfile(path: Path) -> None:

@@ -23,6 +23,7 @@ def _age(seconds: float) -> str:
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
     from ferrymail.spool import SpoolError, SqliteSpool
+    from ferrymail.supervisor import shard_paths
 
     try:
         startup = load_startup(args.startup)
@@ -31,12 +32,19 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
     async def listing() -> list:
-        spool = SqliteSpool(startup.spool.path, readonly=True)  # works beside a running daemon
-        await spool.start()
-        try:
-            return await spool.list(args.limit)
-        finally:
-            await spool.close()
+        # every worker's shard (supervisor.py), read-only: works beside a running daemon
+        found: list = []
+        for path in shard_paths(startup.spool.path):
+            if not (path / "spool.db").exists():
+                continue
+            spool = SqliteSpool(path, readonly=True)
+            await spool.start()
+            try:
+                found += await spool.list(args.limit)
+            finally:
+                await spool.close()
+        found.sort(key=lambda m: m.queue_id)  # ids are time-ordered across shards
+        return found[:args.limit]
 
     if not Path(startup.spool.path).exists():
         print(f"ferrymail queue list: no spool at {startup.spool.path}", file=sys.stderr)

@@ -17,6 +17,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvloop
 
     from ferrymail.app import App
+    from ferrymail.supervisor import default_workers, run_workers
 
     try:
         app = App.from_files(args.startup, args.running)
@@ -24,6 +25,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_config_error(exc)
         return EXIT_CONFIG
     log.configure(app.startup.environment.logging.level)
+    workers = args.workers or app.startup.environment.workers or default_workers()
+    if workers > 1:
+        return run_workers(args.startup, args.running, app.startup, workers)
     try:
         uvloop.run(app.run())
     except KeyboardInterrupt:
@@ -87,6 +91,16 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of workers")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``run``, ``config check`` and ``reload`` to the ``ferrymail`` subparsers."""
     p = sub.add_parser("run", help="run the MTA (embedded defaults without options)",
@@ -94,6 +108,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_run)
     p.add_argument("--startup", metavar="FILE", help="startup configuration (YAML)")
     p.add_argument("--running", metavar="FILE", help="running configuration (YAML)")
+    p.add_argument("--workers", metavar="N", type=_positive,
+                   help="worker processes (default: environment.workers, else one per CPU)")
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)

@@ -106,6 +106,8 @@ class Environment(_Model):
     hostname: Hostname = Field(default_factory=socket.getfqdn)
     pidfile: Annotated[str, Field(min_length=1, strict=True)] = "./var/ferrymail.pid"
     logging: Logging = Field(default_factory=Logging)
+    # worker processes of `ferrymail run` (supervisor.py); None: one per CPU
+    workers: PositiveInt | None = None
 
 
 class Listener(_Model):

@@ -19,7 +19,7 @@ import resource
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
@@ -178,8 +178,12 @@ class SMTPServer:
     """One startup ``servers[]`` entry: its listeners and its live connections."""
 
     def __init__(self, config: StartupServer, *, hostname: str, spool: Spool,
-                 running: Callable[[], RunningConfig]) -> None:
+                 running: Callable[[], RunningConfig],
+                 sockets: Sequence[Sequence[socket.socket]] | None = None) -> None:
         self.config = config
+        # listening sockets opened by the supervisor, per listener (worker processes share
+        # them); None: open our own
+        self._sockets = sockets
         self.id = config.id
         self.hostname = hostname
         self.spool = spool
@@ -226,15 +230,24 @@ class SMTPServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for lst in self.config.listeners:
+        for i, lst in enumerate(self.config.listeners):
             host = None if lst.address is None else str(lst.address)
             name = format_addr(host or "*", lst.port)
             info = ListenerInfo(name, lst.proxyprotocol)
             try:
-                srv = await loop.create_server(
-                    lambda info=info: InboundConnection(self, info),
-                    host=host, port=lst.port, backlog=lst.backlog, reuse_address=True,
-                )
+                if self._sockets is not None:
+                    srv = await loop.create_server(
+                        lambda info=info: InboundConnection(self, info),
+                        sock=self._sockets[i][0], backlog=lst.backlog)
+                    for extra in self._sockets[i][1:]:
+                        self._servers.append(await loop.create_server(
+                            lambda info=info: InboundConnection(self, info), sock=extra,
+                            backlog=lst.backlog))
+                else:
+                    srv = await loop.create_server(
+                        lambda info=info: InboundConnection(self, info),
+                        host=host, port=lst.port, backlog=lst.backlog, reuse_address=True,
+                    )
             except OSError as exc:
                 await self.stop(0)
                 raise OSError(exc.errno, f"server {self.id}: cannot listen on {name}: "

@@ -310,6 +310,7 @@ class SqliteSpool(Spool):
         fsync: bool = True,
         min_free: int = DEFAULT_MIN_FREE,
         readonly: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.path = Path(path)
         self.db_path = self.path / DB_NAME
@@ -318,7 +319,7 @@ class SqliteSpool(Spool):
         self.readonly = readonly
         self.commits = 0  # transactions committed by the writer (one fsync each)
         self._state = _NEW
-        self._ids = QueueIdGenerator()
+        self._ids = QueueIdGenerator(*shard)  # (this spool, of how many): see supervisor.py
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None

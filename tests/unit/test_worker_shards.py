@@ -1,0 +1,47 @@
+"""Queue ids of spool shards (one per worker) and the shard layout, without processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ferrymail.spool.base import QueueIdGenerator
+from ferrymail.supervisor import shard_path, shard_paths
+
+
+@given(shards=st.integers(1, 16), data=st.data())
+def test_shard_ids_are_unique_across_shards_and_grow(shards: int, data: st.DataObject) -> None:
+    gens = [QueueIdGenerator(k, shards) for k in range(shards)]
+    seeds = data.draw(st.lists(st.integers(0, 2**62), min_size=shards, max_size=shards))
+    for gen, seed in zip(gens, seeds, strict=True):
+        gen.seed(seed)
+    seen: set[int] = set()
+    for k, gen in enumerate(gens):
+        last = seeds[k]
+        for _ in range(data.draw(st.integers(1, 50))):
+            value = gen.next_int()
+            assert value % shards == k
+            assert value > last
+            last = value
+            assert value not in seen
+            seen.add(value)
+
+
+def test_shard_must_be_in_range() -> None:
+    with pytest.raises(ValueError, match=r"shard 2 is not in 0\.\.1"):
+        QueueIdGenerator(2, 2)
+
+
+def test_shard_layout(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    assert shard_path(root, 0) == root
+    assert shard_path(root, 3) == root / "shard-3"
+    assert shard_paths(root) == []
+    for k in (0, 10, 2):
+        shard_path(root, k).mkdir(parents=True)
+    (root / "shard-x").mkdir()
+    (root / "shard-5").write_text("not a directory")
+    assert shard_paths(root) == [root, root / "shard-2", root / "shard-10"]
