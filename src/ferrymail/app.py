@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from ferrymail import privileges
 from ferrymail.abnf import is_digits
 from ferrymail.config import (
     ConfigError,
@@ -81,11 +82,10 @@ class App:
         # one of several worker processes (supervisor.py): its own spool shard, the
         # supervisor's listening sockets, no pidfile of its own
         self.worker = worker
-        if worker is None:
-            self.spool = SqliteSpool(startup.spool.path, fsync=startup.spool.fsync)
-        else:
-            self.spool = SqliteSpool(worker.spool_path, fsync=startup.spool.fsync,
-                                     shard=(worker.index, worker.count))
+        self.spool = SqliteSpool(
+            startup.spool.path if worker is None else worker.spool_path,
+            fsync=startup.spool.fsync, min_free=startup.spool.min_free,
+            shard=(0, 1) if worker is None else (worker.index, worker.count))
         # Outbound: reads self.running at each attempt; servers wake it when they store mail.
         self.delivery = DeliveryEngine(
             self.spool, lambda: self.running, hostname=startup.environment.hostname,
@@ -130,13 +130,28 @@ class App:
     # -- lifecycle
 
     async def start(self) -> None:
-        """Open the spool, then start every component; on failure undo what was started."""
+        """Bind the listeners, drop privileges (``environment.user``), open the spool, then
+        start every component; on failure undo what was started."""
         for key, name in hostname_problems(self.startup):
             log_event("config.hostname", "warning", key=key, hostname=name,
                       error=f"{name!r} is not a fully qualified domain name: the banner, "
                             "HELO and Message-IDs will say it, and many receivers refuse "
                             "such mail; set environment.hostname")
-        await self.spool.start()
+        env = self.startup.environment
+        creds = None if env.user is None else privileges.resolve(env.user, env.group)
+        try:
+            for srv in self.servers:
+                await srv.bind()
+            if creds is not None:
+                privileges.prepare_spool_dir(self.startup.spool.path, creds)
+                if self.spool.path != Path(self.startup.spool.path):  # a worker's shard
+                    privileges.prepare_spool_dir(self.spool.path, creds)
+                privileges.drop_privileges(creds)
+            await self.spool.start()
+        except BaseException:
+            for srv in self.servers:
+                await srv.stop(0)
+            raise
         try:
             for component in self.components:
                 await component.start()

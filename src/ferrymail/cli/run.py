@@ -25,6 +25,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_config_error(exc)
         return EXIT_CONFIG
     log.configure(app.startup.environment.logging.level)
+    # Whatever the daemon creates (spool files, SQLite's WAL and shared-memory files) is
+    # for its own user only.
+    os.umask(0o077)
     workers = args.workers or app.startup.environment.workers or default_workers()
     if workers > 1:
         return run_workers(args.startup, args.running, app.startup, workers)

@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from .accounts import GroupName, UserName
 from .inbound import InboundPolicy
 from .types import (
     DomainPattern,
@@ -52,6 +53,7 @@ from .types import (
     ProxyVersion,
     address_in,
     domain_matches,
+    parse_size,
     split_hook,
 )
 
@@ -106,6 +108,9 @@ class Environment(_Model):
     hostname: Hostname = Field(default_factory=socket.getfqdn)
     pidfile: Annotated[str, Field(min_length=1, strict=True)] = "./var/ferrymail.pid"
     logging: Logging = Field(default_factory=Logging)
+    # privileges dropped after binding, before the spool opens (privileges.py)
+    user: UserName | None = None
+    group: GroupName | None = None
     # worker processes of `ferrymail run` (supervisor.py); None: one per CPU
     workers: PositiveInt | None = None
 
@@ -173,6 +178,8 @@ class StartupServer(_Model):
 class Spool(_Model):
     path: Annotated[str, Field(min_length=1, strict=True)] = "./var/spool"
     fsync: StrictBool = True
+    # kept allocated for delivery results; stores refused without it (spool/reserve.py)
+    min_free: Annotated[int, BeforeValidator(parse_size)] = 16 * 1024 * 1024
 
 
 class StartupConfig(_Model):
@@ -206,6 +213,8 @@ class StartupConfig(_Model):
 def startup_problems(cfg: StartupConfig) -> list[Problem]:
     """Cross-field problems of a startup config, each with the key path it is about."""
     problems: list[Problem] = []
+    if cfg.environment.group is not None and cfg.environment.user is None:
+        problems.append((("environment", "group"), "environment.group needs environment.user"))
     seen: dict[str, int] = {}
     bound: list[tuple[IPAddressType | None, int, KeyPath]] = []
     for i, server in enumerate(cfg.servers):

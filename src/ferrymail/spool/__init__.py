@@ -11,12 +11,15 @@ from .base import (
     RecipientUpdate,
     Spool,
     SpoolError,
+    SpoolFull,
     format_queue_id,
     parse_queue_id,
 )
+from .body import BodyWriter, SpooledBody, body_bytes
 from .sqlite import SqliteSpool
 
 __all__ = [
+    "BodyWriter",
     "Envelope",
     "MessageNotFound",
     "ProxyInfo",
@@ -27,7 +30,10 @@ __all__ = [
     "RecipientUpdate",
     "Spool",
     "SpoolError",
+    "SpoolFull",
+    "SpooledBody",
     "SqliteSpool",
+    "body_bytes",
     "format_queue_id",
     "parse_queue_id",
 ]
