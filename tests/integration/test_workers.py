@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import smtplib
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -192,3 +194,31 @@ def test_workers_option_and_key_are_validated(tmp_path: Path):
     out = run_cli("config", "check", str(bad))
     assert out.returncode == 1
     assert out.stdout.startswith(f"{bad}:2: environment.workers: ")
+
+
+def test_workers_drop_privileges_each_and_own_their_shards(ferrymail_proc):
+    """environment.user with workers: the supervisor (root) binds, every worker runs as the
+    user, and the shard directories belong to it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (to switch users)")
+    world = Path(tempfile.mkdtemp(prefix="ferrymail-workers-priv-"))
+    os.chmod(world, 0o755)
+    try:
+        port = free_port()
+        doc = yaml.safe_load(startup_yaml(world, [server("s", [listener(port)])]))
+        doc["environment"]["user"] = "nobody"
+        proc = ferrymail_proc(yaml.safe_dump(doc), running_yaml(["s"]), wait=[(HOST, port)],
+                              workdir=world, workers=2)
+        proc.wait_log("event=supervisor.started", timeout=30)
+        for index in (0, 1):
+            uid = Path(f"/proc/{worker_pids(proc, index)[0]}/status").read_text()
+            assert re.search(r"^Uid:\s+65534\s+65534\s+65534\s+65534$", uid, re.M), uid
+        assert os.stat(f"/proc/{proc.pid}").st_uid == 0  # the supervisor forks the restarts
+        for _ in range(50):
+            assert relay_rcpt(port, "b@example.com") == 250
+        for shard in (world / "spool", world / "spool" / "shard-1"):
+            st = shard.stat()
+            assert (st.st_uid, st.st_mode & 0o777) == (65534, 0o700)
+        assert proc.stop() == 0
+    finally:
+        shutil.rmtree(world, ignore_errors=True)
