@@ -17,8 +17,9 @@ today's layout), worker k the subdirectory ``shard-k``. Queue ids are unique acr
   the first start fails the whole command (bad spool, port in use): nothing is half up.
 - Workers get SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``).
 
-Sockets are opened before the fork and shared (one accept queue per listener: a worker that
-dies loses no queued connection, the others keep accepting).
+Sockets are opened before the fork, one per worker and listener, sharing the port through
+SO_REUSEPORT (see ``listen_sockets``); the supervisor keeps them all open, so a restarted
+worker takes up its socket with the connections that queued meanwhile.
 
 Limits: each worker enforces ``queues.concurrency`` and the inbound limits for itself, so on
 one host they are N times the configured value until a host-wide limiter exists.
@@ -97,32 +98,49 @@ class WorkerSlot:
             self.ready_fd = None
 
 
-def listen_sockets(server: StartupServer) -> list[list[socket.socket]]:
-    """Listening sockets for each of ``server``'s listeners, as ``loop.create_server`` would
-    open them (SO_REUSEADDR; all addresses: IPv4 and IPv6). OSError names the listener."""
-    out: list[list[socket.socket]] = []
-    for lst in server.listeners:
-        host = None if lst.address is None else str(lst.address)
-        try:
-            if host is None:
-                if socket.has_dualstack_ipv6():
-                    sock = socket.create_server(("", lst.port), family=socket.AF_INET6,
-                                                backlog=lst.backlog, dualstack_ipv6=True)
-                else:
-                    sock = socket.create_server(("", lst.port), backlog=lst.backlog)
-            else:
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                sock = socket.create_server((host, lst.port), family=family,
-                                            backlog=lst.backlog)
-        except OSError as exc:
-            for group in out:
-                for s in group:
-                    s.close()
+def _bind(host: str | None, port: int, backlog: int, reuse_port: bool) -> socket.socket:
+    """One listening socket as ``loop.create_server`` opens it (SO_REUSEADDR; no address:
+    IPv6 and IPv4 on one socket where the system allows it)."""
+    if host is None:
+        family = socket.AF_INET6 if socket.has_dualstack_ipv6() else socket.AF_INET
+        return socket.create_server(("", port), family=family, backlog=backlog,
+                                    reuse_port=reuse_port,
+                                    dualstack_ipv6=family == socket.AF_INET6)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=backlog,
+                                reuse_port=reuse_port)
+
+
+def listen_sockets(server: StartupServer, copies: int) -> list[list[socket.socket]]:
+    """Per worker (``copies`` of them), one listening socket for each of ``server``'s
+    listeners: ``result[worker][listener]``.
+
+    The copies share the port through SO_REUSEPORT, so the kernel spreads new connections
+    evenly over the workers (one shared socket let whichever worker woke first take them:
+    77/23 splits measured, see docs/architecture.md). The supervisor keeps every copy open,
+    so connections for a worker being restarted wait in its backlog rather than being
+    refused. A plain bind first proves the port is free: SO_REUSEPORT alone would let a
+    second ferrymail of the same user share it silently. OSError names the listener."""
+    out: list[list[socket.socket]] = [[] for _ in range(copies)]
+    try:
+        for lst in server.listeners:
+            host = None if lst.address is None else str(lst.address)
             name = f"[{host}]:{lst.port}" if host and ":" in host else f"{host or '*'}:{lst.port}"
-            raise OSError(exc.errno, f"server {server.id}: cannot listen on {name}: "
-                          f"{exc.strerror}") from exc
-        sock.setblocking(False)
-        out.append([sock])
+            try:
+                _bind(host, lst.port, lst.backlog, reuse_port=False).close()
+                port = lst.port
+                for k in range(copies):
+                    sock = _bind(host, port, lst.backlog, reuse_port=True)
+                    sock.setblocking(False)
+                    out[k].append(sock)
+            except OSError as exc:
+                raise OSError(exc.errno, f"server {server.id}: cannot listen on {name}: "
+                              f"{exc.strerror}") from exc
+    except BaseException:
+        for group in out:
+            for sock in group:
+                sock.close()
+        raise
     return out
 
 
@@ -170,7 +188,7 @@ class Supervisor:
             try:
                 self._check_shards_free()
                 for server in self.startup.servers:
-                    self._sockets[server.id] = listen_sockets(server)
+                    self._sockets[server.id] = listen_sockets(server, self.count)
             except (OSError, RuntimeError) as exc:
                 log_event("app.start_failed", "error", error=f"{type(exc).__name__}: {exc}")
                 return 1
@@ -184,10 +202,10 @@ class Supervisor:
                       spool=str(self.startup.spool.path))
             return self._serve()
         finally:
-            for group in self._sockets.values():
-                for socks in group:
-                    for s in socks:
-                        s.close()
+            for copies in self._sockets.values():
+                for group in copies:
+                    for sock in group:
+                        sock.close()
             remove_pidfile(pidfile)
 
     # -- signals: recorded by the handler, acted on by the loop
@@ -245,8 +263,10 @@ class Supervisor:
 
     def _spawn(self, w: _Worker) -> None:
         r, wfd = os.pipe()
+        mine = {sid: [[sock] for sock in copies[w.index]]
+                for sid, copies in self._sockets.items()}
         slot = WorkerSlot(w.index, self.count, shard_path(self.startup.spool.path, w.index),
-                          self._sockets, wfd)
+                          mine, wfd)
         slot.spool_path.mkdir(parents=True, exist_ok=True)
         sys.stdout.flush()
         sys.stderr.flush()

@@ -222,3 +222,22 @@ def test_workers_drop_privileges_each_and_own_their_shards(ferrymail_proc):
         assert proc.stop() == 0
     finally:
         shutil.rmtree(world, ignore_errors=True)
+
+
+def test_a_second_instance_cannot_share_the_port(ferrymail_proc, tmp_path: Path):
+    """Workers share their port through SO_REUSEPORT; another ferrymail (same user, other
+    pidfile and spool) must still be refused the port, not silently get half the clients."""
+    port = free_port()
+    startup = startup_yaml(tmp_path, [server("s", [listener(port)])])
+    first = ferrymail_proc(startup, running_yaml(["s"]), wait=[(HOST, port)], workers=2)
+    first.wait_log("event=supervisor.started", timeout=30)
+    other = tmp_path / "other.yaml"
+    other.write_text(startup.replace(str(tmp_path / "ferrymail.pid"), str(tmp_path / "2.pid"))
+                     .replace(str(tmp_path / "spool"), str(tmp_path / "spool2")))
+    assert first.running_path is not None
+    out = run_cli("run", "--workers", "2", "--startup", str(other), "--running",
+                  str(first.running_path), cwd=tmp_path)
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
+    assert not (tmp_path / "2.pid").exists()
+    assert first.proc.poll() is None
