@@ -92,6 +92,10 @@ def start_mta(v: Variant, stack: contextlib.ExitStack, d: Path, sink: peers.Peer
     if v.workers is None:
         settings = peers.postfix_relay_settings(sink.host, sink.port, v.source,
                                                 concurrency=plan.concurrency, reuse=plan.reuse)
+        # Short queue ids are the inode and the microseconds only: with queue files created
+        # and removed all the time (steady state), an id comes back within one cycle and the
+        # dump check would see a duplicate delivery that is none.
+        settings["enable_long_queue_ids"] = "yes"
         pf = stack.enter_context(peers.postfix(d, settings=settings,
                                                services=peers.POSTFIX_SMTP_SERVICE))
         return outbound.Postfix(pf, v.source, sink)
@@ -411,7 +415,8 @@ Notes:
   line per transaction and per delivery attempt. With N workers every worker listens on the
   same port (`SO_REUSEPORT`) and owns its own spool shard.
 - Postfix: `relayhost = [127.0.0.1]:SINK`, `smtp_bind_address = 127.0.0.4`,
-  `in_flow_delay = 0s`, connection cache on demand; its CPU is the whole instance.
+  `in_flow_delay = 0s`, connection cache on demand, `enable_long_queue_ids = yes` (short ids
+  repeat in steady state and would read as duplicates); its CPU is the whole instance.
 """
 
 
