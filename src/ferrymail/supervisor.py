@@ -79,6 +79,22 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def choose_workers(option: int | None, configured: int | None, cpus: int,
+                   local_shaping: bool) -> tuple[int, str]:
+    """(worker count, why) for ``ferrymail run``: ``--workers``, else ``environment.workers``,
+    else one per CPU, except that delivery policies limited in-process (``policies`` without
+    a Redis ``cluster``) keep the default at 1 worker: the in-process limiter counts per
+    worker, so N workers would let N times the configured limits through. An explicit
+    count is obeyed (the caller warns)."""
+    if option is not None:
+        return option, "--workers"
+    if configured is not None:
+        return configured, "environment.workers"
+    if local_shaping:
+        return 1, "policies limited in-process (no cluster): one worker keeps them exact"
+    return cpus, "one per CPU"
+
+
 @dataclass
 class WorkerSlot:
     """What a worker process needs from its supervisor."""

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ferrymail.spool.base import QueueIdGenerator
-from ferrymail.supervisor import shard_path, shard_paths
+from ferrymail.supervisor import choose_workers, shard_path, shard_paths
 
 
 @given(shards=st.integers(1, 16), data=st.data())
@@ -45,3 +45,11 @@ def test_shard_layout(tmp_path: Path) -> None:
     (root / "shard-x").mkdir()
     (root / "shard-5").write_text("not a directory")
     assert shard_paths(root) == [root, root / "shard-2", root / "shard-10"]
+
+
+def test_worker_count_choice() -> None:
+    assert choose_workers(3, 2, 8, True) == (3, "--workers")
+    assert choose_workers(None, 2, 8, True) == (2, "environment.workers")
+    assert choose_workers(None, None, 8, False) == (8, "one per CPU")
+    count, why = choose_workers(None, None, 8, True)
+    assert count == 1 and "in-process" in why

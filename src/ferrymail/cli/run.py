@@ -17,7 +17,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvloop
 
     from ferrymail.app import App
-    from ferrymail.supervisor import default_workers, run_workers
+    from ferrymail.supervisor import choose_workers, default_workers, run_workers
 
     try:
         app = App.from_files(args.startup, args.running)
@@ -28,8 +28,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Whatever the daemon creates (spool files, SQLite's WAL and shared-memory files) is
     # for its own user only.
     os.umask(0o077)
-    workers = args.workers or app.startup.environment.workers or default_workers()
+    # policies/cluster come with the orchestrator; getattr keeps this valid without them
+    local_shaping = (bool(getattr(app.running, "policies", ()))
+                     and getattr(app.startup, "cluster", None) is None)
+    workers, why = choose_workers(args.workers, app.startup.environment.workers,
+                                  default_workers(), local_shaping)
+    if workers > 1 and local_shaping:
+        log.log_event("supervisor.limits_per_worker", "warning", workers=workers,
+                      error="policies are limited in-process: each worker enforces them "
+                            "for itself, so the host may send up to "
+                            f"{workers} times the configured limits; run one worker or "
+                            "configure a cluster")
     if workers > 1:
+        log.log_event("supervisor.workers", workers=workers, why=why)
         return run_workers(args.startup, args.running, app.startup, workers)
     try:
         uvloop.run(app.run())
