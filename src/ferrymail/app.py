@@ -161,8 +161,7 @@ class App:
             raise
         log_event("app.started", servers=",".join(s.id for s in self.servers),
                   listeners=",".join(f"{h}:{p}" for s in self.servers for h, p in s.listeners),
-                  spool=str(self.spool.path), pid=os.getpid(),
-                  worker=self.worker.index if self.worker is not None else None)
+                  spool=str(self.spool.path), pid=os.getpid())
 
     async def stop(self) -> None:
         """Stop components in start order, then close the spool."""

@@ -384,8 +384,23 @@ def run_workers(startup_file: str | None, running_file: str | None, startup: Sta
         import uvloop
 
         from ferrymail.app import App
+        from ferrymail.config import ConfigError, cross_check, load_running
+        from ferrymail.observe import log
 
-        app = App.from_files(startup_file, running_file, worker=slot)
+        # The startup configuration is the supervisor's (its sockets were opened for it: a
+        # startup file edited since then is not read); the running file as it is now.
+        log.set_context(worker=slot.index)
+        name = running_file or "<embedded running.yaml>"
+        try:
+            running = load_running(running_file)
+            cross_check(startup, running, name)
+        except ConfigError as exc:
+            for err in exc.errors:
+                log_event("worker.config_failed", "error", file=err.file, line=err.line,
+                          key=err.path, error=err.message)
+            return 2
+        app = App(startup, running, startup_file=startup_file, running_file=running_file,
+                  worker=slot)
         try:
             uvloop.run(app.run())
         except KeyboardInterrupt:

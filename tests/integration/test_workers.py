@@ -76,6 +76,11 @@ def test_reload_reaches_every_worker_and_queue_list_sees_every_shard(ferrymail_p
     else:
         pytest.fail("300 connections never reached both workers")
 
+    # one log for all workers: each worker's lines say which worker wrote them
+    txn = [line for line in proc.logs() if "event=smtp.transaction " in line]
+    assert txn and all(re.search(r" worker=[01]$", line) for line in txn), txn[:3]
+    assert {line[-1] for line in txn} == {"0", "1"}
+
     ids0 = [m.queue_id for m in spool_messages(spool)]
     ids1 = [m.queue_id for m in spool_messages(spool / "shard-1")]
     # queue ids never collide across shards: shard k hands out ids = k modulo 2
@@ -136,6 +141,10 @@ def test_sigkill_of_a_worker_under_load_loses_nothing_and_restarts_it(ferrymail_
         deadline = time.monotonic() + 30
         while len(acked) < 60 and time.monotonic() < deadline:
             time.sleep(0.01)
+        # startup is not reloadable: a restarted worker uses the supervisor's, whatever
+        # the file says by now
+        assert proc.startup_path is not None
+        proc.startup_path.write_text("servers: [this is not a startup file]\n")
         os.kill(victim, signal.SIGKILL)
         for th in threads:
             th.join(60)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ferrymail.observe import log
 from ferrymail.spool.base import QueueIdGenerator
 from ferrymail.supervisor import choose_workers, shard_path, shard_paths
 
@@ -53,3 +55,21 @@ def test_worker_count_choice() -> None:
     assert choose_workers(None, None, 8, False) == (8, "one per CPU")
     count, why = choose_workers(None, None, 8, True)
     assert count == 1 and "in-process" in why
+
+
+def test_log_context_ends_every_line() -> None:
+    out = io.StringIO()
+    log.configure("info", out)
+    try:
+        log.set_context(worker=3)
+        log.log_event("a.b", x="1 2")
+        log.log_formatted("c.d", "info", "y=2")
+        log.set_context()
+        log.log_event("e.f")
+    finally:
+        log.set_context()
+        log.configure("info", None)
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith(' event=a.b x="1 2" worker=3')
+    assert lines[1].endswith(" event=c.d y=2 worker=3")
+    assert lines[2].endswith(" event=e.f")
