@@ -213,7 +213,8 @@ class App:
             claim_pidfile(pidfile)
         # Handlers go in before the listeners open: a SIGHUP's default action would kill us.
         # A reload asked for while starting is done once everything has started.
-        hup_during_start: list[bool] = []
+        # (a worker also counts the SIGHUPs that came between its fork and this point)
+        hup_during_start: list[bool] = self.worker.hups if self.worker is not None else []
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, hup_during_start.append, True)

@@ -104,6 +104,10 @@ class WorkerSlot:
     spool_path: Path
     sockets: dict[str, list[list[socket.socket]]]  # server id -> per listener -> sockets
     ready_fd: int | None = None
+    hups: list[bool] = field(default_factory=list)  # SIGHUPs before the App's handler
+
+    def catch_hup(self, sig: int, frame: object) -> None:
+        self.hups.append(True)
 
     def ready(self) -> None:
         """Tell the supervisor this worker is serving (once)."""
@@ -294,8 +298,11 @@ class Supervisor:
                 for other in self.workers:
                     if other.ready_r is not None:
                         os.close(other.ready_r)
-                for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
+                # a reload sent while this worker starts is done once it serves (App.run),
+                # neither lost nor (the default action) fatal
+                signal.signal(signal.SIGHUP, slot.catch_hup)
                 _die_with_parent()
                 code = self.run_worker(slot)
             except BaseException as exc:  # never return into the supervisor's loop
