@@ -250,4 +250,3 @@ def test_a_second_instance_cannot_share_the_port(ferrymail_proc, tmp_path: Path)
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
     assert not (tmp_path / "2.pid").exists()
     assert first.proc.poll() is None
-
