@@ -102,7 +102,7 @@ class WorkerSlot:
     index: int
     count: int
     spool_path: Path
-    sockets: dict[str, list[list[socket.socket]]]  # server id -> per listener -> sockets
+    sockets: dict[str, list[socket.socket]]  # server id -> one socket per listener
     ready_fd: int | None = None
     hups: list[bool] = field(default_factory=list)  # SIGHUPs before the App's handler
 
@@ -283,8 +283,7 @@ class Supervisor:
 
     def _spawn(self, w: _Worker) -> None:
         r, wfd = os.pipe()
-        mine = {sid: [[sock] for sock in copies[w.index]]
-                for sid, copies in self._sockets.items()}
+        mine = {sid: copies[w.index] for sid, copies in self._sockets.items()}
         slot = WorkerSlot(w.index, self.count, shard_path(self.startup.spool.path, w.index),
                           mine, wfd)
         slot.spool_path.mkdir(parents=True, exist_ok=True)
