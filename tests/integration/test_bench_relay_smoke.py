@@ -1,5 +1,6 @@
 """Smoke test of bench/relay.py: a tiny steady-state relay run against real peers (smtp-source,
-ferrymail, Postfix, smtp-sink) prints its table with every relayed message checked.
+ferrymail with 1 and 2 workers, Postfix, smtp-sink) prints its table with every relayed
+message checked.
 
 No timing assertions: only that the harness works end to end.
 """
@@ -30,22 +31,22 @@ def test_quick_run_relays_and_checks_every_message() -> None:
         pytest.skip("Postfix (mail_owner) needs root")
     proc = subprocess.run(
         [sys.executable, str(BENCH / "relay.py"), "--quick", "--messages", "60",
-         "--only", "ferrymail-1,postfix"],
+         "--workers", "2"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "| variant | size | msgs/cycle | msg/s (median) |" in out
     for v in relay.VARIANTS:
-        if v.key == "ferrymail-n":
-            continue
+        label = "ferrymail, 2 workers" if v.many else v.label
         for size in ("2 KB", "100 KB"):
             check = rf"(?P<n>\d+)/(?P=n), distinct, all from {re.escape(v.source)}, as logged"
-            row = re.search(rf"^\| {re.escape(v.label)} \| {size} \| [\d,]+ \| ([\d,]+) \|.*"
+            row = re.search(rf"^\| {re.escape(label)} \| {size} \| [\d,]+ \| ([\d,]+) \|.*"
                             rf"\| {check} \|$", out, re.M)
             assert row, f"no row for {v.key} {size} in:\n{out}"
             assert int(row.group(1).replace(",", "")) > 0
     assert "| ferrymail-1 / postfix |" in out
+    assert "| ferrymail-n / ferrymail-1 |" in out
 
 
 def test_write_results_replaces_only_the_relay_section(tmp_path: Path) -> None:

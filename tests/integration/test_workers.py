@@ -67,7 +67,8 @@ def test_reload_reaches_every_worker_and_queue_list_sees_every_shard(ferrymail_p
 
     assert proc.running_path is not None
     proc.running_path.write_text(running_yaml(["s"]))  # relay for loopback, hold the queue
-    proc.reload()
+    out = run_cli("reload", "--startup", str(proc.startup_path), cwd=tmp_path)
+    assert out.returncode == 0 and f"(pid {proc.pid})" in out.stdout, out.stderr
     proc.wait_log("event=config.reloaded", count=2, timeout=15)
     for _ in range(300):
         assert relay_rcpt(port) == 250  # no worker kept the old configuration
