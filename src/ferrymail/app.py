@@ -33,6 +33,7 @@ from ferrymail.config import (
 from ferrymail.config.models import DEFAULT_TRUSTED_PROXIES
 from ferrymail.delivery.engine import DeliveryEngine
 from ferrymail.delivery.loops import OwnListeners
+from ferrymail.delivery.scheduler import DESTINATIONS_FILE
 from ferrymail.observe.log import log_event
 from ferrymail.smtp.server import SMTPServer
 from ferrymail.spool import SqliteSpool
@@ -91,7 +92,8 @@ class App:
             self.spool, lambda: self.running, hostname=startup.environment.hostname,
             hook_base_dir=Path(running_file).resolve().parent if running_file else None,
             own_listeners=OwnListeners.of((lst.address, lst.port) for s in startup.servers
-                                          for lst in s.listeners))
+                                          for lst in s.listeners),
+            state_path=self.spool.path / DESTINATIONS_FILE)  # a worker: in its shard
         self.servers: list[SMTPServer] = [
             SMTPServer(cfg, hostname=startup.hostname_for(cfg.id),
                        spool=self.delivery.notifying(self.spool), running=lambda: self.running,

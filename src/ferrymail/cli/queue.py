@@ -63,6 +63,15 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
             extra = f"  attempts={rcpt.attempts}" if rcpt.attempts else ""
             reply = f'  last="{rcpt.last_reply}"' if rcpt.last_reply else ""
             print(f"    <{rcpt.address}>  {rcpt.state.value}{extra}{reply}")
+    from ferrymail.delivery.scheduler import destination_lines
+
+    shards = shard_paths(startup.spool.path)
+    for shard in shards:  # written by each worker's scheduler
+        lines = destination_lines(shard, now)
+        if lines and len(shards) > 1:
+            lines[0] = f"{lines[0]} [{shard}]"
+        for line in lines:
+            print(line)
     print(f"{len(messages)} message(s)" + (" (limit reached)" if len(messages) >= args.limit
                                          else ""))
     return EXIT_OK
