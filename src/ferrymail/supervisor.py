@@ -71,6 +71,18 @@ def shard_paths(root: str | Path) -> list[Path]:
     return found
 
 
+def unserved_shards(root: str | Path, count: int) -> list[Path]:
+    """Shards under ``root`` holding a spool that ``count`` workers leave alone (left by a
+    larger worker count before): their mail is kept but not delivered until the count is
+    raised again."""
+    out = []
+    for path in shard_paths(root)[1:]:
+        index = int(path.name.removeprefix(SHARD_PREFIX))
+        if index >= count and (path / "spool.db").exists():
+            out.append(path)
+    return out
+
+
 def default_workers() -> int:
     """The CPUs this process may run on."""
     try:

@@ -95,6 +95,12 @@ def test_reload_reaches_every_worker_and_queue_list_sees_every_shard(ferrymail_p
     assert proc.stop() == 0
     assert not (tmp_path / "ferrymail.pid").exists()
 
+    # one worker now: shard-1's mail is kept, listed, and its being left alone is said
+    single = ferrymail_proc(startup, running_yaml(["s"]), wait=[(HOST, port)], workers=1)
+    single.wait_log(r"level=warning event=spool\.shard_unserved .*shard-1", timeout=10)
+    out = run_cli("queue", "list", "--startup", str(proc.startup_path), cwd=tmp_path)
+    assert f"{len(ids0) + len(ids1)} message(s)" in out.stdout
+
 
 def relay_to(sink_port: int) -> str:
     doc = {

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ferrymail.observe import log
 from ferrymail.spool.base import QueueIdGenerator
-from ferrymail.supervisor import choose_workers, shard_path, shard_paths
+from ferrymail.supervisor import choose_workers, shard_path, shard_paths, unserved_shards
 
 
 @given(shards=st.integers(1, 16), data=st.data())
@@ -73,3 +73,14 @@ def test_log_context_ends_every_line() -> None:
     assert lines[0].endswith(' event=a.b x="1 2" worker=3')
     assert lines[1].endswith(" event=c.d y=2 worker=3")
     assert lines[2].endswith(" event=e.f")
+
+
+def test_unserved_shards_are_those_of_a_larger_worker_count(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    for k in (0, 1, 2, 3):
+        shard_path(root, k).mkdir(parents=True)
+    for k in (0, 1, 3):
+        (shard_path(root, k) / "spool.db").write_bytes(b"")
+    assert unserved_shards(root, 4) == []
+    assert unserved_shards(root, 2) == [root / "shard-3"]  # shard-2 holds no spool
+    assert unserved_shards(root, 1) == [root / "shard-1", root / "shard-3"]

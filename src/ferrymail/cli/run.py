@@ -17,7 +17,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvloop
 
     from ferrymail.app import App
-    from ferrymail.supervisor import choose_workers, default_workers, run_workers
+    from ferrymail.supervisor import (
+        choose_workers,
+        default_workers,
+        run_workers,
+        unserved_shards,
+    )
 
     try:
         app = App.from_files(args.startup, args.running)
@@ -39,6 +44,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                             "for itself, so the host may send up to "
                             f"{workers} times the configured limits; run one worker or "
                             "configure a cluster")
+    for shard in unserved_shards(app.startup.spool.path, workers):
+        log.log_event("spool.shard_unserved", "warning", shard=str(shard), workers=workers,
+                      error="a spool shard of a larger worker count: its mail stays queued "
+                            "until ferrymail runs with more workers again")
     if workers > 1:
         log.log_event("supervisor.workers", workers=workers, why=why)
         return run_workers(args.startup, args.running, app.startup, workers)
