@@ -35,6 +35,8 @@ from ferrymail.delivery.engine import DeliveryEngine
 from ferrymail.delivery.loops import OwnListeners
 from ferrymail.delivery.scheduler import DESTINATIONS_FILE
 from ferrymail.observe.log import log_event
+from ferrymail.orchestrator.limiter import STATUS_FILE, Limiter
+from ferrymail.orchestrator.local import LocalLimiter
 from ferrymail.smtp.server import SMTPServer
 from ferrymail.spool import SqliteSpool
 
@@ -42,6 +44,32 @@ if TYPE_CHECKING:
     from ferrymail.supervisor import WorkerSlot
 
 DEFAULT_GRACE = 5.0
+
+
+def make_limiter(startup: StartupConfig, worker: WorkerSlot | None = None) -> Limiter:
+    """The shaping limiter: cluster-wide through Redis with a ``cluster`` section, else
+    in-process (suspensions in the spool directory).
+
+    A worker process (supervisor.py) is a cluster member of its own: its instance id is the
+    configured (or default) one plus ``/wK``, and it writes the cluster state file in its
+    shard; suspensions stay in the spool directory itself, shared by all workers."""
+    if startup.cluster is None:
+        return LocalLimiter.for_spool(startup.spool.path)
+    from ferrymail.orchestrator.redis import RedisLimiter
+
+    cfg, status_dir = startup.cluster, Path(startup.spool.path)
+    if worker is not None:
+        base = cfg.instance or default_instance(startup)
+        cfg = cfg.model_copy(update={"instance": f"{base}/w{worker.index}"})
+        status_dir = worker.spool_path
+    return RedisLimiter(cfg, default_instance=default_instance(startup),
+                        status_file=status_dir / STATUS_FILE)
+
+
+def default_instance(startup: StartupConfig) -> str:
+    """Host name + listener ports: unique per instance on one host."""
+    ports = sorted({str(lst.port) for s in startup.servers for lst in s.listeners})
+    return "-".join([startup.environment.hostname, *ports])
 
 
 class Component(Protocol):
@@ -93,7 +121,8 @@ class App:
             hook_base_dir=Path(running_file).resolve().parent if running_file else None,
             own_listeners=OwnListeners.of((lst.address, lst.port) for s in startup.servers
                                           for lst in s.listeners),
-            state_path=self.spool.path / DESTINATIONS_FILE)  # a worker: in its shard
+            state_path=self.spool.path / DESTINATIONS_FILE,  # a worker: in its shard
+            limiter=make_limiter(startup, worker))
         self.servers: list[SMTPServer] = [
             SMTPServer(cfg, hostname=startup.hostname_for(cfg.id),
                        spool=self.delivery.notifying(self.spool), running=lambda: self.running,

@@ -257,3 +257,19 @@ def test_a_second_instance_cannot_share_the_port(ferrymail_proc, tmp_path: Path)
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
     assert not (tmp_path / "2.pid").exists()
     assert first.proc.poll() is None
+
+
+def test_in_process_policies_keep_the_default_at_one_worker(ferrymail_proc, tmp_path: Path):
+    """No host-wide limiter yet: with policies and no cluster, `run` without a count starts
+    one process (limits exact), and an explicit count above 1 says the limits are per
+    worker."""
+    port = free_port()
+    startup = startup_yaml(tmp_path, [server("s", [listener(port)])])
+    running = running_yaml(["s"]) + "policies:\n  - fields: [localip]\n" \
+                                    "    default: {concurrency: 2}\n"
+    single = ferrymail_proc(startup, running, wait=[(HOST, port)], workers=None)
+    assert not [ln for ln in single.logs() if "event=supervisor." in ln or " worker=" in ln]
+    assert single.stop() == 0
+    many = ferrymail_proc(startup, running, wait=[(HOST, port)], workers=2)
+    many.wait_log("event=supervisor.started", timeout=30)
+    many.wait_log(r"level=warning event=supervisor\.limits_per_worker workers=2 ")

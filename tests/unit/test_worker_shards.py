@@ -84,3 +84,18 @@ def test_unserved_shards_are_those_of_a_larger_worker_count(tmp_path: Path) -> N
     assert unserved_shards(root, 4) == []
     assert unserved_shards(root, 2) == [root / "shard-3"]  # shard-2 holds no spool
     assert unserved_shards(root, 1) == [root / "shard-1", root / "shard-3"]
+
+
+def test_each_worker_is_a_cluster_member_of_its_own(tmp_path: Path) -> None:
+    from ferrymail.app import make_limiter
+    from ferrymail.config.loader import parse_startup
+    from ferrymail.supervisor import WorkerSlot
+
+    text = (f"spool: {{path: {tmp_path / 'spool'}}}\n"
+            "cluster: {redis: 'redis://127.0.0.1:1', instance: mx1}\n")
+    startup = parse_startup(text, "startup.yaml")
+    single = make_limiter(startup)
+    slot = WorkerSlot(1, 2, shard_path(tmp_path / "spool", 1), {})
+    worker = make_limiter(startup, slot)
+    assert single.cluster.instance == "mx1"  # type: ignore[attr-defined]
+    assert worker.cluster.instance == "mx1/w1"  # type: ignore[attr-defined]

@@ -33,9 +33,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Whatever the daemon creates (spool files, SQLite's WAL and shared-memory files) is
     # for its own user only.
     os.umask(0o077)
-    # policies/cluster come with the orchestrator; getattr keeps this valid without them
-    local_shaping = (bool(getattr(app.running, "policies", ()))
-                     and getattr(app.startup, "cluster", None) is None)
+    local_shaping = bool(app.running.policies) and app.startup.cluster is None
     workers, why = choose_workers(args.workers, app.startup.environment.workers,
                                   default_workers(), local_shaping)
     if workers > 1 and local_shaping:
