@@ -189,3 +189,16 @@ def test_proxy_failures_say_nothing_about_the_destination() -> None:
     at_fault = {id(proxied)}
     assert destination_feedback(proxied, lambda o: id(o) in at_fault) == (None, "")
     assert destination_feedback(cut, lambda o: id(o) in at_fault)[0] is False
+
+
+def test_pairs_cut_by_a_dying_proxy_come_back_with_it() -> None:
+    h, seen = book(bind=Threshold(failures=1, window=60.0), spread=3)
+    h.failure(C, "bind", "EOF", 1.0)  # long before the proxy died: stays suspended
+    h.failure(A, "bind", "EOF", 10.0)  # a session cut as the proxy died
+    h.check_result(P, False, "refused", 11.0)
+    h.failure(B, "bind", "EOF", 11.5)  # while the proxy is down: not the pair's fault
+    assert h.state(str(P), B.address, 12.0) == "up"
+    h.check_result(P, True, "", 13.0)
+    assert h.state(str(P), None, 13.0) == "up" and h.state(str(P), A.address, 13.0) == "up"
+    assert h.state(str(P), C.address, 13.0) == "suspended"
+    assert "its proxy is back" in seen[-1].reason

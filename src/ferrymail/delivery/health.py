@@ -50,6 +50,7 @@ from ferrymail.observe.log import log_event
 FailureClass = Literal["connect", "bind", "check"]
 State = Literal["up", "suspended", "probing"]
 PROBE_CLAIM = 60.0  # seconds one probe may take before another may be tried
+PROXY_DEATH_GRACE = 5.0  # pair failures this long before a proxy went down are the proxy's
 SUSPECT_FOR = 10.0  # seconds others avoid a proxy whose session just broke, unless resolved
 MAX_TRACKED = 10000  # (proxy, source) pairs remembered; the healthy oldest are forgotten
 
@@ -242,6 +243,8 @@ class HealthBook:
         if source.proxy is None:
             return
         proxy = str(source.proxy)
+        if cls == "bind" and self.state(proxy, None, now) == "suspended":
+            return  # the proxy is down: that explains an EOF, the pair is not to blame
         if cls == "bind":
             self._count((proxy, source.address), cls, reason, now, self.policy.bind.failures,
                         self.policy.bind.window)
@@ -265,7 +268,16 @@ class HealthBook:
             t = self._tracks.get(key)
             if t is not None and t.entry.state != "up" and t.entry.failure_class in (
                     "connect", "check"):
+                down_since = t.entry.since
                 self._up(key, now, "active check connected")
+                # pairs that failed as their proxy died (sessions it cut) come back with it
+                self._bind_sources.pop(key[0], None)
+                for (name, src), pt in list(self._tracks.items()):
+                    if (name == key[0] and src is not None and pt.entry.state != "up"
+                            and pt.entry.failure_class == "bind"
+                            and pt.entry.since >= down_since - PROXY_DEATH_GRACE):
+                        self._up((name, src), now, "its proxy is back (the failure was the "
+                                 "proxy's)")
             return
         self._count(key, "check", reason, now, self.policy.connect.failures,
                     self.policy.connect.window)
