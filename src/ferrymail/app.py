@@ -15,10 +15,13 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from ferrymail.admin.queue import QueueService
+from ferrymail.admin.server import AdminServer
 from ferrymail.config import (
     ConfigError,
     RunningConfig,
@@ -85,6 +88,12 @@ class App:
         # inbound first (stop taking mail), then whatever was added (e.g. delivery).
         self.components: list[Component] = [_InboundServer(s, grace) for s in self.servers]
         self.components.append(self.delivery)
+        # Operations: the admin API (routes: admin.routes.add) and the queue commands over it.
+        self.last_reload: dict[str, object] | None = None
+        self.admin = AdminServer(self)
+        self.queue = QueueService(self)
+        self.queue.register(self.admin.routes)
+        self.components.append(self.admin)
         self._reload_callbacks: list[Callable[[RunningConfig], None]] = [
             self.delivery.config_changed]
         self._started: list[Component] = []
@@ -139,18 +148,28 @@ class App:
 
     def reload(self) -> bool:
         """Re-read the running file; on any error keep the current config and log why."""
+        return not self.reload_verdict()
+
+    def reload_verdict(self) -> list[dict[str, object]]:
+        """Reload and return the errors (``file``, ``line``, ``key``, ``message``, ``detail``:
+        the ``FILE:LINE: KEYPATH: MESSAGE`` line); [] when the new config is in force."""
         name = self.running_file or "<embedded running.yaml>"
         try:
             new = load_running(self.running_file)
             cross_check(self.startup, new, name)
         except ConfigError as exc:
+            errors: list[dict[str, object]] = []
             for err in exc.errors:
                 log_event("config.reload_failed", "error", file=err.file, line=err.line,
                           key=err.path, error=err.message, detail=str(err))
-            return False
+                errors.append({"file": err.file, "line": err.line, "key": err.path,
+                               "message": err.message, "detail": str(err)})
+            self.last_reload = {"at": time.time(), "ok": False, "errors": errors}
+            return errors
         self.set_running(new)
+        self.last_reload = {"at": time.time(), "ok": True, "file": name}
         log_event("config.reloaded", file=name)
-        return True
+        return []
 
     def set_running(self, running: RunningConfig) -> None:
         """Swap the running configuration (sessions see it at their next RCPT)."""

@@ -1,15 +1,29 @@
-"""``ferrymail queue …``: inspect the spool."""
+"""``ferrymail queue …``: list, show, summary, retry, hold, release, delete, bounce.
+
+Every subcommand goes through the daemon's admin API when it runs, so changes are applied by
+the daemon and never race a delivery in progress. ``list``, ``show`` and ``summary`` fall back
+to reading the spool (read-only, beside nothing or a stopped daemon) when no daemon answers;
+the changing ones then refuse. Filters (all must match; actions apply to whole messages):
+``--id`` (repeatable), ``--from`` and ``--to`` (address or domain), ``--transport``,
+``--state queued|deferred|held|in-flight``, ``--older-than DURATION``, ``--last-error REGEX``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ferrymail.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, print_config_error
-from ferrymail.config import ConfigError, load_startup
+from ferrymail.config import ConfigError, StartupConfig, load_startup
+
+READ_ONLY = ("list", "show", "summary")
+ACTIONS = ("retry", "hold", "release", "delete", "bounce")
+STATES = ("queued", "deferred", "held", "in-flight")
 
 
 def _age(seconds: float) -> str:
@@ -21,50 +35,215 @@ def _age(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def cmd_queue_list(args: argparse.Namespace) -> int:
-    from ferrymail.spool import SpoolError, SqliteSpool
+def _filter(args: argparse.Namespace) -> Any:
+    from ferrymail.admin.queue import QueueFilter
+    from ferrymail.config import parse_duration
 
+    older = None if args.older_than is None else parse_duration(args.older_than)
+    return QueueFilter(ids=tuple(args.id or ()), sender=args.sender, recipient=args.to,
+                       transport=args.transport, state=args.state, older_than=older,
+                       last_error=args.last_error)
+
+
+def _spool_fallback(startup: StartupConfig, what: str, args: argparse.Namespace,
+                    flt: Any) -> Any:
+    """Answer a read-only command from the spool itself (no daemon runs)."""
+    from ferrymail.admin.queue import collect_views, message_content, message_view, summarize
+    from ferrymail.spool import SqliteSpool
+
+    if not Path(startup.spool.path).exists():
+        raise FileNotFoundError(f"no spool at {startup.spool.path}")
+
+    async def run() -> Any:
+        spool = SqliteSpool(startup.spool.path, readonly=True)  # works beside a running daemon
+        await spool.start()
+        try:
+            now = time.time()
+            if what == "show":
+                msg = await spool.get(args.queue_id)
+                if msg is None:
+                    return None
+                view = message_view(msg, now=now)
+                view.update(message_content(await spool.read(args.queue_id), args.body))
+                return view
+            views = await collect_views(spool, flt, now=now, limit=args.limit)
+            if what == "summary":
+                return {"queues": summarize(views, now=now), "hold": None}
+            return {"messages": views}
+        finally:
+            await spool.close()
+
+    return asyncio.run(run())
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from ferrymail.admin.client import AdminClient, AdminError, AdminUnavailable
+    from ferrymail.spool import SpoolError
+
+    what = args.queue_command
+    prog = f"ferrymail queue {what}"
     try:
         startup = load_startup(args.startup)
     except ConfigError as exc:
         print_config_error(exc)
         return EXIT_CONFIG
-
-    async def listing() -> list:
-        spool = SqliteSpool(startup.spool.path, readonly=True)  # works beside a running daemon
-        await spool.start()
-        try:
-            return await spool.list(args.limit)
-        finally:
-            await spool.close()
-
-    if not Path(startup.spool.path).exists():
-        print(f"ferrymail queue list: no spool at {startup.spool.path}", file=sys.stderr)
+    try:
+        flt = _filter(args) if what != "show" else None
+    except ValueError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    if what in ACTIONS and flt.empty and not args.all:
+        print(f"{prog}: give a filter (e.g. --id, --to, --state) or --all", file=sys.stderr)
         return EXIT_FAIL
     try:
-        messages = asyncio.run(listing())
-    except SpoolError as exc:
-        print(f"ferrymail queue list: {exc}", file=sys.stderr)
+        client = AdminClient.for_startup(startup)
+    except OSError as exc:
+        print(f"{prog}: cannot read the admin token: {exc}", file=sys.stderr)
         return EXIT_FAIL
-    now = time.time()
-    for msg in messages:
-        env = msg.envelope
-        print(f"{msg.queue_id}  {_age(now - env.received_at):>4}  <{env.sender}>  "
-              f"client={env.client_ip}  size={env.size}  server={env.server_id}")
-        for rcpt in msg.recipients:
-            extra = f"  attempts={rcpt.attempts}" if rcpt.attempts else ""
-            reply = f'  last="{rcpt.last_reply}"' if rcpt.last_reply else ""
-            print(f"    <{rcpt.address}>  {rcpt.state.value}{extra}{reply}")
-    print(f"{len(messages)} message(s)" + (" (limit reached)" if len(messages) >= args.limit
-                                         else ""))
+    source = "daemon"
+    try:
+        if client is None:
+            raise AdminUnavailable("the admin API is switched off (admin.socket: false)")
+        if what == "show":
+            result = client.get(f"/v1/queue/{args.queue_id}",
+                                [("body", "1")] if args.body else None)
+        elif what == "list":
+            result = client.get("/v1/queue", [*flt.to_query(), ("limit", str(args.limit))])
+        elif what == "summary":
+            result = client.get("/v1/queue/summary", flt.to_query())
+        else:
+            body: dict[str, Any] = {"filter": dict(_grouped(flt.to_query()))}
+            if args.all:
+                body["all"] = True
+            if what == "bounce":
+                body["reason"] = args.reason
+            result = client.post(f"/v1/queue/{what}", body)
+    except AdminError as exc:
+        if what == "show" and exc.status == 404:
+            print(f"{prog}: no message {args.queue_id} in the queue", file=sys.stderr)
+        else:
+            print(f"{prog}: the daemon refused: {exc.message}", file=sys.stderr)
+        return EXIT_FAIL
+    except AdminUnavailable as exc:
+        if what not in READ_ONLY:
+            print(f"{prog}: {exc}; changes are made by the running daemon: start it "
+                  "(`ferrymail run`) and try again", file=sys.stderr)
+            return EXIT_FAIL
+        source = "spool"
+        try:
+            result = _spool_fallback(startup, what, args, flt)
+        except (OSError, SpoolError) as err:
+            print(f"{prog}: {err}", file=sys.stderr)
+            return EXIT_FAIL
+        if result is None:
+            print(f"{prog}: no message {args.queue_id} in the queue", file=sys.stderr)
+            return EXIT_FAIL
+    if args.json:
+        if isinstance(result, dict):
+            result = {**result, "source": source}
+        print(json.dumps(result, indent=1))
+        return EXIT_OK
+    _print(what, result, args, source)
     return EXIT_OK
 
 
+def _grouped(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for key, value in pairs:
+        out.setdefault(key, []).append(value)
+    return out
+
+
+def _print(what: str, result: dict[str, Any], args: argparse.Namespace, source: str) -> None:
+    if what == "list":
+        msgs = result["messages"]
+        for m in msgs:
+            print(f"{m['id']}  {_age(m['age_s']):>4}  <{m['sender']}>  "
+                  f"client={m['client_ip']}  size={m['size']}  server={m['server']}  "
+                  f"{m['state']}")
+            for r in m["recipients"]:
+                extra = f"  attempts={r['attempts']}" if r["attempts"] else ""
+                reply = f'  last="{r["last_reply"]}"' if r["last_reply"] else ""
+                print(f"    <{r['address']}>  {r['state']}{extra}{reply}")
+        print(f"{len(msgs)} message(s)" + (" (limit reached)" if len(msgs) >= args.limit
+                                           else ""))
+    elif what == "show":
+        m = result
+        print(f"queue id:  {m['id']}  ({m['state']})")
+        print(f"received:  {m['received_at']}  ({_age(m['age_s'])} ago) from "
+              f"{m['client_ip']} helo={m['helo']} server={m['server']} tls={m['tls'] or 'no'}")
+        print(f"sender:    <{m['sender']}>  size={m['size']}")
+        for r in m["recipients"]:
+            when = f"  next={r['next_attempt']}" if r["next_attempt"] else ""
+            print(f"recipient: <{r['address']}>  {r['state']}  transport={r['transport']}  "
+                  f"attempts={r['attempts']}{when}")
+            if r["last_reply"]:
+                print(f"           last reply: {r['last_reply']}")
+        if m.get("pending_actions"):
+            print(f"pending:   {', '.join(m['pending_actions'])} (when the attempt ends)")
+        print("headers:")
+        for h in m["headers"]:
+            print(f"  {h}")
+        if "message" in m:
+            print("message:")
+            sys.stdout.write(m["message"])
+    elif what == "summary":
+        rows = result["queues"]
+        print(f"{'TRANSPORT':<14} {'DOMAIN':<24} {'SOURCE':<14} {'MSGS':>5} {'RCPTS':>5} "
+              f"{'OLDEST':>6}  WHY / LAST ERROR")
+        for g in rows:
+            print(f"{g['transport']:<14} {g['domain']:<24} {g['source']:<14} "
+                  f"{g['messages']:>5} {g['recipients']:>5} {_age(g['oldest_s']):>6}  "
+                  f"{'; '.join(g['why']) or '-'}")
+            if g["last_error"]:
+                print(f"{'':>73}last: {g['last_error']}")
+        if result.get("hold"):
+            print("queues.hold is on: no delivery starts")
+        if source == "spool":
+            print("(read from the spool: no daemon answers; wait reasons need the daemon)")
+    else:
+        verb = {"retry": "made due now", "hold": "held", "release": "released",
+                "delete": "deleted", "bounce": "bounced"}[what]
+        print(f"{result['changed']} message(s) {verb}; {result['matched']} matched; "
+              f"{result['in_flight']} in flight ({what} applies when the attempt ends); "
+              f"{result['gone']} gone meanwhile")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``queue list`` to the ``ferrymail`` subparsers."""
-    q = sub.add_parser("queue", help="inspect the spool")
+    """Add ``queue list|show|summary|retry|hold|release|delete|bounce``."""
+    q = sub.add_parser("queue", help="inspect and control the queue",
+                       description="inspect and control the queue (through the daemon)")
     q_sub = q.add_subparsers(dest="queue_command", metavar="SUBCOMMAND", required=True)
-    p = q_sub.add_parser("list", help="list pending messages", description="list pending messages")
-    p.set_defaults(func=cmd_queue_list)
-    p.add_argument("--startup", metavar="FILE", help="startup configuration (for the spool)")
-    p.add_argument("--limit", type=int, default=1000, help="show at most this many")
+    helps = {
+        "list": "list messages with their recipients' states",
+        "show": "one message: envelope, recipients, attempts, last reply, headers",
+        "summary": "per transport x domain x source: counts, oldest, why it waits",
+        "retry": "make deferred mail due now (postqueue -f / -s)",
+        "hold": "keep messages from delivery until released",
+        "release": "release held messages (due now)",
+        "delete": "remove messages without notice",
+        "bounce": "fail messages with a DSN to the sender (RFC 3464)",
+    }
+    for name, text in helps.items():
+        p = q_sub.add_parser(name, help=text, description=text)
+        p.set_defaults(func=cmd_queue)
+        p.add_argument("--startup", metavar="FILE", help="startup configuration (spool, socket)")
+        p.add_argument("--json", action="store_true", help="print the JSON answer")
+        if name == "show":
+            p.add_argument("queue_id", metavar="ID")
+            p.add_argument("--body", action="store_true", help="print the whole message")
+            continue
+        p.add_argument("--id", action="append", metavar="ID", help="this queue id (repeatable)")
+        p.add_argument("--from", dest="sender", metavar="ADDR|DOMAIN", help="sender")
+        p.add_argument("--to", metavar="ADDR|DOMAIN", help="a pending recipient")
+        p.add_argument("--transport", metavar="ID", help="a pending recipient's transport")
+        p.add_argument("--state", choices=STATES, help="a pending recipient's state")
+        p.add_argument("--older-than", metavar="DURATION", help="received longer ago (1h, 2d)")
+        p.add_argument("--last-error", metavar="REGEX", help="a pending recipient's last reply")
+        if name in ACTIONS:
+            p.add_argument("--all", action="store_true", help="every message (no filter)")
+        else:
+            p.add_argument("--limit", type=int, default=1000, help="show at most this many")
+        if name == "bounce":
+            p.add_argument("--reason", default="bounced by the administrator",
+                           help="text for the DSN's diagnostic")

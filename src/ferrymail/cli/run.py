@@ -46,6 +46,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the daemon to reload through the admin API and report its verdict: exit 0 when
+    the new running config is in force, 2 with ``FILE:LINE: KEYPATH: MESSAGE`` lines when it
+    was refused. Without an admin API answering, SIGHUP (pidfile) and say no verdict came."""
+    from ferrymail.admin.client import AdminClient, AdminError, AdminUnavailable
     from ferrymail.app import read_pidfile
 
     try:
@@ -53,6 +57,27 @@ def cmd_reload(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print_config_error(exc)
         return EXIT_CONFIG
+    why = "the admin API is switched off"
+    try:
+        client = AdminClient.for_startup(startup, timeout=args.timeout)
+        if client is not None:
+            answer = client.post("/v1/reload")
+            print(f"reloaded ferrymail (pid {answer.get('pid')}): {answer.get('file')} is in "
+                  "force")
+            return EXIT_OK
+    except AdminError as exc:
+        errors = exc.body.get("errors") if isinstance(exc.body, dict) else None
+        if exc.status == 422 and errors:
+            print("ferrymail reload: the daemon refused the new running configuration and "
+                  "keeps the previous one:", file=sys.stderr)
+            for err in errors:
+                print(err.get("detail") or f"{err.get('file')}:{err.get('line')}: "
+                      f"{err.get('key')}: {err.get('message')}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(f"ferrymail reload: the daemon answered {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except (AdminUnavailable, OSError) as exc:
+        why = str(exc)
     pidfile = Path(startup.environment.pidfile)
     try:
         pid = read_pidfile(pidfile)
@@ -67,7 +92,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     except PermissionError as exc:
         print(f"ferrymail reload: cannot signal process {pid}: {exc}", file=sys.stderr)
         return EXIT_FAIL
-    print(f"sent SIGHUP to ferrymail (pid {pid})")
+    print(f"sent SIGHUP to ferrymail (pid {pid}); no verdict: {why} (see the daemon's log "
+          "for config.reloaded or config.reload_failed)")
     return EXIT_OK
 
 
@@ -89,4 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reload", help="make the running instance re-read its running config",
                        description="make the running instance re-read its running config")
     p.set_defaults(func=cmd_reload)
-    p.add_argument("--startup", metavar="FILE", help="startup configuration (for the pidfile)")
+    p.add_argument("--startup", metavar="FILE",
+                   help="startup configuration (for the admin socket and pidfile)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for the daemon's verdict")

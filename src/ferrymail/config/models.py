@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from .operations import Admin, Metrics
 from .types import (
     DomainPattern,
     Duration,
@@ -100,6 +101,19 @@ DEFAULT_TRUSTED_PROXIES = (
 
 class Logging(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # operations (observe/log.py): line format and where lines go
+    format: Literal["logfmt", "json"] = "logfmt"
+    destination: Literal["stderr", "file", "syslog"] = "stderr"
+    file: Annotated[str, Field(min_length=1, strict=True)] | None = None  # reopened on SIGUSR1
+    syslog_socket: Annotated[str, Field(min_length=1, strict=True)] = "/dev/log"
+    syslog_facility: Literal["mail", "daemon", "local0", "local1", "local2", "local3",
+                             "local4", "local5", "local6", "local7"] = "mail"
+
+    @model_validator(mode="after")
+    def _file_needed(self) -> Logging:
+        if self.destination == "file" and self.file is None:
+            raise ValueError("logging.destination file needs logging.file (the log's path)")
+        return self
 
 
 class Environment(_Model):
@@ -169,6 +183,8 @@ class StartupConfig(_Model):
     environment: Environment = Field(default_factory=Environment)
     servers: tuple[StartupServer, ...] = ()
     spool: Spool = Field(default_factory=Spool)
+    admin: Admin = Field(default_factory=Admin)
+    metrics: Metrics = Field(default_factory=Metrics)
 
     _source: str | None = PrivateAttr(default=None)
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)

@@ -180,6 +180,8 @@ class Scheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self.idle = asyncio.Event()  # set while nothing is in flight or waiting (for tests)
+        # called with a queue id once its last running attempt ended (admin queue actions)
+        self.on_released: list[Callable[[str], None]] = []
 
     # -- lifecycle
 
@@ -229,6 +231,22 @@ class Scheduler:
         start the next job now. Its queue id stays in flight until ``run_job`` returns."""
         if self._free_slot(job) and not self._stopping:
             self._dispatch()
+
+    # -- queue control (admin): a claimed queue id is kept out of fetches like one in flight
+
+    def claim(self, queue_id: str) -> bool:
+        """Keep ``queue_id`` from being fetched until `unclaim`; False if an attempt runs."""
+        if queue_id in self._in_flight:
+            return False
+        self._in_flight[queue_id] = 0  # no job: nothing but `unclaim` removes it
+        return True
+
+    def unclaim(self, queue_id: str) -> None:
+        """End a `claim` and look at the whole spool at once (e.g. the message is due now)."""
+        if self._in_flight.get(queue_id) == 0:
+            del self._in_flight[queue_id]
+        self._full_at = 0.0
+        self._wake.set()
 
     def parked(self) -> frozenset[str]:
         """Queue ids left in the spool because a destination of theirs had a full queue."""
@@ -410,6 +428,8 @@ class Scheduler:
             left = self._in_flight.get(job.queue_id, 1) - 1
             if left <= 0:
                 self._in_flight.pop(job.queue_id, None)
+                for callback in self.on_released:
+                    callback(job.queue_id)
             else:
                 self._in_flight[job.queue_id] = left
             if not self._stopping:

@@ -1,9 +1,11 @@
 """The durable spool: nothing is acknowledged before it is here and on disk."""
 
 from .base import (
+    HELD_AT,
     Envelope,
     MessageNotFound,
     ProxyInfo,
+    QueueControl,
     QueuedMessage,
     QueueIdGenerator,
     RecipientRecord,
@@ -12,14 +14,17 @@ from .base import (
     Spool,
     SpoolError,
     format_queue_id,
+    is_held,
     parse_queue_id,
 )
 from .sqlite import SqliteSpool
 
 __all__ = [
+    "HELD_AT",
     "Envelope",
     "MessageNotFound",
     "ProxyInfo",
+    "QueueControl",
     "QueueIdGenerator",
     "QueuedMessage",
     "RecipientRecord",
@@ -29,5 +34,6 @@ __all__ = [
     "SpoolError",
     "SqliteSpool",
     "format_queue_id",
+    "is_held",
     "parse_queue_id",
 ]

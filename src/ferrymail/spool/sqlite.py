@@ -45,6 +45,7 @@ from .base import (
     format_queue_id,
     parse_queue_id,
 )
+from .sqlite_control import SqliteQueueControl
 
 DB_NAME = "spool.db"
 APPLICATION_ID = 0x46455259  # "FERY", marks the file as a ferrymail spool
@@ -290,7 +291,7 @@ def _resolve(results: list[_Result]) -> None:
 # -- the spool -------------------------------------------------------------------------------
 
 
-class SqliteSpool(Spool):
+class SqliteSpool(SqliteQueueControl, Spool):
     """The `Spool` kept in `path/spool.db` (SQLite, WAL), with group commit.
 
     `fsync=False` (benchmarks only) turns commits into plain writes. Stores are refused with
