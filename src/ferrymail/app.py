@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from ferrymail import sdnotify
 from ferrymail.admin.queue import QueueService
 from ferrymail.admin.server import AdminServer
 from ferrymail.config import (
@@ -31,7 +32,11 @@ from ferrymail.config import (
     load_startup,
 )
 from ferrymail.delivery.engine import DeliveryEngine
+from ferrymail.observe import log
 from ferrymail.observe.log import log_event
+from ferrymail.observe.metrics import CountingSpool, MetricsServer
+from ferrymail.observe.metrics import set_enabled as metrics_set_enabled
+from ferrymail.observe.metrics import stats as metrics_stats
 from ferrymail.smtp.server import SMTPServer
 from ferrymail.spool import SqliteSpool
 
@@ -79,9 +84,13 @@ class App:
         self.delivery = DeliveryEngine(
             self.spool, lambda: self.running, hostname=startup.environment.hostname,
             hook_base_dir=Path(running_file).resolve().parent if running_file else None)
+        metrics_set_enabled(startup.metrics.listen is not None)
+        inbound_spool = self.delivery.notifying(self.spool)
+        if startup.metrics.listen is not None:
+            inbound_spool = CountingSpool(inbound_spool)  # type: ignore[assignment]
         self.servers: list[SMTPServer] = [
-            SMTPServer(cfg, hostname=startup.hostname_for(cfg.id),
-                       spool=self.delivery.notifying(self.spool), running=lambda: self.running)
+            SMTPServer(cfg, hostname=startup.hostname_for(cfg.id), spool=inbound_spool,
+                       running=lambda: self.running)
             for cfg in startup.servers
         ]
         # Started in this order after the spool, stopped in this order before it closes:
@@ -94,6 +103,10 @@ class App:
         self.queue = QueueService(self)
         self.queue.register(self.admin.routes)
         self.components.append(self.admin)
+        self.metrics = MetricsServer(self)
+        self.components.append(self.metrics)
+        self.admin.routes.add("GET", "/v1/stats", self._stats)
+        self.ready = False  # all components started and not stopping (metrics /ready)
         self._reload_callbacks: list[Callable[[RunningConfig], None]] = [
             self.delivery.config_changed]
         self._started: list[Component] = []
@@ -131,12 +144,14 @@ class App:
         except BaseException:
             await self.stop()
             raise
+        self.ready = True
         log_event("app.started", servers=",".join(s.id for s in self.servers),
                   listeners=",".join(f"{h}:{p}" for s in self.servers for h, p in s.listeners),
                   spool=str(self.startup.spool.path), pid=os.getpid())
 
     async def stop(self) -> None:
         """Stop components in start order, then close the spool."""
+        self.ready = False
         started, self._started = self._started, []
         for component in started:
             try:
@@ -154,6 +169,7 @@ class App:
         """Reload and return the errors (``file``, ``line``, ``key``, ``message``, ``detail``:
         the ``FILE:LINE: KEYPATH: MESSAGE`` line); [] when the new config is in force."""
         name = self.running_file or "<embedded running.yaml>"
+        sdnotify.reloading()
         try:
             new = load_running(self.running_file)
             cross_check(self.startup, new, name)
@@ -165,10 +181,12 @@ class App:
                 errors.append({"file": err.file, "line": err.line, "key": err.path,
                                "message": err.message, "detail": str(err)})
             self.last_reload = {"at": time.time(), "ok": False, "errors": errors}
+            sdnotify.ready(f"reload refused: {errors[0]['detail'] if errors else '?'}")
             return errors
         self.set_running(new)
         self.last_reload = {"at": time.time(), "ok": True, "file": name}
         log_event("config.reloaded", file=name)
+        sdnotify.ready("running; configuration reloaded")
         return []
 
     def set_running(self, running: RunningConfig) -> None:
@@ -212,16 +230,22 @@ class App:
             remove_pidfile(pidfile)
             raise
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        loop.add_signal_handler(signal.SIGUSR1, self._on_usr1)
+        sdnotify.ready("running")
         if hup_during_start:
             self.reload()
         try:
             await self._stop_requested.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
+            sdnotify.stopping()
             await self.stop()
             remove_pidfile(pidfile)
             log_event("app.stopped", pid=os.getpid())
+
+    async def _stats(self, req: object) -> dict[str, object]:
+        return metrics_stats(self)
 
     def _on_stop_signal(self, sig: int) -> None:
         log_event("app.stopping", signal=signal.Signals(sig).name)
@@ -229,6 +253,11 @@ class App:
 
     def _on_hup(self) -> None:
         self.reload()
+
+    def _on_usr1(self) -> None:
+        """SIGUSR1: reopen the log file (after logrotate moved it)."""
+        log.reopen()
+        log_event("log.reopened")
 
 
 def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict) -> None:

@@ -17,7 +17,7 @@ from tests.integration.conftest import listener, run_cli, server, startup_yaml
 from tests.realpeers import free_port, smtp_sink
 
 HOST = "127.0.0.1"
-SLOW = 3  # seconds the slow sinks wait before answering DATA
+SLOW = 6  # seconds the slow sinks wait before answering DATA
 
 
 def running(fast: int, slow: int, fail: int, dead: int) -> str:

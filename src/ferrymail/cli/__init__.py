@@ -2,8 +2,9 @@
 
 ``ferrymail run [--startup FILE] [--running FILE]``   serve (no options: embedded defaults)
 ``ferrymail config check FILE…``                     validate configuration files
-``ferrymail reload [--startup FILE]``                 SIGHUP the running instance (pidfile)
-``ferrymail queue list [--startup FILE]``             pending messages in the spool
+``ferrymail reload [--startup FILE]``                 reload; prints the daemon's verdict
+``ferrymail queue list|show|summary|retry|hold|release|delete|bounce``  queue control
+``ferrymail top [--startup FILE]``                    live view of the running daemon
 ``ferrymail send …``                                  one message now, without queuing
 """
 
@@ -14,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from ferrymail import __version__
-from ferrymail.cli import queue, run
+from ferrymail.cli import queue, run, top
 from ferrymail.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAIL", "EXIT_OK", "build_parser", "main"]
@@ -23,6 +24,7 @@ __all__ = ["EXIT_CONFIG", "EXIT_FAIL", "EXIT_OK", "build_parser", "main"]
 FAMILIES = [
     run.register,
     queue.register,
+    top.register,
 ]
 
 

@@ -23,7 +23,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print_config_error(exc)
         return EXIT_CONFIG
-    log.configure(app.startup.environment.logging.level)
+    lg = app.startup.environment.logging
+    try:
+        log.configure(lg.level, format=lg.format, destination=lg.destination, file=lg.file,
+                      syslog_socket=lg.syslog_socket, syslog_facility=lg.syslog_facility)
+    except OSError as exc:
+        print(f"ferrymail run: cannot open the log file {lg.file}: {exc.strerror}",
+              file=sys.stderr)
+        return EXIT_FAIL
     try:
         uvloop.run(app.run())
     except KeyboardInterrupt:

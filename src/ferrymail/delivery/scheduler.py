@@ -429,7 +429,11 @@ class Scheduler:
             if left <= 0:
                 self._in_flight.pop(job.queue_id, None)
                 for callback in self.on_released:
-                    callback(job.queue_id)
+                    try:
+                        callback(job.queue_id)
+                    except Exception as e:  # a bug there must not stop the scheduling below
+                        log_event("scheduler.callback_error", "error", qid=job.queue_id,
+                                  error=f"{type(e).__name__}: {e}")
             else:
                 self._in_flight[job.queue_id] = left
             if not self._stopping:

@@ -210,3 +210,7 @@ class QueueControl(Protocol):
 
     async def retry(self, queue_id: str, now: float) -> int:
         """Make pending, not held recipients due at ``now`` (Postfix ``postqueue -i``)."""
+
+    async def queue_stats(self) -> dict[str, tuple[int, int, float | None]]:
+        """Per pending state (queued, deferred, held): messages, recipients, oldest
+        received_at."""

@@ -78,3 +78,15 @@ class SqliteQueueControl:
         msg_id = self._msg_id(queue_id)
         return await self._write(lambda fut: _Reschedule(
             fut, msg_id, float(now), "next_attempt > ? AND next_attempt < ?", (now, HELD_AT)))
+
+    async def queue_stats(self) -> dict[str, tuple[int, int, float | None]]:
+        """Per state of pending recipients (``queued``, ``deferred``, ``held``): messages,
+        recipients, and the oldest message's received_at (None if none)."""
+        return await self._read(self._q_stats)
+
+    def _q_stats(self) -> dict[str, tuple[int, int, float | None]]:
+        sql = (f"SELECT CASE WHEN r.next_attempt >= ? THEN 'held' ELSE r.state END AS st,"
+               " COUNT(DISTINCT r.msg), COUNT(*), MIN(json_extract(m.envelope, '$.received_at'))"
+               f" FROM recipients r JOIN messages m ON m.id = r.msg WHERE r.{_PENDING}"
+               " GROUP BY st")
+        return {st: (m, n, oldest) for st, m, n, oldest in self._conn().execute(sql, (HELD_AT,))}

@@ -1,0 +1,165 @@
+"""Relay throughput with metrics on vs off, side by side in one run (issue 10: target <= 3 %).
+
+Each round starts two fresh ferrymail daemons, one after the other, relaying to a counting
+smtp-sink: ``metrics.listen`` on (counters kept, the listener scraped every second as
+Prometheus would) and ``metrics.listen: false``. smtp-source sends N messages (one recipient,
+SIZE bytes) and the time until the sink has counted all N is the run's figure (reception,
+fsynced spool, delivery). Rounds alternate the order; the median of each side and their ratio
+are reported.
+
+    .venv/bin/python bench/metrics_cost.py                      # 5 rounds of 3,000 x 2 KB
+    .venv/bin/python bench/metrics_cost.py --quick              # smoke run, seconds
+    .venv/bin/python bench/metrics_cost.py --write-results      # rewrite its RESULTS.md section
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers
+
+HOST = "127.0.0.1"
+SECTION = "## Metrics cost"
+
+
+def startup_yaml(d: Path, port: int, metrics: str | bool) -> str:
+    listen = f'"{metrics}"' if metrics else "false"
+    return f"""\
+environment:
+  hostname: ferrymail.bench
+  pidfile: {d}/ferrymail.pid
+  logging: {{ level: warning }}
+servers:
+  - id: bench
+    listeners:
+      - {{ address: {HOST}, port: {port} }}
+spool: {{ path: {d}/spool, fsync: true }}
+metrics: {{ listen: {listen} }}
+"""
+
+
+def running_yaml(sink_port: int) -> str:
+    return f"""\
+servers:
+  - {{ id: bench, transport: mx, domains: [example.com], relay_networks: [127.0.0.0/8] }}
+transportgroups:
+  - id: default
+    connection: {{ server: {HOST}, port: {sink_port} }}
+    transports:
+      - id: mx
+"""
+
+
+@contextlib.contextmanager
+def daemon(d: Path, sink_port: int, metrics: bool) -> Iterator[tuple[int, int | None]]:
+    d.mkdir()
+    port = peers.free_port(HOST)
+    mport = peers.free_port(HOST) if metrics else None
+    (d / "startup.yaml").write_text(startup_yaml(d, port, f"{HOST}:{mport}" if mport else False))
+    (d / "running.yaml").write_text(running_yaml(sink_port))
+    proc = peers.spawn([str(peers.VENV_BIN / "ferrymail"), "run", "--startup",
+                        str(d / "startup.yaml"), "--running", str(d / "running.yaml")],
+                       d / "ferrymail.log")
+    try:
+        peers.wait_listening(HOST, port, alive=lambda: proc.poll() is None, what="ferrymail")
+        if mport:
+            peers.wait_listening(HOST, mport, alive=lambda: proc.poll() is None,
+                                 what="ferrymail metrics")
+        yield port, mport
+    finally:
+        peers.stop_process(proc, timeout=20.0)
+
+
+def scraper(mport: int, stop: threading.Event, scrapes: list[int]) -> None:
+    while not stop.wait(1.0):
+        conn = http.client.HTTPConnection(HOST, mport, timeout=5)
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        if resp.status == 200:
+            scrapes.append(1)
+
+
+def one_run(base: Path, name: str, metrics: bool, n: int, size: int) -> tuple[float, int]:
+    """Seconds from the first message sent until the sink counted all ``n``; scrapes made."""
+    with peers.dumping_sink(base) as sink, daemon(base / name, sink.port, metrics) as (port,
+                                                                                    mport):
+        start_count = peers.sink_counter(sink)
+        stop = threading.Event()
+        scrapes: list[int] = []
+        t = None
+        if mport:
+            t = threading.Thread(target=scraper, args=(mport, stop, scrapes), daemon=True)
+            t.start()
+        t0 = time.perf_counter()
+        peers.run_smtp_source(HOST, port, n, size, sessions=10, timeout=300)
+        deadline = time.monotonic() + 300
+        while peers.sink_counter(sink) - start_count < n:
+            if time.monotonic() > deadline:
+                raise peers.BenchError(f"{name}: the sink got "
+                                       f"{peers.sink_counter(sink) - start_count} of {n}")
+            time.sleep(0.01)
+        wall = time.perf_counter() - t0
+        stop.set()
+        if t is not None:
+            t.join(10)
+        return wall, len(scrapes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--messages", type=int, default=3000)
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="1 round of 200 messages")
+    ap.add_argument("--write-results", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.messages, args.rounds = 200, 1
+    on: list[float] = []
+    off: list[float] = []
+    scrapes = 0
+    with peers.workdir("fm-metrics-") as base:
+        for r in range(args.rounds):
+            order = [(True, on), (False, off)] if r % 2 == 0 else [(False, off), (True, on)]
+            for metrics, out in order:
+                name = f"r{r}-{'on' if metrics else 'off'}"
+                wall, s = one_run(base, name, metrics, args.messages, args.size)
+                out.append(args.messages / wall)
+                scrapes += s
+                print(f"{name}: {args.messages / wall:,.0f} msg/s ({wall:.2f} s)",
+                      file=sys.stderr)
+    med_on, med_off = statistics.median(on), statistics.median(off)
+    cost = (1 - med_on / med_off) * 100
+    table = (
+        f"| variant | relay msg/s (median of {args.rounds}) | runs min-max |\n|---|---:|---:|\n"
+        f"| metrics on (listener scraped every 1 s; {scrapes} scrapes) | {med_on:,.0f} | "
+        f"{min(on):,.0f}-{max(on):,.0f} |\n"
+        f"| metrics off (`metrics.listen: false`) | {med_off:,.0f} | "
+        f"{min(off):,.0f}-{max(off):,.0f} |\n\n"
+        f"Ratio on/off: **{med_on / med_off:.3f}** (cost {cost:+.1f} %; target at most 3 %)."
+    )
+    print(table)
+    if args.write_results:
+        body = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: "
+                f"`{peers.command_line('bench/metrics_cost.py', argv)}`.\n\n"
+                f"Load: smtp-source -s 10, {args.messages} x {args.size} B, one recipient, "
+                "relayed by ferrymail (fsynced spool) to a counting smtp-sink; a run ends when "
+                "the sink has every message. Fresh daemon and sink per run, rounds alternate "
+                "the order.\n\n" + table + "\n")
+        peers.replace_section(Path(__file__).with_name("RESULTS.md"), SECTION, body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
