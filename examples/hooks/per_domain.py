@@ -1,8 +1,11 @@
 """Route by recipient domain: which proxy and source IPs to use, what to refuse or drop.
 
+In a running file in ``examples/`` (a relative hook path is resolved against the folder of
+the running file; ``ferrymail config check`` loads the hook the same way)::
+
     scripting:
       hooks:
-        predelivery: examples/hooks/per_domain.py
+        predelivery: hooks/per_domain.py
         timeout: 5s
 
 Each attempt covers recipients of one domain, so looking at the first one is enough.

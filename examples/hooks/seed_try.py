@@ -11,11 +11,12 @@ HSL original::
     ["address" => "1.2.3.6", "helo" => "smtp6.example.com"],
     ]]);
 
-Running config::
+In a running file in ``examples/`` (a relative hook path is resolved against the folder of
+the running file; ``ferrymail config check`` loads the hook the same way)::
 
     scripting:
       hooks:
-        predelivery: examples/hooks/seed_try.py
+        predelivery: hooks/seed_try.py
 """
 
 

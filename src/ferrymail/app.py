@@ -32,6 +32,7 @@ from ferrymail.config import (
     load_startup,
 )
 from ferrymail.delivery.engine import DeliveryEngine
+from ferrymail.delivery.loops import OwnListeners
 from ferrymail.observe import log
 from ferrymail.observe.log import log_event
 from ferrymail.observe.metrics import CountingSpool, MetricsServer
@@ -83,7 +84,9 @@ class App:
         # Outbound: reads self.running at each attempt; servers wake it when they store mail.
         self.delivery = DeliveryEngine(
             self.spool, lambda: self.running, hostname=startup.environment.hostname,
-            hook_base_dir=Path(running_file).resolve().parent if running_file else None)
+            hook_base_dir=Path(running_file).resolve().parent if running_file else None,
+            own_listeners=OwnListeners.of((lst.address, lst.port) for s in startup.servers
+                                          for lst in s.listeners))
         metrics_set_enabled(startup.metrics.listen is not None)
         inbound_spool = self.delivery.notifying(self.spool)
         if startup.metrics.listen is not None:

@@ -9,19 +9,24 @@ always UTF-8. Headers with non-ASCII text are RFC 2047 encoded, long ones folded
 
 from __future__ import annotations
 
+import base64
+import email
 import email.policy
 import email.utils
+import io
 import mimetypes
+import quopri
 import re
 import socket
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from email.generator import BytesGenerator
 from email.message import EmailMessage
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["MIME"]
+__all__ = ["MIME", "DowngradeError", "to_7bit"]
 
 # 7bit: headers are RFC 2047 encoded and bodies never go out as raw 8bit, so any MTA takes it.
 _POLICY = email.policy.SMTP.clone(cte_type="7bit")
@@ -300,3 +305,78 @@ class MIME:
             msg.add_header("Content-Disposition", disposition, filename=self._filename)
         else:
             msg["Content-Disposition"] = disposition
+
+
+# ------------------------------------------------------------------------------- 8-bit to 7-bit
+
+# Content that a conversion would break: a signature covers the exact octets of its parts.
+_UNCONVERTIBLE = {"multipart/signed", "multipart/encrypted", "application/pkcs7-mime",
+                  "application/x-pkcs7-mime"}
+_WIRE_POLICY = email.policy.compat32.clone(linesep="\r\n")
+
+
+class DowngradeError(ValueError):
+    """An 8-bit message that cannot be converted to 7-bit without damage; the text says why."""
+
+
+def to_7bit(data: bytes) -> bytes:
+    """Convert an 8-bit message for a server without 8BITMIME (RFC 6152 §3, as Postfix does).
+
+    Each leaf part with 8-bit content is re-encoded: ``text/*`` (and a message with no MIME
+    structure at all) as quoted-printable, anything else as base64; a ``message/*`` or
+    ``multipart/*`` entity labelled ``8bit``/``binary`` is relabelled ``7bit`` once its parts
+    are. Everything else (headers, boundaries, 7-bit parts) is written back as it was, with
+    CRLF line endings. ASCII input is returned unchanged.
+
+    Raises DowngradeError for a signed or encrypted message (``multipart/signed``,
+    ``multipart/encrypted``, ``application/pkcs7-mime``: the signature would no longer
+    verify), for 8-bit header fields (those need SMTPUTF8, not a body encoding) and for 8-bit
+    text outside any part (preamble, epilogue).
+    """
+    if data.isascii():
+        return data
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    parts = list(msg.walk())
+    for part in parts:
+        ctype = part.get_content_type()
+        if ctype in _UNCONVERTIBLE:
+            raise DowngradeError(f"the message is signed or encrypted ({ctype}), and "
+                                 "converting its 8-bit content would break the signature")
+        for name, value in part.items():
+            if not (isinstance(value, str) and value.isascii()):
+                raise DowngradeError(f"header field {name} has 8-bit characters, which only "
+                                     "a server offering SMTPUTF8 may receive")
+    if msg.get("MIME-Version") is None:
+        msg["MIME-Version"] = "1.0"
+        if msg.get("Content-Type") is None:
+            msg["Content-Type"] = 'text/plain; charset="unknown-8bit"'  # RFC 1428
+    for part in reversed(parts):  # leaves first, so containers see converted children
+        cte = (part.get("Content-Transfer-Encoding") or "7bit").strip().lower()
+        if part.is_multipart():
+            if cte in ("8bit", "binary"):
+                part.replace_header("Content-Transfer-Encoding", "7bit")
+            continue
+        if cte not in ("7bit", "8bit", "binary"):
+            continue  # already encoded; stray 8-bit octets there are caught below
+        raw = part.get_payload(decode=True)  # the octets as received, for these encodings
+        if not isinstance(raw, bytes) or raw.isascii():
+            continue
+        if part.get_content_maintype() == "text":
+            encoded = quopri.encodestring(raw.replace(b"\r\n", b"\n")).decode("ascii")
+            new_cte = "quoted-printable"
+        else:
+            encoded = base64.encodebytes(raw).decode("ascii")
+            new_cte = "base64"
+        if "Content-Transfer-Encoding" in part:
+            part.replace_header("Content-Transfer-Encoding", new_cte)
+        else:
+            part["Content-Transfer-Encoding"] = new_cte
+        part.set_payload(encoded)
+    out = io.BytesIO()
+    BytesGenerator(out, mangle_from_=False, maxheaderlen=0, policy=_WIRE_POLICY).flatten(msg)
+    converted = out.getvalue()
+    if not converted.isascii():
+        raise DowngradeError("the message has 8-bit octets outside any convertible part "
+                             "(preamble, epilogue, or a part already labelled "
+                             "quoted-printable or base64)")
+    return converted

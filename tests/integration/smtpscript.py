@@ -49,7 +49,8 @@ class ScriptedSMTP:
                  data: str = "354 go ahead", eod: str = "250 2.0.0 queued as 42",
                  starttls: str = "220 2.0.0 ready to start TLS",
                  tls_context: ssl.SSLContext | None = None, hold_until_data: bool = False,
-                 drop_on: str | None = None, extra_after_starttls: bytes = b"") -> None:
+                 drop_on: str | None = None, extra_after_starttls: bytes = b"",
+                 rset: str = "250 2.0.0 reset") -> None:
         self.host = host
         self.port = 0
         self.banner = banner
@@ -65,6 +66,7 @@ class ScriptedSMTP:
         self.hold_until_data = hold_until_data
         self.drop_on = drop_on
         self.extra_after_starttls = extra_after_starttls
+        self.rset = rset
         self.sessions: list[Session] = []
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -159,7 +161,7 @@ class ScriptedSMTP:
                     continue
             elif verb == "RSET":
                 mail, rcpts, ok_rcpts = "", [], 0
-                reply = "250 2.0.0 reset"
+                reply = self.rset
             elif verb == "QUIT":
                 writer.write(_reply("221 2.0.0 bye"))
                 await writer.drain()

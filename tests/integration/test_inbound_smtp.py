@@ -215,7 +215,12 @@ def test_smtp_source_direct_all_messages_spooled(mta: MTA):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert mta.count() == before + 50
-    lines = [x for x in mta.new_logs(mark) if "event=smtp.transaction" in x]
+    deadline = time.monotonic() + 10  # the last lines may still be on their way from stderr
+    while True:
+        lines = [x for x in mta.new_logs(mark) if "event=smtp.transaction" in x]
+        if len(lines) >= 50 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(lines) == 50 and all("qid=" in x and "size=" in x for x in lines)
 
 

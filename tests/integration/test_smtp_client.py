@@ -269,7 +269,8 @@ def test_size_8bit_smtputf8_refusals_send_nothing_and_keep_the_connection():
             c = await SMTPClient.connect(SRC, "127.0.0.1", srv.port, timeouts=FAST)
             cases = [
                 (b"x" * 101 + b"\r\n", "a@example.com", "size limit"),
-                (b"caf\xc3\xa9\r\n", "a@example.com", "8BITMIME"),
+                (b"Content-Type: multipart/signed; boundary=b\r\n\r\n--b\r\n\r\n"
+                 b"caf\xc3\xa9\r\n--b--\r\n", "a@example.com", "8BITMIME"),
                 (b"hi\r\n", "j\u00f6rg@example.com", "SMTPUTF8"),
                 (b"hi\r\n", "evil@example.com>\r\nRSET", "control character"),
             ]

@@ -975,7 +975,9 @@ def running_with_ports(draw):
             for t in range(draw(st.integers(0, 2)))
         ]
         groups.append({"id": f"g{g}", "connection": connection(), "transports": transports})
-    data: dict = {"transportgroups": groups}
+    # A hook may name sources per message, so proxied transports without sourceip load.
+    data: dict = {"transportgroups": groups,
+                  "scripting": {"hooks": {"predelivery": "hooks/route.py"}}}
     if draw(st.booleans()):
         data["addresses"] = [{"id": "a", "address": "192.0.2.1",
                               "proxyprotocol": {"server": "proxy.example", "port": port()}}]

@@ -59,6 +59,9 @@ transportgroups:
         connection: {sourceip: {ipv6: false}}
       - id: weighted
         connection: {sourceip: {ipv4: [bare, bare, nohelo]}}
+# With a pre-delivery hook (which may name sources per message) t-nosource passes the load
+# check for proxied transports without a source address.
+scripting: {hooks: {predelivery: "hooks/route.py"}}
 """)
 
 

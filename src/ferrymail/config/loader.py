@@ -425,13 +425,34 @@ def check_files(paths: list[str]) -> list[ConfigError]:
         if isinstance(cfg, StartupConfig):
             startups.append(cfg)
         elif isinstance(cfg, RunningConfig):
-            runnings.append((cfg, name))
+            hook_error = check_hook(cfg, doc, Path(path).resolve().parent)
+            if hook_error is not None:
+                errors.append(hook_error)
+            else:
+                runnings.append((cfg, name))
     if not errors and len(startups) == 1 and len(runnings) == 1:
         try:
             cross_check(startups[0], runnings[0][0], runnings[0][1])
         except ConfigError as exc:
             errors.extend(exc.errors)
     return errors
+
+
+def check_hook(cfg: RunningConfig, doc: Document, base_dir: Path) -> ConfigError | None:
+    """Load the pre-delivery hook as the daemon will (relative paths against ``base_dir``, the
+    running file's folder), so that a missing file, an import error or a wrong signature is
+    found by ``config check`` rather than at start. None when there is no hook or it loads.
+    """
+    spec = cfg.scripting.hooks.predelivery
+    if spec is None:
+        return None
+    from ferrymail.hooks import PredeliveryHook
+
+    try:
+        PredeliveryHook.load(spec, timeout=cfg.scripting.hooks.timeout, base_dir=base_dir)
+    except ValueError as exc:
+        return doc.error(("scripting", "hooks", "predelivery"), str(exc))
+    return None
 
 
 def cross_check(startup: StartupConfig, running: RunningConfig, running_file: str) -> None:
@@ -478,6 +499,7 @@ def cross_check(startup: StartupConfig, running: RunningConfig, running_file: st
 __all__ = [
     "Document",
     "check_files",
+    "check_hook",
     "cross_check",
     "is_startup_data",
     "load_running",

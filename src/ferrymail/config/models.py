@@ -505,6 +505,9 @@ class RunningConfig(_Model):
     scripting: Scripting = Field(default_factory=Scripting)
     resolver: Resolver = Field(default_factory=Resolver)
     queues: Queues = Field(default_factory=Queues)
+    # Received: header fields at which a message is failed as a mail loop (5.4.6) instead of
+    # being relayed again (RFC 5321 §6.3; Postfix hopcount_limit).
+    hop_limit: Annotated[int, Field(ge=1, le=1000, strict=True)] = 50
 
     _source: str | None = PrivateAttr(default=None)
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)
@@ -657,6 +660,37 @@ def running_problems(cfg: RunningConfig) -> list[Problem]:
                         (here, f"address {ident!r} is {addr.address}, an IPv{addr.family} "
                          f"address, listed under {family}")
                     )
+    if cfg.scripting.hooks.predelivery is None:  # a hook may give the sources per message
+        problems.extend(_proxy_without_source(cfg))
+    return problems
+
+
+def _proxy_without_source(cfg: RunningConfig) -> list[Problem]:
+    """Transports that go through a proxy but name no source address.
+
+    The PROXY header must name the source IP the proxy binds, so such a transport could only
+    defer every message until ``retry.during`` runs out; it is refused at load instead.
+    """
+    problems: list[Problem] = []
+    for g, group in enumerate(cfg.transportgroups):
+        for i, t in enumerate(group.transports):
+            conn = merge_connection(group.connection, t.connection)
+            proxy = conn.proxyprotocol
+            if not isinstance(proxy, ProxyProtocol):
+                continue
+            ids = [a for fam in (conn.sourceip.ipv4, conn.sourceip.ipv6) if fam is not False
+                   for a in fam]
+            if ids:
+                continue
+            here: KeyPath = ("transportgroups", g, "transports", i)
+            where = (format_path((*here, "connection", "proxyprotocol"))
+                     if isinstance(t.connection.proxyprotocol, ProxyProtocol)
+                     else format_path(("transportgroups", g, "connection", "proxyprotocol")))
+            problems.append((here, f"transport {t.id!r} goes through proxy "
+                             f"{proxy.server}:{proxy.port} (set at {where}) but names no "
+                             "source address: the PROXY header needs one, so every message "
+                             "would be deferred; list addresses in connection.sourceip "
+                             "(or set the source in a pre-delivery hook)"))
     return problems
 
 

@@ -34,6 +34,7 @@ from ferrymail.config.models import Connection, ResolvedTransport, Retry, Runnin
 from ferrymail.delivery import dsn as dsnlib
 from ferrymail.delivery.connect import ProxyRoute, Source, Timeouts
 from ferrymail.delivery.errors import DeliveryError, SMTPReplyError
+from ferrymail.delivery.loops import LOOP_STATUS, OwnListeners, hop_limit_error
 from ferrymail.delivery.mx import MXHost, Resolver
 from ferrymail.delivery.pool import ConnectionPool, PoolKey
 from ferrymail.delivery.routing import (
@@ -71,6 +72,7 @@ _LOCAL_STATUS = {
     "config": "5.3.5",
     "protocol": "5.3.4",
     "tls": "5.7.10",
+    "loop": LOOP_STATUS,
 }
 
 
@@ -86,6 +88,7 @@ class Route:
     mx_ip: str = ""
     local_ip: str | None = None
     tls: bool = False
+    tls_fallback: bool = False  # the TLS handshake failed: this is the plaintext retry
 
 
 @dataclass
@@ -143,6 +146,7 @@ class DeliveryEngine:
         tls_context_factory: TLSContextFactory | None = None,
         stop_grace: float = STOP_GRACE,
         enabled: bool = True,
+        own_listeners: OwnListeners | None = None,
     ) -> None:
         self.spool = spool
         self.enabled = enabled  # False: mail is only kept (e.g. to measure reception alone)
@@ -152,6 +156,8 @@ class DeliveryEngine:
         self.clock = clock
         self.tls_context_factory = tls_context_factory
         self.stop_grace = stop_grace
+        # Our own listening addresses: an MX that is one of them is a loop (see loops.py).
+        self.own_listeners = own_listeners or OwnListeners()
         self.scheduler = Scheduler(spool, running, self.run_job, clock=clock)
         self.pool = ConnectionPool()
         self.rotation = SourceRotation()
@@ -303,6 +309,9 @@ class DeliveryEngine:
 
     async def _deliver(self, job: Job, cfg: RunningConfig, transport: ResolvedTransport,
                        decision: HookDecision | None, data: bytes) -> Outcome:
+        looping = hop_limit_error(data, cfg.hop_limit)
+        if looping is not None:
+            return Outcome(error=DeliveryError("loop", looping, temporary=False))
         conn = transport.connection
         d = decision or HookDecision("try")
         port = d.port or conn.port
@@ -324,6 +333,9 @@ class DeliveryEngine:
             hosts = await self._destinations(cfg, server, job.destination.domain, families)
         except DeliveryError as e:
             return Outcome(error=e)
+        hosts, looping_error = self._better_than_self(job, hosts, port)
+        if looping_error is not None:
+            return Outcome(error=looping_error)
 
         recipients = [r.address for r in job.recipients]
         last: DeliveryError | None = None
@@ -354,6 +366,36 @@ class DeliveryEngine:
             out.replies = {a: last.reply for a in recipients}
             return out
         return Outcome(error=last, route=route)
+
+    def _better_than_self(self, job: Job, hosts: list[MXHost], port: int
+                          ) -> tuple[list[MXHost], DeliveryError | None]:
+        """Drop MX hosts that are not better than ourselves (RFC 5321 §5.1, as Postfix).
+
+        When an MX address and port is one of our own listeners, only hosts with a strictly
+        lower preference may be tried: the others would hand the message back to us, or to
+        a backup that returns it. None left: a permanent loop error (5.4.6).
+        """
+        own: tuple[MXHost, str, str] | None = None
+        for host in hosts:
+            if own is not None and host.preference >= own[0].preference:
+                continue
+            for ip in host.addresses:
+                mine = self.own_listeners.match(ip, port)
+                if mine is not None:
+                    own = (host, ip, mine)
+                    break
+        if own is None:
+            return hosts, None
+        host, ip, mine = own
+        better = [h for h in hosts if h.preference < host.preference]
+        log_event("delivery.loop", "warning", qid=job.queue_id, mx=host.name, mx_ip=ip,
+                  port=port, listener=mine, preference=host.preference,
+                  then=f"{len(better)} better MX host(s)" if better else "fail (5.4.6)")
+        if better:
+            return better, None
+        return [], DeliveryError(
+            "loop", f"mail for {job.destination.domain} loops back to myself: {host.name} "
+            f"[{ip}]:{port} is this instance's listener {mine}", temporary=False)
 
     def _source_plan(self, cfg: RunningConfig, transport: ResolvedTransport,
                      d: HookDecision) -> SourcePlan:
@@ -431,6 +473,7 @@ class DeliveryEngine:
                         self.rotation.health.mark_ok(src.proxy)
                 route.local_ip = client.local_ip
                 route.tls = client.tls_started
+                route.tls_fallback = client.tls_fallback
                 extra = None
                 if "DSN" in client.extensions:
                     extra = {k.upper(): v for k, v in env.mail_params
@@ -438,7 +481,11 @@ class DeliveryEngine:
                 try:
                     result = await client.send(env.sender, recipients, data, mail_params=extra)
                 except DeliveryError as e:
-                    client.close()
+                    if client.usable:  # refused before sending (size, 8-bit, SMTPUTF8)
+                        self.pool.put(PoolKey(src, ip, port, tls.value), client,
+                                      idle=conn.reuse.idle, max_messages=conn.reuse.messages)
+                    else:
+                        client.close()
                     if reused and e.temporary and e.kind in ("network", "protocol"):
                         client, reused = None, False
                         continue
@@ -543,7 +590,7 @@ class DeliveryEngine:
         err = outcome.error or DeliveryError("protocol", "no result")
         text = f"{err.kind}: {err.message}"
         if not err.temporary:
-            status = _LOCAL_STATUS.get(err.dns or err.kind, "5.0.0")
+            status = err.status or _LOCAL_STATUS.get(err.dns or err.kind, "5.0.0")
             return _Result(rec, RecipientState.FAILED, text, now, dsn=dsnlib.RecipientStatus(
                 rec.address, "failed", status, dsnlib.local_diagnostic(text), remote, now))
         return self._temporary(rec, retry, received_at, now, text,
@@ -652,6 +699,8 @@ class DeliveryEngine:
                 enhanced=".".join(map(str, reply.enhanced)) if reply.enhanced else None,
                 reply=" / ".join(reply.lines), tls=route.tls,
             )
+            if route.tls_fallback:
+                fields["tls_fallback"] = True
         elif outcome.hook is not None:
             fields.update(hook=outcome.hook.action, reason=outcome.hook.reason)
         elif outcome.hook_error is not None:

@@ -12,23 +12,27 @@ from typing import Literal
 
 from ferrymail.smtp.protocol import Reply
 
-ErrorKind = Literal["config", "dns", "network", "proxy", "tls", "protocol", "smtp"]
+ErrorKind = Literal["config", "dns", "network", "proxy", "tls", "protocol", "smtp", "loop"]
 DNSErrorKind = Literal["nxdomain", "nullmx", "nodata", "ipfamily", "other"]
 
-KINDS: tuple[str, ...] = ("config", "dns", "network", "proxy", "tls", "protocol", "smtp")
+KINDS: tuple[str, ...] = ("config", "dns", "network", "proxy", "tls", "protocol", "smtp",
+                          "loop")
 DNS_KINDS: tuple[str, ...] = ("nxdomain", "nullmx", "nodata", "ipfamily", "other")
 
 
 class DeliveryError(Exception):
     """A delivery attempt failed without an SMTP reply deciding it (or see `SMTPReplyError`).
 
-    ``kind``: config, dns, network, proxy, tls, protocol (or smtp for `SMTPReplyError`).
+    ``kind``: config, dns, network, proxy, tls, protocol, loop (a mail loop: too many hops
+    or the next hop is ourselves), or smtp for `SMTPReplyError`.
     ``temporary``: whether a later attempt may succeed. ``dns`` refines kind dns (and the
     config error for an address-family mismatch): nxdomain, nullmx, nodata, ipfamily, other.
+    ``status``: the enhanced status code for a DSN, when the kind's default does not fit
+    (e.g. 5.6.3 for 8-bit content that cannot be converted).
     """
 
     def __init__(self, kind: ErrorKind, message: str, *, temporary: bool = True,
-                 dns: DNSErrorKind | None = None) -> None:
+                 dns: DNSErrorKind | None = None, status: str | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown delivery error kind {kind!r}")
         if dns is not None and dns not in DNS_KINDS:
@@ -38,6 +42,7 @@ class DeliveryError(Exception):
         self.message = message
         self.temporary = temporary
         self.dns: str | None = dns
+        self.status = status  # RFC 3463 status for the DSN when the kind's default does not fit
 
     def __str__(self) -> str:
         return self.message

@@ -21,6 +21,8 @@ from enum import StrEnum
 
 from ferrymail.delivery.connect import Source, Timeouts, describe_path, hostport, open_socket
 from ferrymail.delivery.errors import DeliveryError, SMTPReplyError
+from ferrymail.mime import DowngradeError, to_7bit
+from ferrymail.observe.log import log_event
 from ferrymail.smtp.protocol import (
     Reply,
     ReplyParser,
@@ -173,13 +175,14 @@ def transaction_parameters(extensions: dict[str, str], sender: str, recipients: 
     """MAIL FROM parameters for this message and this peer (SIZE, BODY, SMTPUTF8).
 
     Refuses (DeliveryError kind protocol, permanent) a message the peer cannot take: larger
-    than its SIZE, 8-bit without 8BITMIME, non-ASCII addresses without SMTPUTF8.
+    than its SIZE, 8-bit without 8BITMIME (`SMTPClient.send` converts such a message to
+    7-bit first where it can), non-ASCII addresses without SMTPUTF8.
     """
     params: dict[str, str] = {}
     size = len(data)
     if "SIZE" in extensions:
         limit_text = extensions["SIZE"].split(" ", 1)[0]
-        limit = int(limit_text) if limit_text.isdigit() else 0
+        limit = int(limit_text) if limit_text.isascii() and limit_text.isdigit() else 0
         if limit and size > limit:
             raise DeliveryError("protocol", f"message of {size} bytes exceeds the {limit}-byte "
                                 f"size limit of {peer}", temporary=False)
@@ -228,6 +231,15 @@ class _ReadFailure(Exception):
         super().__init__(why)
         self.why = why  # "timeout" | "eof" | "protocol"
         self.detail = detail
+
+
+class _HandshakeFailed(Exception):
+    """The TLS handshake after a 220 to STARTTLS failed; ``error`` is what to report."""
+
+    def __init__(self, peer: str, error: DeliveryError) -> None:
+        super().__init__(error.message)
+        self.peer = peer
+        self.error = error
 
 
 class _Connection(asyncio.Protocol):
@@ -342,6 +354,8 @@ class SMTPClient:
         self._tls_cipher: str | None = None
         self._transactions = 0
         self._broken = False
+        self._tls_fallback = False
+        self._in_sync = True  # False once a reply may be missing (timeout, EOF, bad reply)
         self._peer = (f"{mx_host} [{dest_ip}]:{dest_port}" if mx_host and mx_host != dest_ip
                       else hostport(dest_ip, dest_port))
         self._path = describe_path(source, dest_ip, dest_port, mx_host)
@@ -401,6 +415,11 @@ class SMTPClient:
         return self._tls_started
 
     @property
+    def tls_fallback(self) -> bool:
+        """True when the TLS handshake failed and this is the plaintext retry (mode optional)."""
+        return self._tls_fallback
+
+    @property
     def tls_version(self) -> str | None:
         return self._tls_version
 
@@ -454,12 +473,34 @@ class SMTPClient:
         """Open the connection (direct or proxied), read the banner, EHLO, STARTTLS per `tls`.
 
         Raises `SMTPReplyError` for a refusing banner or EHLO, `DeliveryError` otherwise.
+        With ``tls`` optional, a failed TLS handshake is retried at once in plaintext on a
+        new connection to the same address (logged as ``smtp.tls_fallback``; the client's
+        `tls_fallback` is then True). The verify and require modes never fall back.
         """
         tls = TLSMode(tls)
         helo = source.helo
         if not helo or not helo.isprintable() or " " in helo:
             raise DeliveryError("config", f"invalid HELO name {helo!r} for source "
                                 f"{source.address or '(any)'}", temporary=False)
+        try:
+            return await cls._open(source, dest_ip, dest_port, mx_host, tls, timeouts,
+                                   tls_context_factory)
+        except _HandshakeFailed as e:
+            if tls is not TLSMode.OPTIONAL:
+                raise e.error from None
+            # Opportunistic TLS (Postfix "may"): a failed handshake is no reason to keep the
+            # mail back; the same MX once more in plaintext, on a new connection.
+            log_event("smtp.tls_fallback", "warning", peer=e.peer, source=source.address,
+                      error=e.error.message, then="plaintext on a new connection")
+        client = await cls._open(source, dest_ip, dest_port, mx_host, TLSMode.DISABLED,
+                                 timeouts, tls_context_factory)
+        client._tls_fallback = True
+        return client
+
+    @classmethod
+    async def _open(cls, source: Source, dest_ip: str, dest_port: int, mx_host: str,
+                    tls: TLSMode, timeouts: Timeouts,
+                    tls_context_factory: TLSContextFactory | None) -> SMTPClient:
         sock, local_ip = await open_socket(source, dest_ip, dest_port, timeouts, mx_host=mx_host)
         loop = asyncio.get_running_loop()
         try:
@@ -565,22 +606,25 @@ class SMTPClient:
                                            ssl_handshake_timeout=t)
         except ssl.SSLCertVerificationError as e:
             self._broken = True
-            raise DeliveryError("tls", f"TLS certificate verification failed for {self._peer} "
-                                f"(checked name {name}): {e.verify_message} "
-                                f"({self._path})") from None
+            raise _HandshakeFailed(self._peer, DeliveryError(
+                "tls", f"TLS certificate verification failed for {self._peer} (checked name "
+                f"{name}): {e.verify_message} ({self._path})")) from None
         except TimeoutError:
             self._broken = True
-            raise DeliveryError("tls", f"TLS handshake with {self._peer} timed out after "
-                                f"{t:g}s ({self._path})") from None
+            raise _HandshakeFailed(self._peer, DeliveryError(
+                "tls", f"TLS handshake with {self._peer} timed out after {t:g}s "
+                f"({self._path})")) from None
         except (ssl.SSLError, OSError, EOFError) as e:
             self._broken = True
             detail = getattr(e, "reason", None) or str(e) or type(e).__name__
-            raise DeliveryError("tls", f"TLS handshake with {self._peer} failed: {detail} "
-                                f"({self._path})") from None
+            raise _HandshakeFailed(self._peer, DeliveryError(
+                "tls", f"TLS handshake with {self._peer} failed: {detail} "
+                f"({self._path})")) from None
         if new is None:
             self._broken = True
-            raise DeliveryError("tls", f"TLS handshake with {self._peer} failed: connection "
-                                f"closed ({self._path})")
+            raise _HandshakeFailed(self._peer, DeliveryError(
+                "tls", f"TLS handshake with {self._peer} failed: connection closed "
+                f"({self._path})"))
         self._transport = new
         conn.transport = new
         sslobj = new.get_extra_info("ssl_object")
@@ -608,11 +652,18 @@ class SMTPClient:
                 await conn.wait_replies(n)
         except TimeoutError:
             self._broken = True
+            self._in_sync = False
             raise _ReadFailure("timeout") from None
         got = conn.take(n)
+        for r in got:
+            if r.mixed_codes:
+                log_event("smtp.reply_inconsistent", "warning", peer=self._peer,
+                          code=r.code, other_codes=",".join(map(str, r.mixed_codes)),
+                          reply=str(r), effect="the last line's code is taken")
         if len(got) == n or (got and got[-1].code == 421):
             return got
         self._broken = True
+        self._in_sync = False
         if conn.error is not None:
             raise _ReadFailure("protocol", str(conn.error))
         raise _ReadFailure("eof")
@@ -662,6 +713,8 @@ class SMTPClient:
         if not self.usable:
             raise DeliveryError("network", f"connection to {self._peer} is no longer usable "
                                 f"({self._path})")
+        if not data.isascii() and "8BITMIME" not in self._extensions:
+            data = self._downgrade(data)
         params = transaction_parameters(self._extensions, sender, recipients, data,
                                         mail_params, self._peer)
         try:
@@ -687,8 +740,26 @@ class SMTPClient:
         if result.state != "EOD" and self.usable:
             await self._reset()
         if not self.usable:
-            self.close()
+            # RFC 5321 §4.1.1.10: end with QUIT, also after a refused RSET, while the
+            # replies still match the commands; a session out of step is only closed.
+            if self._in_sync and not self._conn.closing_reply:
+                await self.quit()
+            else:
+                self.close()
         return result
+
+    def _downgrade(self, data: bytes) -> bytes:
+        """8-bit content for a peer without 8BITMIME, converted to 7-bit (see `to_7bit`);
+        DeliveryError (protocol, permanent, 5.6.3) when it cannot be."""
+        try:
+            converted = to_7bit(data)
+        except DowngradeError as e:
+            raise DeliveryError("protocol", f"message has 8-bit content but {self._peer} does "
+                                f"not offer 8BITMIME, and it cannot be converted: {e}",
+                                temporary=False, status="5.6.3") from None
+        log_event("smtp.8bit_converted", peer=self._peer, size=len(data),
+                  converted_size=len(converted), reason="peer does not offer 8BITMIME")
+        return converted
 
     async def _send_pipelined(self, recipients: Sequence[str], mail: bytes, rcpts: list[bytes],
                               body: bytes) -> TransactionResult:
@@ -736,6 +807,7 @@ class SMTPClient:
                 await self._conn.drain()
         except TimeoutError:
             self._broken = True
+            self._in_sync = False
             raise self._read_error(_ReadFailure("timeout"), "EOD", t) from None
         try:
             (reply,) = await self._read(1, t)
@@ -746,7 +818,8 @@ class SMTPClient:
         return reply
 
     async def _reset(self) -> None:
-        """RSET after a failed transaction; a connection that cannot reset is not reused."""
+        """RSET after a failed transaction; a connection that cannot reset is not reused
+        (the caller then sends QUIT)."""
         try:
             reply = await self._command(b"RSET\r\n", "RSET")
         except DeliveryError:

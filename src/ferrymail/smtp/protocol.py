@@ -35,6 +35,9 @@ class Reply:
     code: int
     lines: tuple[str, ...] = ("",)
     enhanced: tuple[int, int, int] | None = None
+    # Codes of the earlier lines of a multi-line reply that disagreed with the last line's
+    # (which is the one taken; see ReplyParser). Empty for a well-formed reply.
+    mixed_codes: tuple[int, ...] = ()
 
     @property
     def text(self) -> str:
@@ -81,11 +84,18 @@ def split_enhanced(text: str) -> tuple[tuple[int, int, int] | None, str]:
 
 
 class ReplyParser:
-    """Incremental reply parser for the client side: ``feed(bytes) -> [Reply, ...]``."""
+    """Incremental reply parser for the client side: ``feed(bytes) -> [Reply, ...]``.
+
+    A multi-line reply whose lines disagree on the code (``250-…`` then ``550 5.1.1 …``)
+    takes the last line's code, as tolerant clients do (RFC 5321 §4.2.1 requires the same
+    code on every line but gives no rule for a peer that breaks it); the other codes are kept
+    in ``Reply.mixed_codes`` for the caller to log. Reading it as a protocol error would turn
+    a permanent refusal into days of retries.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._code: int | None = None
+        self._codes: list[int] = []
         self._lines: list[str] = []
 
     @property
@@ -120,21 +130,24 @@ class ReplyParser:
         code = int(raw[:3])
         if not 200 <= code <= 599:
             raise SMTPProtocolError(f"reply code {code} out of range")
-        if self._code is not None and code != self._code:
-            raise SMTPProtocolError(f"reply code changed within a multi-line reply: {raw[:80]!r}")
-        self._code = code
+        self._codes.append(code)
         self._lines.append(raw[4:].decode("utf-8", "replace"))
         if len(self._lines) > MAX_REPLY_LINES:
             raise SMTPProtocolError(f"reply longer than {MAX_REPLY_LINES} lines")
         if raw[3:4] == b"-":
             return None
-        lines, self._code, self._lines = self._lines, None, []
-        enhanced, _ = split_enhanced(lines[0])
+        lines, codes, self._codes, self._lines = self._lines, self._codes, [], []
+        mixed = tuple(dict.fromkeys(c for c in codes if c != code))
+        # The enhanced code comes from the first line that agrees with the reply code: with
+        # mixed codes the earlier lines belong to a reply the peer did not finish.
+        first = next(i for i, c in enumerate(codes) if c == code)
+        enhanced, _ = split_enhanced(lines[first])
         if enhanced is not None and enhanced[0] == code // 100:
-            lines = [split_enhanced(line)[1] for line in lines]
+            lines = [split_enhanced(line)[1] if c == code else line
+                     for line, c in zip(lines, codes, strict=True)]
         else:
             enhanced = None
-        return Reply(code, tuple(lines), enhanced)
+        return Reply(code, tuple(lines), enhanced, mixed)
 
 
 def parse_ehlo(reply: Reply) -> dict[str, str]:
@@ -411,7 +424,16 @@ class DataDecoder:
 
 
 def dot_stuff(data: bytes) -> bytes:
-    """Prepare a message for DATA: CRLF-terminated, leading dots doubled, ``.CRLF`` appended."""
+    """Prepare a message for DATA: line endings normalised to CRLF (`to_crlf`), leading dots
+    doubled, ``.CRLF`` appended.
+
+    Every outbound path goes through here, so no bare CR or LF reaches the wire (RFC 5321
+    §2.3.8): a ``<LF>.<LF>`` or ``<CR>.<CR>`` in the content becomes a stuffed ``..`` line,
+    never an end of data another server could take for one (SMTP smuggling).
+    """
+    cr = data.count(b"\r")
+    if cr != data.count(b"\n") or cr != data.count(b"\r\n"):
+        data = to_crlf(data)
     if data and not data.endswith(CRLF):
         data += CRLF
     if data.startswith(b"."):
@@ -422,5 +444,11 @@ def dot_stuff(data: bytes) -> bytes:
 
 
 def to_crlf(data: bytes) -> bytes:
-    """Normalise any mix of LF / CRLF line endings to CRLF (for locally built messages)."""
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    """Normalise every line ending, CRLF, bare LF or bare CR, to CRLF.
+
+    A bare CR ends a line too (``a\\rb`` becomes ``a\\r\\nb``): leaving it would put a bare
+    CR on the wire, which RFC 5321 §2.3.8 forbids and some servers read as a line end.
+    """
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return data.replace(b"\n", b"\r\n")
