@@ -20,4 +20,4 @@ def test_metrics_cost_quick_run() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"\| metrics on .* \| [\d,]+ \|", proc.stdout), proc.stdout
     assert re.search(r"\| metrics off .* \| [\d,]+ \|", proc.stdout), proc.stdout
-    assert re.search(r"Ratio on/off: \*\*\d\.\d{3}\*\*", proc.stdout), proc.stdout
+    assert re.search(r"paired ratios \*\*\d\.\d{3}\*\*", proc.stdout), proc.stdout

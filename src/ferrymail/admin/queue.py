@@ -351,7 +351,14 @@ class QueueService:
 
     async def summary(self, flt: QueueFilter) -> list[dict[str, Any]]:
         views = await self.views(flt)
-        return summarize(views, now=time.time(), source_of=self._source_of,
+        cache: dict[str | None, tuple[str, list[str]]] = {}
+
+        def source_of(transport_id: str | None) -> tuple[str, list[str]]:
+            if transport_id not in cache:
+                cache[transport_id] = self._source_of(transport_id)
+            return cache[transport_id]
+
+        return summarize(views, now=time.time(), source_of=source_of,
                          global_hold=self.app.running.queues.hold)
 
     async def show(self, queue_id: str, body: bool) -> dict[str, Any]:
