@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import signal
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ferrymail import sdnotify
+from ferrymail.abnf import is_digits
 from ferrymail.admin.queue import QueueService
 from ferrymail.admin.server import AdminServer
 from ferrymail.config import (
@@ -31,6 +33,7 @@ from ferrymail.config import (
     load_running,
     load_startup,
 )
+from ferrymail.config.models import DEFAULT_TRUSTED_PROXIES
 from ferrymail.delivery.engine import DeliveryEngine
 from ferrymail.delivery.loops import OwnListeners
 from ferrymail.observe import log
@@ -139,6 +142,11 @@ class App:
 
     async def start(self) -> None:
         """Open the spool, then start every component; on failure undo what was started."""
+        for key, name in hostname_problems(self.startup):
+            log_event("config.hostname", "warning", key=key, hostname=name,
+                      error=f"{name!r} is not a fully qualified domain name: the banner, "
+                            "HELO and Message-IDs will say it, and many receivers refuse "
+                            "such mail; set environment.hostname")
         await self.spool.start()
         try:
             for component in self.components:
@@ -261,6 +269,63 @@ class App:
         """SIGUSR1: reopen the log file (after logrotate moved it)."""
         log.reopen()
         log_event("log.reopened")
+
+
+def is_fqdn(name: str) -> bool:
+    """A name with at least two labels that is neither ``localhost…`` nor ``….localdomain``
+    nor an IP literal (RFC 5321 §4.1.1.1 asks for the FQDN in HELO)."""
+    name = name.rstrip(".").lower()
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(name)
+        return False
+    labels = name.split(".")
+    return len(labels) >= 2 and labels[0] != "localhost" and labels[-1] != "localdomain"
+
+
+def hostname_problems(startup: StartupConfig) -> list[tuple[str, str]]:
+    """``(key path, name)`` of every host name we would announce that is not an FQDN."""
+    out: list[tuple[str, str]] = []
+    for i, server in enumerate(startup.servers):
+        if server.hostname is not None and not is_fqdn(server.hostname):
+            out.append((f"servers[{i}].hostname", server.hostname))
+    env = startup.environment.hostname
+    if not is_fqdn(env) and (not startup.servers
+                             or any(s.hostname is None for s in startup.servers)):
+        out.append(("environment.hostname", env))
+    return out
+
+
+def startup_warnings(startup: StartupConfig, file: str) -> list[str]:
+    """``FILE:LINE: KEYPATH: warning: MESSAGE`` lines for ``config check``: what loads but
+    is probably not meant (a proxied listener trusting the default proxies, a host name
+    that is no FQDN)."""
+    lines = startup._lines
+    out: list[str] = []
+
+    def where(path: tuple[str | int, ...]) -> str:
+        for n in range(len(path), -1, -1):
+            if path[:n] in lines:
+                return f"{file}:{lines[path[:n]]}"
+        return file
+
+    for i, server in enumerate(startup.servers):
+        if "trusted_proxies" in server.model_fields_set:
+            continue
+        for j, lst in enumerate(server.listeners):
+            if lst.proxyprotocol:
+                path = ("servers", i, "listeners", j, "proxyprotocol")
+                out.append(
+                    f"{where(path)}: servers[{i}].listeners[{j}].proxyprotocol: warning: "
+                    f"server {server.id!r} has no trusted_proxies, so only the default "
+                    f"({', '.join(DEFAULT_TRUSTED_PROXIES)}) may send PROXY headers; list "
+                    "your proxies in servers[].trusted_proxies")
+                break
+    for key, name in hostname_problems(startup):
+        path = tuple(int(p) if is_digits(p) else p
+                     for p in key.replace("[", ".").replace("]", "").split("."))
+        out.append(f"{where(path)}: {key}: warning: {name!r} is not a fully qualified domain "
+                   "name (banner, HELO and Message-IDs say it; many receivers refuse it)")
+    return out
 
 
 def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict) -> None:

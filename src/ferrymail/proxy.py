@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
+from ferrymail.abnf import decimal, is_digits
+
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "
 V1_MAX_LENGTH = 107  # longest valid v1 line, CRLF included
@@ -144,6 +146,21 @@ class ProxyHeader:
     def is_local(self) -> bool:
         """The header names no usable client: use the real peer addresses."""
         return self.command == "LOCAL" or self.family == "UNSPEC" or self.protocol == "UNSPEC"
+
+    @property
+    def stream_source(self) -> tuple[str, int] | None:
+        """The client a TCP receiver may take from this header, or None for "use the real
+        connection endpoints".
+
+        Only a PROXY command for TCP over IPv4/IPv6 names one. LOCAL (the spec: "must use
+        the real connection endpoints and discard the protocol block"), UNSPEC, and the
+        valid combinations a TCP listener cannot carry (UDP: ``\\x12``/``\\x22``, UNIX)
+        fall back to UNSPEC mode, whose address information "should" be ignored.
+        """
+        if (self.command != "PROXY" or self.protocol != "STREAM"
+                or self.family not in ("INET", "INET6") or not isinstance(self.source, tuple)):
+            return None
+        return self.source
 
     @property
     def alpn(self) -> bytes | None:
@@ -357,7 +374,8 @@ def _v1_ip4(name: str, f: bytes, partial: bool) -> str:
     if b":" in f:
         raise ProxyError(f"v1: {name} {_show(f)} is IPv6 but the protocol is TCP4")
     parts = f.split(b".")
-    if f.strip(b"0123456789.") or len(parts) > 4 or (not partial and len(parts) != 4):
+    if any(p and not is_digits(p) for p in parts) or len(parts) > 4 or (
+            not partial and len(parts) != 4):
         raise ProxyError(f"v1: {name} {_show(f)} is not a dotted-quad IPv4 address")
     for j, p in enumerate(parts):
         if not p:
@@ -366,7 +384,8 @@ def _v1_ip4(name: str, f: bytes, partial: bool) -> str:
             raise ProxyError(f"v1: {name} {_show(f)} is not a dotted-quad IPv4 address")
         if len(p) > 1 and p[0] == 0x30:
             raise ProxyError(f"v1: leading zero in {name} {_show(f)}")
-        if int(p) > 255:
+        octet = decimal(p, max_digits=3, leading_zero=False)
+        if octet is None or octet > 255:
             raise ProxyError(f"v1: {name} {_show(f)} has an octet above 255")
     return f.decode("ascii")
 
@@ -392,13 +411,14 @@ def _v1_ip6(name: str, f: bytes, partial: bool) -> str:
 def _v1_port(name: str, f: bytes) -> int:
     if not f:
         return 0  # partial, nothing yet
-    if not f.isdigit():
+    if not is_digits(f):
         raise ProxyError(f"v1: {name} {_show(f)} is not a decimal number")
     if len(f) > 1 and f[0] == 0x30:
         raise ProxyError(f"v1: leading zero in {name} {_show(f)}")
-    if len(f) > 5 or int(f) > 0xFFFF:
+    port = decimal(f, max_digits=5, leading_zero=False)
+    if port is None or port > 0xFFFF:
         raise ProxyError(f"v1: {name} {_show(f)} is above 65535")
-    return int(f)
+    return port
 
 
 def _v6_text(ip: IPv6Address) -> str:

@@ -104,7 +104,10 @@ def test_seed_servers_snippet_is_a_startup_config(tmp_path):
     (listener,) = server.listeners
     assert (listener.port, listener.proxyprotocol, listener.address) == (25, True, None)
     assert server.type == "smtp"
-    assert server.trusts_proxy("10.1.2.3") and not server.trusts_proxy("8.8.8.8")
+    # Issue 7 item 14: the default trusts loopback only, not RFC 1918 / ULA hosts.
+    assert server.trusts_proxy("127.0.0.1") and server.trusts_proxy("::1")
+    assert not server.trusts_proxy("10.1.2.3") and not server.trusts_proxy("192.168.1.2")
+    assert not server.trusts_proxy("fd00::1") and not server.trusts_proxy("8.8.8.8")
 
 
 def test_check_files_classifies_the_seed_snippets(tmp_path):

@@ -105,7 +105,7 @@ def test_received_header_hides_several_recipients_and_cleans_helo():
                         recipients=["a@example.com", "b@example.com"], tls=None,
                         proxy_ip=None, proxy_version=None).decode()
     assert "example.com" not in h and "for <" not in h
-    assert h.startswith("Received: from evil???? ([IPv6:2001:db8::5] port 1)\r\n")
+    assert h.startswith("Received: from [IPv6:2001:db8::5] (port 1 helo=evil%29%28%5C%01)\r\n")
     assert "with SMTP id i; " in h
 
 

@@ -206,14 +206,18 @@ def test_relay_policy_uses_the_session_client_ip():
     assert got[2].enhanced == (5, 7, 1) and "relay access denied" in got[2].text
 
 
-def test_too_many_recipients_is_452_and_not_an_error():
-    s = make(recipients=2, errors=2)
+def test_too_many_recipients_is_452_and_counts_as_an_error():
+    # Issue 7 item 7: RCPT number 1001..10000 got 452 for ever; now each one is an error.
+    s = make(recipients=2, errors=3)
     s.receive(b"EHLO c\r\nMAIL FROM:<a@x.test>\r\n" + b"".join(
-        f"RCPT TO:<r{i}@example.com>\r\n".encode() for i in range(5)))
+        f"RCPT TO:<r{i}@example.com>\r\n".encode() for i in range(4)))
     got = replies(s)
-    assert [r.code for r in got] == [250, 250, 250, 250, 452, 452, 452]
+    assert [r.code for r in got] == [250, 250, 250, 250, 452, 452]
     assert got[-1].enhanced == (4, 5, 3)
     assert not s.closed and s.txn is not None and len(s.txn.recipients) == 2
+    event = s.receive(b"RCPT TO:<r9@example.com>\r\nRCPT TO:<r10@example.com>\r\n")
+    assert [r.code for r in replies(s)] == [452, 421]
+    assert isinstance(event, Close) and s.closed
 
 
 def test_duplicate_recipient_is_kept_once():

@@ -49,7 +49,23 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     for name in args.files:
         if name not in bad:
             print(f"{name}: OK")
+            _print_warnings(name)
     return EXIT_FAIL if errors else EXIT_OK
+
+
+def _print_warnings(name: str) -> None:
+    """What a valid startup file probably does not mean (see app.startup_warnings)."""
+    from ferrymail.app import startup_warnings
+    from ferrymail.config.loader import is_startup_data, parse_yaml
+
+    try:
+        if not is_startup_data(parse_yaml(Path(name).read_text(), name).data):
+            return
+        startup = load_startup(name)
+    except (OSError, ConfigError):
+        return
+    for line in startup_warnings(startup, name):
+        print(line)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

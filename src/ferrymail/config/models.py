@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from .inbound import InboundPolicy
 from .operations import Admin, Metrics
 from .types import (
     DomainPattern,
@@ -89,13 +90,12 @@ def _tagged(value_tag: str, kinds: tuple[type, ...], expected: str, model: Any) 
 # Startup configuration
 # ---------------------------------------------------------------------------------------------
 
+# Loopback only: a wider default (RFC 1918, ULA) let any host there claim any client
+# address, one inside relay_networks included. `config check` warns when a proxied
+# listener relies on this default.
 DEFAULT_TRUSTED_PROXIES = (
     "127.0.0.0/8",
     "::1/128",
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "fc00::/7",
 )
 
 
@@ -135,12 +135,21 @@ class Limits(_Model):
     recipients: PositiveInt = 1000
     errors: PositiveInt = 10
     messages: NonNegativeInt = 0
+    # simultaneous connections to the server / from one client address (the PROXY-reported
+    # one on a proxied listener); 0 = unlimited
+    connections: NonNegativeInt = 1000
+    connections_per_client: NonNegativeInt = 50
 
 
 class ServerTimeouts(_Model):
     proxy: PositiveDuration = 5.0
     command: PositiveDuration = 300.0
     data: PositiveDuration = 600.0
+    # command/data are deadlines for a whole request, not only idle timers (Postfix
+    # smtpd_per_request_deadline); min_data_rate (bytes/s) extends the data deadline as
+    # content arrives, never beyond `data` from now (smtpd_min_data_rate)
+    deadline: StrictBool = True
+    min_data_rate: PositiveInt = 500
 
 
 class ServerTLS(_Model):
@@ -166,6 +175,7 @@ class StartupServer(_Model):
     limits: Limits = Field(default_factory=Limits)
     timeouts: ServerTimeouts = Field(default_factory=ServerTimeouts)
     tls: ServerTLS = Field(default_factory=ServerTLS)
+    policy: InboundPolicy = Field(default_factory=InboundPolicy)
 
     def trusts_proxy(self, ip: str | IPAddressType) -> bool:
         """Whether a PROXY header from the peer ``ip`` may be believed."""

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ferrymail.abnf import decimal
 from ferrymail.delivery.connect import Source, Timeouts, describe_path, hostport, open_socket
 from ferrymail.delivery.errors import DeliveryError, SMTPReplyError
 from ferrymail.mime import DowngradeError, to_7bit
@@ -182,7 +183,7 @@ def transaction_parameters(extensions: dict[str, str], sender: str, recipients: 
     size = len(data)
     if "SIZE" in extensions:
         limit_text = extensions["SIZE"].split(" ", 1)[0]
-        limit = int(limit_text) if limit_text.isascii() and limit_text.isdigit() else 0
+        limit = decimal(limit_text, max_digits=20) or 0  # ASCII digits only (RFC 1870)
         if limit and size > limit:
             raise DeliveryError("protocol", f"message of {size} bytes exceeds the {limit}-byte "
                                 f"size limit of {peer}", temporary=False)

@@ -6,15 +6,20 @@ Nothing here touches a socket. Parsers work on whole buffers (``bytes.find``/``r
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
+
+from ferrymail.abnf import decimal
 
 CRLF = b"\r\n"
 DATA_END = b"\r\n.\r\n"
 MAX_REPLY_LINE = 2048  # RFC 5321 says 512; real servers send longer, so be lenient but bounded
 MAX_REPLY_LINES = 100
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+_ENHANCED = re.compile(r"^([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: |$)")  # ASCII DIGIT only
 
 
 class SMTPProtocolError(ValueError):
@@ -125,9 +130,9 @@ class ReplyParser:
     def _line(self, raw: bytes) -> Reply | None:
         if len(raw) > MAX_REPLY_LINE:
             raise LineTooLong(f"reply line longer than {MAX_REPLY_LINE} octets")
-        if len(raw) < 3 or not raw[:3].isdigit() or (len(raw) > 3 and raw[3:4] not in b" -"):
+        code = decimal(raw[:3], max_digits=3)
+        if len(raw) < 3 or code is None or (len(raw) > 3 and raw[3:4] not in b" -"):
             raise SMTPProtocolError(f"malformed reply line {raw[:80]!r}")
-        code = int(raw[:3])
         if not 200 <= code <= 599:
             raise SMTPProtocolError(f"reply code {code} out of range")
         self._codes.append(code)
@@ -203,7 +208,9 @@ def split_command(line: bytes | bytearray) -> tuple[str, str]:
     if b"\r" in line or b"\n" in line or b"\0" in line:
         raise SMTPProtocolError("control character in command")
     verb, _, arg = text.partition(" ")
-    return verb.upper(), arg.strip()
+    # Only SP/HTAB are trimmed: str.strip() would also drop Unicode spaces (U+00A0, U+3000)
+    # that then survive elsewhere; what is judged must be exactly what is kept.
+    return verb.upper(), arg.strip(" \t")
 
 
 _DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+"
@@ -212,7 +219,74 @@ _QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-
 _DOMAIN = re.compile(r"^(?:[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\x80-\U0010ffff-]{0,61}"
                      r"[A-Za-z0-9\x80-\U0010ffff])?\.)*[A-Za-z0-9\x80-\U0010ffff]"
                      r"(?:[A-Za-z0-9\x80-\U0010ffff-]{0,61}[A-Za-z0-9\x80-\U0010ffff])?\.?$")
-_ADDR_LITERAL = re.compile(r"^\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]$")
+
+
+def address_literal(text: str) -> bool:
+    """``[1.2.3.4]`` or ``[IPv6:…]`` (RFC 5321 §4.1.3; the tag is case-insensitive, as every
+    ABNF literal string is, RFC 5234 §2.3), with a real IPv4/IPv6 address inside."""
+    if len(text) < 3 or text[0] != "[" or text[-1] != "]" or not text.isascii():
+        return False
+    inner = text[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        try:
+            ipaddress.IPv6Address(inner[5:])  # ASCII hex digits only, no scope id allowed
+        except ValueError:
+            return False
+        return "%" not in inner
+    try:
+        ipaddress.IPv4Address(inner)  # ASCII digits only, no leading zeros
+    except ValueError:
+        return False
+    return True
+
+
+def _unsafe_char(text: str) -> bool:
+    """Whether a non-ASCII ``text`` holds a separator or other/control character.
+
+    RFC 6531 admits UTF-8 in addresses, never Unicode spaces (U+00A0, U+3000), line and
+    paragraph separators (U+2028/9), format characters or unassigned code points: an
+    address holding one would be judged on one spelling and used (DNS, logs) with another.
+    """
+    return any(not c.isascii() and unicodedata.category(c)[0] in "ZC" for c in text)
+
+
+def valid_domain(text: str) -> bool:
+    """A domain name (RFC 5321 ``Domain``, U-labels allowed per RFC 6531)."""
+    if len(text) > 255 or not _DOMAIN.match(text):
+        return False
+    return text.isascii() or not _unsafe_char(text)
+
+
+_HELO_DOMAIN = re.compile(r"^[A-Za-z0-9_\x80-\U0010ffff](?:[A-Za-z0-9_\x80-\U0010ffff-]{0,62})"
+                          r"(?:\.[A-Za-z0-9_\x80-\U0010ffff](?:[A-Za-z0-9_\x80-\U0010ffff-]{0,62}))*"
+                          r"\.?$")
+
+
+@functools.lru_cache(maxsize=1024)  # a connection's HELO is judged again for each Received:
+def valid_helo(text: str) -> bool:
+    """A HELO/EHLO argument: a domain or an address literal (RFC 5321 §4.1.1.1).
+
+    Underscores are tolerated in labels (Windows host names use them; Postfix accepts
+    them too); spaces, parentheses, ``;`` and anything else that could add a clause to a
+    ``Received:`` field are not.
+    """
+    if len(text) > 255:
+        return False
+    if address_literal(text):
+        return True
+    if not _HELO_DOMAIN.match(text):
+        return False
+    return text.isascii() or not _unsafe_char(text)
+
+
+def routed_local_part(address: str) -> bool:
+    """Whether ``address`` carries sender-specified routing in its local part
+    (``user%other@…``, ``other!user@…``, ``"user@other"@…``), as Postfix's
+    ``allow_untrusted_routing`` judges it: on the unquoted local part."""
+    local = address.rpartition("@")[0]
+    if local.startswith('"'):
+        local = re.sub(r"\\(.)", r"\1", local[1:-1])
+    return "%" in local or "!" in local or "@" in local
 
 
 # Addresses already judged by valid_mailbox: clients send the same few over and over.
@@ -241,7 +315,9 @@ def _valid_mailbox(address: str) -> bool:
         return False
     if not (_DOT_ATOM.match(local) or _QUOTED.match(local)):
         return False
-    return bool(_DOMAIN.match(domain) or _ADDR_LITERAL.match(domain))
+    if not local.isascii() and _unsafe_char(local):
+        return False
+    return valid_domain(domain) or address_literal(domain)
 
 
 def parse_path(arg: str, keyword: str, *, allow_null: bool) -> tuple[str, dict[str, str]]:
@@ -273,12 +349,18 @@ def parse_path(arg: str, keyword: str, *, allow_null: bool) -> tuple[str, dict[s
     elif not valid_mailbox(address):
         raise SMTPProtocolError(f"syntax error in address <{address}>")
     params: dict[str, str] = {}
-    for token in params_text.split():
+    for token in params_text.split(" "):
+        if not token:
+            continue  # SP only separates (str.split() would also eat Unicode spaces)
         key, eq, value = token.partition("=")
-        if not key or (eq and not value):
+        if (not _ESMTP_KEYWORD.match(key) or (eq and not value)
+                or (value and (not value.isprintable() or _unsafe_char(value)))):
             raise SMTPProtocolError(f"malformed parameter {token!r}")
         params[key.upper()] = value if eq else ""
     return address, params
+
+
+_ESMTP_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")  # RFC 5321 esmtp-keyword
 
 
 def _closing_bracket(text: str) -> int:

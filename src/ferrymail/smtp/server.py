@@ -14,6 +14,8 @@ import contextlib
 import ipaddress
 import itertools
 import os
+import re
+import resource
 import socket
 import ssl
 import time
@@ -26,12 +28,15 @@ from ferrymail.config import RunningConfig, StartupServer
 from ferrymail.observe.log import enabled, log_event, log_formatted, quote
 from ferrymail.observe.metrics import PROXY_HEADER_ERRORS
 from ferrymail.proxy import ProxyDecoder, ProxyError, ProxyHeader
+from ferrymail.smtp.connlimit import ConnectionLimiter, LimitLog
+from ferrymail.smtp.protocol import valid_helo
 from ferrymail.smtp.session import (
     R_SPOOL_FAIL,
     Close,
     Deliver,
     ServerSession,
     SessionLimits,
+    SessionPolicy,
     SessionSettings,
     StartTLS,
     Transaction,
@@ -40,6 +45,9 @@ from ferrymail.spool import Envelope, ProxyInfo, Spool, SpoolError
 
 # Pause reading from a client once this much unprocessed input waits (e.g. while storing).
 MAX_BUFFERED = 256 * 1024
+R_TOO_MANY_CONNECTIONS = b"421 4.7.0 too many connections, try again later\r\n"
+R_TOO_MANY_FROM_CLIENT = b"421 4.7.0 too many connections from your address, try again later\r\n"
+FD_RESERVE = 64  # descriptors kept for the spool, DNS, outbound and the listeners
 _DECISIONS_MAX = 4096  # RCPT policy answers kept per server (see SMTPServer.may_accept)
 
 _conn_ids = itertools.count(1)
@@ -81,28 +89,54 @@ def _rfc5322_date() -> str:
     return _date_cache[1]
 
 
+_UNSAFE_IN_HEADER = re.compile(r"[()\\;<>]")
+
+
 def _clean(text: str, limit: int = 200) -> str:
     """A client-supplied word made safe for a header comment/clause."""
     text = text[:limit]
-    if not text.isprintable() or "(" in text or ")" in text or "\\" in text:
-        text = "".join(c if c.isprintable() and c not in "()\\" else "?" for c in text)
+    if not text.isprintable() or _UNSAFE_IN_HEADER.search(text):
+        text = "".join(c if c.isprintable() and c not in "()\\;<>" else "?" for c in text)
     return text or "unknown"
 
+
+_HELO_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_:[]")
+
+
+def quote_helo(helo: str, limit: int = 200) -> str:
+    """A HELO argument that is no domain, percent-encoded (UTF-8) to one token with no
+    space, parenthesis, ``;`` or quote: it can never close a comment or start a clause."""
+    return "".join(c if c in _HELO_SAFE else "".join(f"%{b:02X}" for b in c.encode())
+                   for c in helo[:limit]) or "unknown"
+
+
+# a dot-atom local part (atext, RFC 5322 §3.2.3, plus UTF-8) up to the last "@"
+_DOT_ATOM_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\x80-\U0010ffff-]+@[^@]*\Z")
 
 def received_header(*, helo: str, client_ip: str, client_port: int, hostname: str,
                     protocol: str, ident: str, recipients: list[str], tls: str | None,
                     proxy_ip: str | None, proxy_version: int | None) -> bytes:
-    """The Received: trace header (RFC 5321 §4.4) we prepend, CRLF-terminated."""
+    """The Received: trace header (RFC 5321 §4.4) we prepend, CRLF-terminated.
+
+    No client text can add a clause: a HELO that is not a domain or address literal (kept
+    under ``policy.helo: accept``) goes into the comment percent-encoded, and the ``for``
+    clause names the recipient only when its local part is a dot-atom.
+    """
     ip = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
-    lines = [f"Received: from {_clean(helo)} ([{ip}] port {client_port})"]
+    if valid_helo(helo):
+        lines = [f"Received: from {_clean(helo)} ([{ip}] port {client_port})"]
+    else:
+        lines = [f"Received: from [{ip}] (port {client_port} helo={quote_helo(helo)})"]
     if proxy_ip is not None:
         lines.append(f"\t(via PROXY v{proxy_version} from {proxy_ip})")
     if tls:
         lines.append(f"\t(using {_clean(tls)})")
     by = f"\tby {hostname} (ferrymail) with {protocol} id {ident}"
-    if len(recipients) == 1:  # never list several: that would disclose Bcc recipients
+    rcpt = recipients[0] if len(recipients) == 1 else ""
+    # never list several (that would disclose Bcc recipients), nor a quoted local part
+    if rcpt and _DOT_ATOM_LOCAL.match(rcpt) and rcpt.isprintable():
         lines.append(by)
-        lines.append(f"\tfor <{_clean(recipients[0], 320)}>; {_rfc5322_date()}")
+        lines.append(f"\tfor <{_clean(rcpt, 320)}>; {_rfc5322_date()}")
     else:
         lines.append(f"{by}; {_rfc5322_date()}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
@@ -152,6 +186,7 @@ class SMTPServer:
         self.spool = spool
         self._running = running
         limits = config.limits
+        policy = config.policy
         self.settings = SessionSettings(
             hostname=hostname,
             limits=SessionLimits(
@@ -163,7 +198,15 @@ class SMTPServer:
                 messages=limits.messages or (1 << 62),
             ),
             starttls=config.tls.enabled,
+            policy=SessionPolicy(
+                bare_newline_reject=policy.bare_newline == "reject",
+                helo_reject=policy.helo == "reject",
+                routed_reject=policy.routed_addresses == "reject",
+            ),
         )
+        self.limiter = ConnectionLimiter(limits.connections, limits.connections_per_client)
+        self.counters = self.limiter.counters  # read by logs and metrics
+        self._limit_logs = {"server": LimitLog(), "client": LimitLog()}
         self.ssl_context: ssl.SSLContext | None = None
         if config.tls.enabled:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -203,6 +246,35 @@ class SMTPServer:
                 self.listeners.append((addr[0], addr[1]))
             log_event("smtp.listening", server=self.id, listener=name,
                       proxyprotocol=lst.proxyprotocol)
+        self._check_descriptors()
+
+    def _check_descriptors(self) -> None:
+        """Warn when the connection limit cannot be reached before descriptors run out:
+        then new clients would get a bare EOF, with nothing logged or counted."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return
+        limit = self.config.limits.connections
+        if limit == 0 or limit + FD_RESERVE > soft:
+            log_event("smtp.limits.descriptors", "warning", server=self.id,
+                      connections=limit or "unlimited", nofile=soft,
+                      error=f"limits.connections plus {FD_RESERVE} descriptors for the spool, "
+                            "DNS and delivery exceed `ulimit -n`: clients past it would get a "
+                            "bare EOF; raise the limit or lower limits.connections")
+
+    def refused(self, which: str, conn: InboundConnection) -> None:
+        """A connection limit was hit: one rate-limited log line (counters are exact)."""
+        n = self._limit_logs[which].hit(time.monotonic())
+        if n:
+            limits = self.config.limits
+            log_event("smtp.limits.connections", "warning", server=self.id,
+                      listener=conn.listener.name, client=conn._client_text(),
+                      limit="connections" if which == "server" else "connections_per_client",
+                      max=limits.connections if which == "server"
+                      else limits.connections_per_client,
+                      refused=n, open=self.limiter.total,
+                      refused_total=self.counters.refused_server
+                      if which == "server" else self.counters.refused_client)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop listening; idle sessions get a 421 now, busy ones get ``grace`` seconds."""
@@ -252,6 +324,13 @@ class SMTPServer:
             self._decisions[key] = ok
         return ok
 
+    def may_relay(self, client_ip: str) -> bool:
+        """Whether the client is in the running ``relay_networks`` (trusted to relay)."""
+        try:
+            return self._running().server(self.id).may_relay(client_ip)
+        except (KeyError, ValueError):
+            return False
+
     def trusts(self, ip: str) -> bool:
         try:
             return self.config.trusts_proxy(ip)
@@ -282,7 +361,13 @@ class InboundConnection(asyncio.Protocol):
         self.tls: str | None = None
         self.started = 0.0
         self.last_activity = 0.0
+        # when the current request (command line, or DATA/BDAT content) must be complete
+        self.deadline = 0.0
+        self.data_phase = False
+        self.opened = False  # counted by the server's ConnectionLimiter
+        self.claimed: str | None = None  # the client address counted per client
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
         self.task: asyncio.Task[None] | None = None
         self.draining = False
         self.paused = False
@@ -307,6 +392,18 @@ class InboundConnection(asyncio.Protocol):
             transport.abort()
             return
         self.peer_ip, self.peer_port = normalise_ip(str(peer[0])), int(peer[1])
+        if not self.server.limiter.open():
+            # On a proxied listener nothing may be said before the PROXY header (and reading
+            # it would hold the slot we lack): close silently. Otherwise 421 as the greeting
+            # (RFC 5321 §3.1).
+            self.close_reason = "connection limit"
+            self.state = _CLOSED
+            if not self.listener.proxyprotocol:
+                transport.write(R_TOO_MANY_CONNECTIONS)  # type: ignore[attr-defined]
+            self.server.refused("server", self)
+            self._close()
+            return
+        self.opened = True
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -329,10 +426,11 @@ class InboundConnection(asyncio.Protocol):
         state = self.state
         self.received_bytes += len(data)
         if state == _SMTP:
-            self.last_activity = self.loop.time()
+            now = self.last_activity = self.loop.time()
             session = self.session
             assert session is not None
             event = session.receive(data)
+            self._track(now, len(data))
             if event is not None:
                 self._after(event)
                 return
@@ -358,6 +456,10 @@ class InboundConnection(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         self.server._removed(self)
+        if self.opened:
+            self.opened = False
+            self.server.limiter.release(self.claimed)
+            self.claimed = None
         if was == _PROXY and self.close_reason is None:
             if self.decoder is not None and self.decoder.buffered:
                 PROXY_HEADER_ERRORS.labels(self.server.id, "truncated").inc()
@@ -413,14 +515,16 @@ class InboundConnection(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         self.proxy = header
-        src = header.source
-        if header.is_local or not isinstance(src, tuple):
-            # Health checks (v2 LOCAL, v1 UNKNOWN) and non-IP families: the peer is the client.
+        src = header.stream_source
+        if src is None:
+            # Health checks (v2 LOCAL, v1 UNKNOWN) and what a TCP listener cannot carry
+            # (UNSPEC, UNIX, DGRAM): the spec's UNSPEC fallback, the peer is the client.
             if enabled("debug"):
                 log_event("smtp.proxy.local", "debug", server=self.server.id,
                           listener=self.listener.name,
                           peer=format_addr(self.peer_ip, self.peer_port),
-                          version=header.version, command=header.command, family=header.family)
+                          version=header.version, command=header.command, family=header.family,
+                          protocol=header.protocol)
             self._begin(self.peer_ip, self.peer_port)
         else:
             self._begin(normalise_ip(src[0]), src[1])
@@ -444,17 +548,64 @@ class InboundConnection(asyncio.Protocol):
 
     def _begin(self, client_ip: str, client_port: int) -> None:
         self.client_ip, self.client_port = client_ip, client_port
+        if not self.server.limiter.claim(client_ip):
+            self.close_reason = "connection limit per client"
+            self.state = _CLOSED
+            self._write(R_TOO_MANY_FROM_CLIENT)
+            self.server.refused("client", self)
+            self._close()
+            return
+        self.claimed = client_ip
         self.state = _SMTP
-        self.session = ServerSession(self.server.settings, self.server.may_accept, client_ip)
+        self.session = ServerSession(self.server.settings, self.server.may_accept, client_ip,
+                                     may_relay=self.server.may_relay)
         self.transport.write(self.session.banner())  # type: ignore[union-attr]
         self.last_activity = self.loop.time()
+        self.deadline = self.last_activity + self.server.timeouts.command
         self._arm_timer()
 
-    def _arm_timer(self) -> None:
-        timeouts = self.server.timeouts
+    # Timeouts. Without `timeouts.deadline` each read restarts the clock (an idle timer).
+    # With it (Postfix smtpd_per_request_deadline) a command line must be complete within
+    # `command` of its first byte, and DATA/BDAT content within `data` of its start plus
+    # 1 s per `min_data_rate` bytes received, never more than `data` past the last read
+    # (smtpd_min_data_rate): one byte every 1.5 s no longer keeps a session alive for ever.
+
+    def _track(self, now: float, n: int) -> None:
+        """Move the deadline after a read of ``n`` bytes that the session has processed."""
+        t = self.server.timeouts
         session = self.session
-        t = timeouts.data if session is not None and session.in_data else timeouts.command
-        self.timer = self.loop.call_at(self.last_activity + t, self._on_timer)
+        assert session is not None
+        if session.in_data:
+            if not self.data_phase:
+                self.data_phase = True
+                self._set_deadline(now + t.data)
+            elif t.deadline:
+                self.deadline = min(self.deadline + n / t.min_data_rate, now + t.data)
+            else:
+                self.deadline = now + t.data
+        elif self.data_phase or not t.deadline or not session.buffered or session.busy:
+            self.data_phase = False
+            when = self.deadline = now + t.command  # a new request starts
+            if when < self.timer_at and self.timer is not None:
+                self.timer.cancel()
+                self._arm_timer()
+
+    def _set_deadline(self, when: float) -> None:
+        self.deadline = when
+        if self.timer is not None and when < self.timer_at:
+            self.timer.cancel()
+            self._arm_timer()
+
+    def _restart_deadline(self) -> None:
+        """Our own work (a store, a TLS handshake) ended: the client's clock starts anew."""
+        session = self.session
+        t = self.server.timeouts
+        self.data_phase = session is not None and session.in_data
+        self._set_deadline(self.loop.time() + (t.data if self.data_phase else t.command))
+
+    def _arm_timer(self) -> None:
+        self.timer_at = self.deadline
+        self.timer = self.loop.call_at(self.deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self.timer = None
@@ -462,19 +613,28 @@ class InboundConnection(asyncio.Protocol):
         if self.state == _CLOSED or session is None:
             return
         if self.state == _SMTP and not session.busy:
-            timeouts = self.server.timeouts
-            limit = timeouts.data if session.in_data else timeouts.command
-            if self.loop.time() >= self.last_activity + limit:
+            now = self.loop.time()
+            if now >= self.deadline:
+                timeouts = self.server.timeouts
+                limit = timeouts.data if session.in_data else timeouts.command
+                idle = now - self.last_activity >= limit
+                counters = self.server.counters
+                if idle:
+                    counters.timeouts_idle += 1
+                else:
+                    counters.timeouts_deadline += 1
                 log_event("smtp.timeout", "info", server=self.server.id, conn=self.conn_id,
                           client=self._client_text(), proxy=self._proxy_text(),
                           phase="data" if session.in_data else "command",
-                          timeout=f"{limit:g}s")
-                self.close_reason = "timeout"
+                          kind="idle" if idle else "deadline", timeout=f"{limit:g}s",
+                          received=self.received_bytes)
+                self.close_reason = "timeout" if idle else "deadline"
                 self._write(session.timeout())
                 self._close()
                 return
         else:
-            self.last_activity = self.loop.time()  # our own work (store, TLS) does not count
+            t = self.server.timeouts  # our own work (store, TLS) does not count
+            self.deadline = self.loop.time() + (t.data if session.in_data else t.command)
         self._arm_timer()
 
     def _after(self, event: Any) -> None:
@@ -496,7 +656,11 @@ class InboundConnection(asyncio.Protocol):
             self.transport.pause_reading()  # type: ignore[union-attr]
             self.task = self.loop.create_task(self._starttls())
         elif isinstance(event, Close):
-            if event.reason == "too many errors":
+            if event.reason == "internal error":
+                log_event("smtp.internal_error", "error", server=self.server.id,
+                          conn=self.conn_id, client=self._client_text(),
+                          proxy=self._proxy_text(), error=session.internal_error)
+            elif event.reason == "too many errors":
                 log_event("smtp.errors", "info", server=self.server.id, conn=self.conn_id,
                           client=self._client_text(), proxy=self._proxy_text(),
                           errors=session.errors)
@@ -512,7 +676,10 @@ class InboundConnection(asyncio.Protocol):
             self._write(self.session.take_output() + self.session.shutdown())
             self._close()
             return
+        self._restart_deadline()
         self._after(self.session.step())
+        if not self.session.busy and self.session.in_data != self.data_phase:
+            self._restart_deadline()
         if self.paused and not self.session.busy and self.session.buffered <= MAX_BUFFERED:
             self.paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
@@ -525,7 +692,7 @@ class InboundConnection(asyncio.Protocol):
             proxy = self.proxy
             info = None
             text = None
-            if proxy is not None and not proxy.is_local and isinstance(proxy.source, tuple):
+            if proxy is not None and proxy.stream_source is not None:
                 dst = proxy.destination if isinstance(proxy.destination, tuple) else (None, None)
                 info = ProxyInfo(
                     version=proxy.version, proxy_ip=self.peer_ip, proxy_port=self.peer_port,
@@ -633,6 +800,7 @@ class InboundConnection(asyncio.Protocol):
         self.last_activity = self.loop.time()
         assert self.session is not None
         self.session.tls_started()
+        self._restart_deadline()
         if self.paused:
             self.paused = False
             transport.resume_reading()
@@ -648,7 +816,7 @@ class InboundConnection(asyncio.Protocol):
         return format_addr(self.client_ip, self.client_port)
 
     def _proxy_text(self) -> str | None:
-        if self.proxy is None or self.proxy.is_local:
+        if self.proxy is None or self.proxy.stream_source is None:
             return None
         return format_addr(self.peer_ip, self.peer_port)
 

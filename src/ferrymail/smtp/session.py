@@ -18,15 +18,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ferrymail.abnf import decimal
 from ferrymail.smtp.protocol import (
     DataDecoder,
     SMTPProtocolError,
     parse_path,
+    routed_local_part,
     split_command,
+    valid_helo,
 )
 
 # The policy hook: (recipient domain, client ip) -> may this recipient be accepted?
 RcptPolicy = Callable[[str, str], bool]
+# Whether a client ip is trusted to relay (relay_networks): routed addresses are allowed then.
+RelayCheck = Callable[[str], bool]
 
 _CMD, _DATA, _BDAT = 0, 1, 2
 
@@ -59,6 +64,11 @@ R_TOO_MANY_RCPTS = _r("452 4.5.3 too many recipients")
 R_RELAY_DENIED = _r("554 5.7.1 relay access denied")
 R_TOO_BIG = _r("552 5.3.4 message size exceeds fixed maximum message size")
 R_BARE_LF = _r("550 5.6.11 bare CR or LF not allowed")
+R_BARE_LF_COMMAND = _r("521 5.5.2 bare LF received: command lines end with CRLF "
+                       "(RFC 5321 2.3.8), closing connection")
+R_HELO_SYNTAX = _r("501 5.5.2 HELO/EHLO needs a domain name or an address literal")
+R_ROUTED = _r("550 5.7.1 sender-specified routing (%, ! or @ in the local part) not allowed")
+R_INTERNAL = _r("421 4.3.0 internal error, closing connection")
 R_NEED_UTF8 = _r("553 5.6.7 non-ASCII address requires SMTPUTF8")
 R_TOO_MANY_ERRORS = _r("421 4.7.0 too many errors, closing connection")
 R_TOO_MANY_MESSAGES = _r("421 4.7.0 too many messages in this session, closing connection")
@@ -79,6 +89,25 @@ class SessionLimits:
     messages: int = 100
 
 
+@dataclass(frozen=True, slots=True)
+class SessionPolicy:
+    """How strictly a session judges what the grammar leaves to policy.
+
+    ``bare_newline_reject``: a command line ending in a bare LF gets 521 and the connection
+    closes (Postfix ``smtpd_forbid_bare_newline``); False takes LF as a line end. DATA
+    content with a bare CR or LF is refused either way.
+    ``helo_reject``: a HELO/EHLO argument that is neither a domain nor an address literal
+    gets 501; False accepts it (the ``Received:`` field then records it quoted).
+    ``routed_reject``: ``user%host@…``, ``host!user@…`` and ``"user@host"@…`` recipients
+    from clients outside relay_networks get 550 5.7.1 (Postfix
+    ``allow_untrusted_routing = no``); False accepts them.
+    """
+
+    bare_newline_reject: bool = True
+    helo_reject: bool = True
+    routed_reject: bool = True
+
+
 @dataclass(frozen=True)
 class SessionSettings:
     """What a listener's sessions share; the EHLO replies are built once here."""
@@ -86,6 +115,7 @@ class SessionSettings:
     hostname: str
     limits: SessionLimits = field(default_factory=SessionLimits)
     starttls: bool = False  # a certificate is configured
+    policy: SessionPolicy = field(default_factory=SessionPolicy)
 
     def __post_init__(self) -> None:
         base = [self.hostname, "PIPELINING", f"SIZE {self.limits.message_size}", "8BITMIME",
@@ -150,13 +180,16 @@ class ServerSession:
     __slots__ = (
         "_bdat_chunks", "_bdat_discard", "_bdat_last", "_bdat_left", "_buf", "_closed",
         "_decoder", "_mode", "_out", "_pending", "_skipping", "client_ip", "commands",
-        "errors", "esmtp", "helo", "messages", "policy", "settings", "tls", "txn",
+        "errors", "esmtp", "helo", "internal_error", "may_relay", "messages", "policy",
+        "settings", "tls", "txn",
     )
 
     def __init__(self, settings: SessionSettings, policy: RcptPolicy, client_ip: str,
-                 *, tls: bool = False) -> None:
+                 *, tls: bool = False, may_relay: RelayCheck | None = None) -> None:
         self.settings = settings
         self.policy = policy
+        self.may_relay = may_relay
+        self.internal_error: str | None = None  # a bug hit by client input (see _command)
         self.client_ip = client_ip
         self.tls = tls
         self.helo: str | None = None
@@ -227,7 +260,12 @@ class ServerSession:
                 # line. Handled without the buffer; anything else takes the general path.
                 n = len(data)
                 if 0 < n <= self.settings.limits.line_length and data.find(b"\n") == n - 1:
-                    self._command(data[:-2] if n > 1 and data[n - 2] == 13 else data[:-1])
+                    if n > 1 and data[n - 2] == 13:
+                        self._command(data[:-2])
+                    elif self.settings.policy.bare_newline_reject:
+                        self._bare_newline()
+                    else:
+                        self._command(data[:-1])
                     if self._mode == _BDAT:
                         return self.step()  # BDAT 0 completes without more input
                     return self._pending
@@ -262,9 +300,12 @@ class ServerSession:
                         pos = end + 1
                         self._error(R_LINE_TOO_LONG)
                         continue
-                    line = bytes(buf[pos:end - 1] if end > pos and buf[end - 1] == 13
-                                 else buf[pos:end])
+                    crlf = end > pos and buf[end - 1] == 13
+                    line = bytes(buf[pos:end - 1] if crlf else buf[pos:end])
                     pos = end + 1
+                    if not crlf and self.settings.policy.bare_newline_reject:
+                        self._bare_newline()
+                        continue
                     self._command(line)
                     if self._mode == _DATA:
                         # Everything after the DATA line is message content.
@@ -350,6 +391,13 @@ class ServerSession:
         self._closed = True
         self._pending = Close(reason)
 
+    def _bare_newline(self) -> None:
+        """A command line ended in a bare LF: refuse and close (what follows may be a
+        smuggled command meant for another reader of the stream)."""
+        self._out.append(R_BARE_LF_COMMAND)
+        self._buf.clear()
+        self._close("bare LF in command")
+
     def _command(self, line: bytes) -> None:
         self.commands += 1
         try:
@@ -361,11 +409,27 @@ class ServerSession:
         if handler is None:
             self._error(R_UNKNOWN)
             return
-        handler(self, arg)
+        try:
+            handler(self, arg)
+        except Exception as exc:  # a bug: never let client bytes kill the connection silently
+            # Replies already produced (a "250" for a stored message) still go out first.
+            self.internal_error = f"{verb}: {type(exc).__name__}: {exc}"
+            self.txn = None
+            self._mode = _CMD
+            self._out.append(R_INTERNAL)
+            self._close("internal error")
 
-    def _ehlo(self, arg: str) -> None:
+    def _helo_refused(self, arg: str) -> bool:
         if not arg:
             self._error(R_HELO_ARG)
+            return True
+        if self.settings.policy.helo_reject and not valid_helo(arg):
+            self._error(R_HELO_SYNTAX)
+            return True
+        return False
+
+    def _ehlo(self, arg: str) -> None:
+        if self._helo_refused(arg):
             return
         self.helo = arg
         self.esmtp = True
@@ -373,8 +437,7 @@ class ServerSession:
         self._out.append(self.settings.ehlo_tls if self.tls else self.settings.ehlo_plain)
 
     def _helo(self, arg: str) -> None:
-        if not arg:
-            self._error(R_HELO_ARG)
+        if self._helo_refused(arg):
             return
         self.helo = arg
         self.esmtp = False
@@ -422,9 +485,10 @@ class ServerSession:
             if key not in _MAIL_PARAMS:
                 return _r(f"555 5.5.4 MAIL parameter {key} not recognized")
             if key == "SIZE":
-                if not value.isdigit() or len(value) > 20:
+                size = decimal(value, max_digits=20)
+                if size is None:
                     return _r("501 5.5.4 SIZE needs a number")
-                if int(value) > self.settings.limits.message_size:
+                if size > self.settings.limits.message_size:
                     return R_TOO_BIG
             elif key == "BODY":
                 if value.upper() not in ("7BIT", "8BITMIME"):
@@ -454,7 +518,11 @@ class ServerSession:
             self._error(R_NEED_UTF8)
             return
         if len(txn.recipients) >= self.settings.limits.recipients:
-            self._out.append(R_TOO_MANY_RCPTS)
+            self._error(R_TOO_MANY_RCPTS)  # counted: 10,000 RCPTs must not be free
+            return
+        if (self.settings.policy.routed_reject and routed_local_part(rcpt)
+                and not (self.may_relay is not None and self.may_relay(self.client_ip))):
+            self._error(R_ROUTED)
             return
         domain = rcpt.rpartition("@")[2].lower()
         if not self.policy(domain, self.client_ip):
@@ -509,12 +577,12 @@ class ServerSession:
         return None
 
     def _bdat(self, arg: str) -> None:
-        parts = arg.split()
-        if not parts or len(parts) > 2 or not parts[0].isdigit() or len(parts[0]) > 18 or (
-                len(parts) == 2 and parts[1].upper() != "LAST"):
+        parts = arg.split(" ")
+        size = decimal(parts[0], max_digits=18) if parts else None
+        if size is None or len(parts) > 2 or (len(parts) == 2 and parts[1].upper() != "LAST"):
             self._error(R_BDAT_ARG)
             return
-        self._bdat_left = int(parts[0])
+        self._bdat_left = size
         self._bdat_last = len(parts) == 2
         self._mode = _BDAT
         self._bdat_discard = None
