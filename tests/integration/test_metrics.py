@@ -16,7 +16,13 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import listener, server, spool_count, startup_yaml
+from tests.integration.conftest import (
+    ferrymail_command,
+    listener,
+    server,
+    spool_count,
+    startup_yaml,
+)
 from tests.realpeers import free_port, require, smtp_sink
 
 HOST = "127.0.0.1"
@@ -194,3 +200,40 @@ def test_busy_metrics_port_does_not_stop_the_daemon(ferrymail_proc, tmp_path: Pa
     assert "event=metrics.listening" not in third.log_text()
     for p in (first, second, third):
         assert p.stop() == 0
+
+
+def test_proxy_down_in_metrics_and_queue_summary(ferrymail_proc, tmp_path: Path):
+    port, mport, dead = free_port(), free_port(), free_port()
+    running_doc = f"""
+servers: [{{id: in, transport: px, domains: [px.test], relay_networks: [127.0.0.0/8]}}]
+addresses:
+  - {{id: p, address: 127.0.0.41, proxyprotocol: {{server: {HOST}, port: {dead}}}}}
+transportgroups:
+  - id: g
+    retry: {{count: 30, intervals: [3600]}}
+    transports:
+      - {{id: px, connection: {{server: {HOST}, port: 25, sourceip: {{ipv4: [p]}},
+                               timeout: {{connect: 2}}}}}}
+"""
+    proc = ferrymail_proc(startup_yaml(tmp_path, [server("in", [listener(port)])],
+                                       metrics=f"{HOST}:{mport}"),
+                          running_doc, wait=[(HOST, port), (HOST, mport)])
+    values = samples(scrape(mport)[1])
+    assert total(values, "ferrymail_proxy_up", proxy=f"{HOST}:{dead}") == 1
+    with smtplib.SMTP(HOST, port, timeout=10) as smtp:
+        smtp.sendmail("s@x.test", ["u@px.test"], b"Subject: p\r\n\r\nx\r\n")
+    proc.wait_log(r"event=delivery.error .*kind=proxy .*result=deferred")
+    values = samples(scrape(mport)[1])
+    assert total(values, "ferrymail_proxy_up", proxy=f"{HOST}:{dead}") == 0
+    assert total(values, "ferrymail_delivery_recipients_total", transport="px", source="p",
+                 proxy=f"{HOST}:{dead}", result="deferred", kind="proxy") == 1
+    assert proc.startup_path is not None
+    out = subprocess.run(
+        [*ferrymail_command("queue", "summary", "--json", "--startup", str(proc.startup_path))],
+        capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads(out.stdout)["queues"]
+    assert (row["transport"], row["domain"], row["source"]) == ("px", "px.test", "p")
+    assert f"proxy down ({HOST}:{dead})" in row["why"], row
+    assert any(w.startswith("retry at ") for w in row["why"]) and "proxy" in row["last_error"]
+    assert proc.stop() == 0
