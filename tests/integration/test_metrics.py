@@ -135,6 +135,11 @@ def test_metrics_follow_the_spool_and_the_sinks(ferrymail_proc, tmp_path: Path):
     assert total(final, "ferrymail_queue_oldest_seconds", state="deferred") > 0
     assert total(final, "ferrymail_spool_commit_seconds_count") >= N_OK + N_DEAD + N_REJECT
     assert total(final, "ferrymail_connections_open", direction="inbound") == 0
+    # idle in the pool after the load: every open outbound connection is a pooled one
+    pooled = total(final, "ferrymail_outbound_pooled_connections")
+    assert pooled >= 1
+    assert total(final, "ferrymail_outbound_connections_open", source="os",
+                 proxy="direct") == pooled
     assert proc.stop() == 0
     exposed = {name for name, _ in final}  # with samples, plus families declared but empty
     for family in text_string_to_metric_families(final_text):

@@ -12,7 +12,8 @@ Names (all ``ferrymail_`` prefixed; the full list with meanings is in docs/opera
 - ``dsn_total{action}``; ``proxy_header_errors_total{server,kind}``
 - ``queue_messages{state}``, ``queue_recipients{state}``, ``queue_oldest_seconds{state}``
   (states queued, deferred, held, in-flight; refreshed from the spool every QUEUE_REFRESH s)
-- ``connections_open{direction,server}``; ``outbound_pooled_connections``
+- ``connections_open{direction,server}``; ``outbound_connections_open{source,proxy}``;
+  ``outbound_pooled_connections``
 - ``proxy_up{proxy}`` (1 up, 0 marked down by passive health); ``build_info{version}``
 
 Label values are bounded: servers, transports, sources and proxies come from the config;
@@ -41,6 +42,7 @@ from ferrymail import __version__
 from ferrymail.admin.http import HTTPServer, Request, Response, RouteTable
 from ferrymail.config.operations import parse_listen
 from ferrymail.observe.log import log_event
+from ferrymail.smtp.client import LIVE_CLIENTS
 
 if TYPE_CHECKING:
     from ferrymail.app import App
@@ -151,6 +153,19 @@ class _LiveCollector(Collector):
             conns.add_metric(["inbound", srv.id], len(srv.connections))
         conns.add_metric(["outbound", "-"], app.delivery.scheduler.running)
         yield conns
+        out = GaugeMetricFamily("ferrymail_outbound_connections_open",
+                                "Open outbound SMTP connections (in use or pooled)",
+                                labels=["source", "proxy"])
+        counts: dict[tuple[str, str], int] = {}
+        for client in list(LIVE_CLIENTS):
+            if client.is_open:
+                src = client.source
+                key = (src.address_id or src.address or "os",
+                       str(src.proxy) if src.proxy else "direct")
+                counts[key] = counts.get(key, 0) + 1
+        for (source, proxy), n in sorted(counts.items()):
+            out.add_metric([source, proxy], n)
+        yield out
         yield GaugeMetricFamily("ferrymail_outbound_pooled_connections",
                                 "Idle outbound connections kept for reuse",
                                 value=len(app.delivery.pool))
