@@ -104,8 +104,8 @@ def test_metrics_follow_the_spool_and_the_sinks(ferrymail_proc, tmp_path: Path):
         proc.wait_log("event=delivery.error .*result=deferred", count=N_DEAD)
         stop.set()
         t.join(30)
-        deadline = time.monotonic() + 10
-        while True:  # the queue gauges are refreshed from the spool every 2 s
+        deadline = time.monotonic() + 15
+        while True:  # the queue gauges are refreshed from the spool every 5 s
             final_text = scrape(mport)[1]
             final = samples(final_text)
             if total(final, "ferrymail_queue_messages", state="deferred") == N_DEAD or \

@@ -133,6 +133,9 @@ def test_spool_queue_control_filters_and_summary(tmp_path: Path):
             assert "hold (queue hold)" in a_row["why"]
             assert any(w.startswith("retry at ") for w in a_row["why"])
 
+            stats = await spool.queue_stats()
+            assert {k: v[:2] for k, v in stats.items()} == {"held": (1, 2), "deferred": (1, 1)}
+            assert all(abs(v[2] - now) < 60 for v in stats.values())  # stored just now
             assert await spool.release(a, now) == 2
             assert await spool.retry(b, now) == 1
             due = {m.queue_id for m in await spool.due(now + 0.001)}

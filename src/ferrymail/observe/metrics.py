@@ -47,7 +47,7 @@ from ferrymail.smtp.client import LIVE_CLIENTS
 if TYPE_CHECKING:
     from ferrymail.app import App
 
-QUEUE_REFRESH = 2.0
+QUEUE_REFRESH = 5.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 REGISTRY = CollectorRegistry(auto_describe=True)

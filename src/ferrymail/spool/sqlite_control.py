@@ -81,12 +81,15 @@ class SqliteQueueControl:
 
     async def queue_stats(self) -> dict[str, tuple[int, int, float | None]]:
         """Per state of pending recipients (``queued``, ``deferred``, ``held``): messages,
-        recipients, and the oldest message's received_at (None if none)."""
+        recipients, and when the oldest message was stored (None if none).
+
+        The time comes from the queue id (milliseconds since the epoch in its upper 48 bits,
+        see `QueueIdGenerator`), so the query reads the recipients table alone."""
         return await self._read(self._q_stats)
 
     def _q_stats(self) -> dict[str, tuple[int, int, float | None]]:
-        sql = (f"SELECT CASE WHEN r.next_attempt >= ? THEN 'held' ELSE r.state END AS st,"
-               " COUNT(DISTINCT r.msg), COUNT(*), MIN(json_extract(m.envelope, '$.received_at'))"
-               f" FROM recipients r JOIN messages m ON m.id = r.msg WHERE r.{_PENDING}"
+        sql = ("SELECT CASE WHEN next_attempt >= ? THEN 'held' ELSE state END AS st,"
+               f" COUNT(DISTINCT msg), COUNT(*), MIN(msg) FROM recipients WHERE {_PENDING}"
                " GROUP BY st")
-        return {st: (m, n, oldest) for st, m, n, oldest in self._conn().execute(sql, (HELD_AT,))}
+        return {st: (m, n, None if first is None else (first >> 16) / 1000.0)
+                for st, m, n, first in self._conn().execute(sql, (HELD_AT,))}
