@@ -91,7 +91,9 @@ def ferrymail_spool_summary(spool: Path) -> dict[str, int]:
         one = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
         return {
             "messages": one("SELECT COUNT(*) FROM messages"),
-            "bodies": one("SELECT COUNT(*) FROM bodies"),
+            # small bodies are BLOBs, large ones files of the spool (bodies/<queue id>)
+            "bodies": one("SELECT COUNT(*) FROM bodies") + sum(
+                1 for p in (db.parent / "bodies").glob("*") if "." not in p.name),
             "queued": one("SELECT COUNT(*) FROM recipients WHERE state = 'queued'"),
             "proxied": one("SELECT COUNT(*) FROM messages"
                            " WHERE json_extract(envelope, '$.proxy.version') = 2"),

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from ferrymail import sdnotify
+from ferrymail import privileges, sdnotify
 from ferrymail.abnf import is_digits
 from ferrymail.admin.queue import QueueService
 from ferrymail.admin.server import AdminServer
@@ -83,7 +83,8 @@ class App:
         self.startup_file = startup_file
         self.running_file = running_file
         self.grace = grace
-        self.spool = SqliteSpool(startup.spool.path, fsync=startup.spool.fsync)
+        self.spool = SqliteSpool(startup.spool.path, fsync=startup.spool.fsync,
+                                 min_free=startup.spool.min_free)
         # Outbound: reads self.running at each attempt; servers wake it when they store mail.
         self.delivery = DeliveryEngine(
             self.spool, lambda: self.running, hostname=startup.environment.hostname,
@@ -141,13 +142,29 @@ class App:
     # -- lifecycle
 
     async def start(self) -> None:
-        """Open the spool, then start every component; on failure undo what was started."""
+        """Bind the listeners, drop privileges (``environment.user``), open the spool, then
+        start every component; on failure undo what was started."""
         for key, name in hostname_problems(self.startup):
             log_event("config.hostname", "warning", key=key, hostname=name,
                       error=f"{name!r} is not a fully qualified domain name: the banner, "
                             "HELO and Message-IDs will say it, and many receivers refuse "
                             "such mail; set environment.hostname")
-        await self.spool.start()
+        env = self.startup.environment
+        creds = None if env.user is None else privileges.resolve(env.user, env.group)
+        try:
+            for srv in self.servers:
+                await srv.bind()
+            # the admin socket too: its folder (the pidfile's) may be writable by root only
+            await self.admin.bind(None if creds is None else (creds.uid, creds.gid))
+            if creds is not None:
+                privileges.prepare_spool_dir(self.startup.spool.path, creds)
+                privileges.drop_privileges(creds)
+            await self.spool.start()
+        except BaseException:
+            for srv in self.servers:
+                await srv.stop(0)
+            await self.admin.stop()
+            raise
         try:
             for component in self.components:
                 await component.start()

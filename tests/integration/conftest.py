@@ -285,9 +285,13 @@ def spool_get(spool_path: Path, qid: str) -> tuple[Any, bytes] | None:
     from ferrymail.spool.sqlite import envelope_from_json
 
     with contextlib.closing(_spool_db(spool_path)) as db:
-        row = db.execute("SELECT m.envelope, b.data FROM messages m JOIN bodies b USING (id) "
-                         "WHERE id = ?", (int(qid, 16),)).fetchone()
-    return None if row is None else (envelope_from_json(row[0]), bytes(row[1]))
+        row = db.execute("SELECT m.envelope, b.data FROM messages m LEFT JOIN bodies b "
+                         "USING (id) WHERE id = ?", (int(qid, 16),)).fetchone()
+    if row is None:
+        return None
+    if row[1] is None:  # a large message: its body is a file of the spool
+        return envelope_from_json(row[0]), (spool_path / "bodies" / qid).read_bytes()
+    return envelope_from_json(row[0]), bytes(row[1])
 
 
 __all__ = [

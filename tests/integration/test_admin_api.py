@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import pwd
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from ferrymail.admin.client import AdminClient, AdminError
-from tests.integration.conftest import listener, running_yaml, server, startup_yaml
+from tests.integration.conftest import listener, run_cli, running_yaml, server, startup_yaml
 from tests.realpeers import free_port
 
 HOST = "127.0.0.1"
@@ -108,3 +109,35 @@ def test_admin_socket_and_token(ferrymail_proc, tmp_path: Path):
     assert proc.stop() == 0
     assert not sock.exists()
     shared.rmdir()
+
+
+def test_admin_socket_made_before_the_privilege_drop(ferrymail_proc):
+    """With ``environment.user`` the socket is made while still root (its folder, the
+    pidfile's, may be root's) and handed to the user; the CLI reaches the daemon through it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch users")
+    nobody = pwd.getpwnam("nobody")
+    shared = Path(tempfile.mkdtemp(prefix="fm-admin-user-"))
+    try:
+        os.chmod(shared, 0o755)  # root's: the user could not create the socket here itself
+        port = free_port()
+        doc = yaml.safe_load(startup_yaml(shared, [server("s", [listener(port)])]))
+        doc["environment"]["user"] = "nobody"
+        proc = ferrymail_proc(yaml.safe_dump(doc), running_yaml(["s"]), wait=[(HOST, port)],
+                              workdir=shared)
+        sock = shared / "ferrymail.sock"
+        st = sock.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (nobody.pw_uid, 0o600)
+        assert proc.startup_path is not None
+        out = run_cli("queue", "list", "--json", "--startup", str(proc.startup_path))
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {"messages": [], "source": "daemon"}
+        assert AdminClient(socket_path=str(sock)).get("/v1/status")["pid"] == proc.pid
+        assert proc.stop() == 0
+        # the user may not remove it from root's folder: the next start replaces it as stale
+        again = ferrymail_proc(yaml.safe_dump(doc), running_yaml(["s"]), wait=[(HOST, port)],
+                               workdir=shared)
+        assert AdminClient(socket_path=str(sock)).get("/v1/status")["pid"] == again.pid
+        assert again.stop() == 0
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -205,9 +205,11 @@ def test_second_instance_fails_clearly(ferrymail_proc, tmp_path: Path):
     assert out.returncode == 1
     assert "level=error event=app.start_failed" in out.stderr
     assert f"already running (pid {first.pid}" in out.stderr
-    # another pidfile, same spool and port: the spool is locked
+    # another pidfile and port, same spool: the spool is locked (listeners are bound first,
+    # before privileges are dropped and the spool opened, so the port must differ here)
     other = tmp_path / "other.yaml"
-    other.write_text(startup.replace(str(tmp_path / "ferrymail.pid"), str(tmp_path / "2.pid")))
+    other.write_text(startup.replace(str(tmp_path / "ferrymail.pid"), str(tmp_path / "2.pid"))
+                     .replace(f"port: {port}", f"port: {free_port()}"))
     out = run_cli("run", "--startup", str(other), "--running", str(first.running_path),
                   cwd=tmp_path)
     assert out.returncode == 1

@@ -126,8 +126,8 @@ def _trickle(port: int, setup: bytes, setup_replies: int, drip: bytes, interval:
 
 def test_slow_client_meets_a_deadline_in_data_and_in_a_command(ferrymail_proc, tmp_path):
     # Issue 7 item 10: one byte every 1.5 s kept DATA alive for ever with timeouts.data: 2.
-    # Here a byte every 0.5 s (well inside the 2 s idle timers) must end in 421 at the
-    # deadline: 2 s plus 1/500 s per byte received, in DATA and within one command line.
+    # That input in DATA, and a byte every 0.5 s within one command line (both inside the
+    # 2 s idle timers), must end in 421 at the deadline: 2 s plus 1/500 s per byte.
     port = free_port()
     fm = _start(ferrymail_proc, tmp_path, port,
                 timeouts={"command": 2, "data": 2, "min_data_rate": 500})
@@ -136,7 +136,7 @@ def test_slow_client_meets_a_deadline_in_data_and_in_a_command(ferrymail_proc, t
     threads = [
         threading.Thread(target=_trickle, args=(
             port, b"EHLO c.test\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<r@example.com>\r\n"
-                  b"DATA\r\n", 4, b"slow body line ", 0.5, 9.0, data)),
+                  b"DATA\r\n", 4, b"slow body line ", 1.5, 9.0, data)),
         threading.Thread(target=_trickle, args=(
             port, b"EHLO c.test\r\n", 1, b"NOOP" + b"o" * 100, 0.5, 9.0, command)),
     ]

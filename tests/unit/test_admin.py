@@ -152,3 +152,16 @@ def test_filter_rejects_bad_values():
     with pytest.raises(ValueError, match="unknown filter"):
         QueueFilter.from_query({"colour": ["red"]})
     assert QueueFilter.from_query({"older_than": ["1h"]}).older_than == 3600.0
+
+
+def test_reschedule_op_has_every_attribute_of_a_spool_op():
+    import inspect
+
+    from ferrymail.spool import sqlite, sqlite_control
+
+    op = sqlite._Op(None, 1)  # type: ignore[arg-type]
+    needed = set(vars(op)) | {"verb", "apply"}
+    resched = sqlite_control._Reschedule(None, 1, 0.0, "1")  # type: ignore[arg-type]
+    missing = {a for a in needed if not hasattr(resched, a)}
+    assert not missing, missing
+    assert inspect.signature(resched.apply).parameters.keys() == {"conn"}

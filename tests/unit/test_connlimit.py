@@ -63,3 +63,37 @@ def test_limit_log_writes_at_most_one_line_per_interval_and_loses_no_count(times
     logged = sum(n for _, n in lines)
     assert logged + log._pending == len(times)  # the next line reports the rest
     assert not times or lines[0] == (min(times), 1)
+
+
+_FD_SCRIPT = """
+import io, resource
+from ferrymail.config import parse_startup
+from ferrymail.observe import log
+from ferrymail.smtp.server import SMTPServer
+buf = io.StringIO()
+log.configure("info", buf)
+cfg = parse_startup("environment: {hostname: mx.example.com}\\nservers:\\n  - id: in\\n"
+                    "    listeners: [{port: 2525}]\\n    limits: {connections: 500}\\n")
+srv = SMTPServer(cfg.servers[0], hostname="mx.example.com", spool=None, running=lambda: None)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 1024))
+srv._check_descriptors()
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 300))
+srv._check_descriptors()
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+print(buf.getvalue())
+"""
+
+
+def test_descriptors_are_raised_for_the_connection_limit_or_a_warning_says_why_not():
+    # Descriptors running out meant a bare EOF for new clients with nothing logged.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FD_SCRIPT], capture_output=True, text=True,
+                         timeout=30, check=True).stdout.splitlines()
+    assert out[0] == "564"  # 500 connections + 64 in reserve, within the hard limit
+    assert out[1] == "256"  # the hard limit (300) is too low: unchanged, and a warning
+    log_text = "\n".join(out[2:])
+    assert "event=smtp.limits.descriptors" in log_text and "was=256" in log_text
+    assert "level=warning event=smtp.limits.descriptors" in log_text

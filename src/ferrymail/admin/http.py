@@ -141,11 +141,19 @@ class HTTPServer:
         self.servers: list[asyncio.AbstractServer] = []
         self.requests = 0
 
-    async def start_unix(self, path: str) -> None:
-        self.servers.append(await asyncio.start_unix_server(self._serve, path=path))
+    async def start_unix(self, path: str, start_serving: bool = True) -> None:
+        self.servers.append(await asyncio.start_unix_server(
+            self._serve, path=path, start_serving=start_serving))
 
-    async def start_tcp(self, host: str, port: int) -> None:
-        self.servers.append(await asyncio.start_server(self._serve, host, port))
+    async def start_tcp(self, host: str, port: int, start_serving: bool = True) -> None:
+        self.servers.append(await asyncio.start_server(
+            self._serve, host, port, start_serving=start_serving))
+
+    async def serve(self) -> None:
+        """Start accepting on listeners opened with ``start_serving=False``."""
+        for server in self.servers:
+            if not server.is_serving():
+                await server.start_serving()
 
     async def stop(self) -> None:
         for server in self.servers:

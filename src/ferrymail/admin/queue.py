@@ -36,6 +36,7 @@ from ferrymail.spool import (
     RecipientRecord,
     RecipientState,
     RecipientUpdate,
+    SpooledBody,
     SpoolError,
     is_held,
     parse_queue_id,
@@ -268,10 +269,17 @@ async def collect_views(spool: Any, flt: QueueFilter, *, now: float,
     return out
 
 
-def message_content(data: bytes, body: bool) -> dict[str, Any]:
-    """The header section as a list of (unfolded) lines, and the whole message if ``body``."""
-    end = data.find(b"\r\n\r\n")
-    head = data if end < 0 else data[:end]
+SHOW_HEAD_MAX = 256 * 1024  # header section read for `show`
+SHOW_BODY_MAX = 16 * 1024 * 1024  # most of a message `show --body` returns
+
+
+def message_content(data: bytes | SpooledBody, body: bool) -> dict[str, Any]:
+    """The header section as a list of (unfolded) lines, and the message if ``body`` (at most
+    SHOW_BODY_MAX bytes; ``truncated`` says when it was cut). A spooled body is read in part."""
+    size = len(data)
+    head = data.head(SHOW_HEAD_MAX) if isinstance(data, SpooledBody) else data[:SHOW_HEAD_MAX]
+    end = head.find(b"\r\n\r\n")
+    head = head if end < 0 else head[:end]
     lines: list[str] = []
     for raw in head.split(b"\r\n"):
         line = raw.decode("utf-8", "replace")
@@ -279,9 +287,14 @@ def message_content(data: bytes, body: bool) -> dict[str, Any]:
             lines[-1] += " " + line.strip()
         elif line:
             lines.append(line)
-    out: dict[str, Any] = {"headers": lines}
+    out: dict[str, Any] = {"headers": lines, "data_size": size}
     if body:
-        out["message"] = data.decode("utf-8", "replace")
+        if isinstance(data, SpooledBody):
+            raw_body = data.head(SHOW_BODY_MAX) if size > SHOW_BODY_MAX else data.read_all()
+        else:
+            raw_body = data[:SHOW_BODY_MAX]
+        out["message"] = raw_body.decode("utf-8", "replace")
+        out["truncated"] = size > SHOW_BODY_MAX
     return out
 
 
@@ -466,6 +479,8 @@ class QueueService:
         text = f"bounced by the administrator: {reason}"
         if env.sender:
             data = await self.spool.read(msg.queue_id)
+            if isinstance(data, SpooledBody):  # only the header section is quoted
+                data = data.head(dsnlib.MAX_ORIGINAL_HEADERS + 4)
             statuses = [dsnlib.RecipientStatus(r.address, "failed", "5.0.0",
                                                dsnlib.local_diagnostic(text), None, now)
                         for r in pending]

@@ -53,6 +53,8 @@ class AdminServer:
         self.socket_path = admin_socket_path(cfg, app.startup.environment.pidfile)
         self.listen = parse_listen(cfg.listen) if cfg.listen else None
         self._token: str | None = None
+        self._bound = False
+        self._created = False
         self.routes = RouteTable()
         self.started_at = time.time()
         self._http = HTTPServer(self.routes, name="admin", authorize=self._authorize)
@@ -60,7 +62,13 @@ class AdminServer:
         self.routes.add("GET", "/v1/routes", self._list_routes)
         self.routes.add("POST", "/v1/reload", self._reload)
 
-    async def start(self) -> None:
+    async def bind(self, owner: tuple[int, int] | None = None) -> None:
+        """Create the socket (and TCP listener) without serving yet: the App calls this
+        before dropping privileges, so the socket's folder may be root's; ``owner`` (uid,
+        gid) then gets the socket, so that the daemon's user can use it too."""
+        if self._bound:
+            return
+        self._bound = True
         if self.socket_path is not None and len(os.fsencode(
                 os.path.abspath(self.socket_path))) >= SUN_PATH_MAX:
             log_event("admin.socket_unusable", "warning", socket=self.socket_path,
@@ -73,22 +81,30 @@ class AdminServer:
             _remove_stale_socket(path)
             old = os.umask(0o177)  # the socket is born 0600: no window where others connect
             try:
-                await self._http.start_unix(str(path))
+                await self._http.start_unix(str(path), start_serving=False)
+                self._created = True
             finally:
                 os.umask(old)
             os.chmod(path, 0o600)
+            if owner is not None:
+                os.chown(path, *owner)
         if self.listen is not None:
             self._token = self.app.startup.admin.bearer_token()
             if not self._token:
                 raise ValueError("admin.listen: the bearer token is empty")
-            await self._http.start_tcp(*self.listen)
+            await self._http.start_tcp(*self.listen, start_serving=False)
+
+    async def start(self) -> None:
+        await self.bind()
+        await self._http.serve()
         self.started_at = time.time()
         log_event("admin.started", socket=self.socket_path,
                   listen=self.app.startup.admin.listen)
 
     async def stop(self) -> None:
         await self._http.stop()
-        if self.socket_path is not None:
+        if self.socket_path is not None and self._created:  # never another daemon's socket
+            self._created = False
             with contextlib.suppress(OSError):
                 os.unlink(self.socket_path)
 

@@ -31,6 +31,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"ferrymail run: cannot open the log file {lg.file}: {exc.strerror}",
               file=sys.stderr)
         return EXIT_FAIL
+    # Whatever the daemon creates (spool files, SQLite's WAL and shared-memory files) is
+    # for its own user only.
+    os.umask(0o077)
     try:
         uvloop.run(app.run())
     except KeyboardInterrupt:

@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from .accounts import GroupName, UserName
 from .inbound import InboundPolicy
 from .operations import Admin, Metrics
 from .types import (
@@ -53,6 +54,7 @@ from .types import (
     ProxyVersion,
     address_in,
     domain_matches,
+    parse_size,
     split_hook,
 )
 
@@ -120,6 +122,9 @@ class Environment(_Model):
     hostname: Hostname = Field(default_factory=socket.getfqdn)
     pidfile: Annotated[str, Field(min_length=1, strict=True)] = "./var/ferrymail.pid"
     logging: Logging = Field(default_factory=Logging)
+    # privileges dropped after binding, before the spool opens (privileges.py)
+    user: UserName | None = None
+    group: GroupName | None = None
 
 
 class Listener(_Model):
@@ -185,6 +190,8 @@ class StartupServer(_Model):
 class Spool(_Model):
     path: Annotated[str, Field(min_length=1, strict=True)] = "./var/spool"
     fsync: StrictBool = True
+    # kept allocated for delivery results; stores refused without it (spool/reserve.py)
+    min_free: Annotated[int, BeforeValidator(parse_size)] = 16 * 1024 * 1024
 
 
 class StartupConfig(_Model):
@@ -220,6 +227,8 @@ class StartupConfig(_Model):
 def startup_problems(cfg: StartupConfig) -> list[Problem]:
     """Cross-field problems of a startup config, each with the key path it is about."""
     problems: list[Problem] = []
+    if cfg.environment.group is not None and cfg.environment.user is None:
+        problems.append((("environment", "group"), "environment.group needs environment.user"))
     seen: dict[str, int] = {}
     bound: list[tuple[IPAddressType | None, int, KeyPath]] = []
     for i, server in enumerate(cfg.servers):

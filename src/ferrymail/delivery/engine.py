@@ -51,12 +51,14 @@ from ferrymail.observe.log import log_event
 from ferrymail.smtp.client import SMTPClient, TLSContextFactory, TLSMode
 from ferrymail.smtp.protocol import Reply
 from ferrymail.spool import (
+    BodyWriter,
     Envelope,
     MessageNotFound,
     RecipientRecord,
     RecipientState,
     RecipientUpdate,
     Spool,
+    SpooledBody,
     SpoolError,
 )
 
@@ -121,7 +123,8 @@ class _NotifyingSpool:
         self._spool = spool
         self._on_stored = on_stored
 
-    async def store(self, envelope: Envelope, data: bytes, queue_id: str | None = None) -> str:
+    async def store(self, envelope: Envelope, data: bytes | BodyWriter,
+                    queue_id: str | None = None) -> str:
         qid = await self._spool.store(envelope, data, queue_id)
         self._on_stored(qid)
         return qid
@@ -255,7 +258,7 @@ class DeliveryEngine:
             transport = cfg.transport(job.destination.transport)
         except KeyError:
             transport = None
-        data: bytes | None = None
+        data: bytes | SpooledBody | None = None
         if transport is None:
             what = (f"transport {job.destination.transport!r} is not in the running config"
                     if job.destination.transport
@@ -308,10 +311,18 @@ class DeliveryEngine:
         return await self._deliver(job, cfg, transport, decision, data), data
 
     async def _deliver(self, job: Job, cfg: RunningConfig, transport: ResolvedTransport,
-                       decision: HookDecision | None, data: bytes) -> Outcome:
-        looping = hop_limit_error(data, cfg.hop_limit)
+                       decision: HookDecision | None, data: bytes | SpooledBody) -> Outcome:
+        # (a spooled body: its first MiB holds the header section, and any loop's trace)
+        looping = hop_limit_error(data.head(1 << 20) if isinstance(data, SpooledBody)
+                                  else data, cfg.hop_limit)
         if looping is not None:
             return Outcome(error=DeliveryError("loop", looping, temporary=False))
+        if isinstance(data, SpooledBody):
+            # 8-bit or not (for BODY=8BITMIME) means reading it all: in a thread, once
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, data.isascii)
+            except OSError as e:
+                return Outcome(error=DeliveryError("config", f"cannot read the message: {e}"))
         conn = transport.connection
         d = decision or HookDecision("try")
         port = d.port or conn.port
@@ -425,7 +436,7 @@ class DeliveryEngine:
 
     async def _try_address(
         self, job: Job, host: MXHost, ip: str, port: int, tls: TLSMode, timeouts: Timeouts,
-        sources: list[Source], recipients: list[str], data: bytes, conn: Connection,
+        sources: list[Source], recipients: list[str], data: bytes | SpooledBody, conn: Connection,
         route: Route,
     ) -> Outcome | DeliveryError:
         """Deliver via one MX address, trying sources in turn; an Outcome when a transaction
@@ -513,7 +524,7 @@ class DeliveryEngine:
     # -- results
 
     async def _record(self, job: Job, cfg: RunningConfig, transport: ResolvedTransport | None,
-                      outcome: Outcome, data: bytes | None, now: float, started: float
+                      outcome: Outcome, data: bytes | SpooledBody | None, now: float, started: float
                       ) -> float | None:
         msg = job.message
         env = msg.envelope
@@ -616,7 +627,7 @@ class DeliveryEngine:
         return out
 
     async def _send_dsn(self, job: Job, cfg: RunningConfig, transport: ResolvedTransport | None,
-                        group: list[_Result], data: bytes | None) -> bool:
+                        group: list[_Result], data: bytes | SpooledBody | None) -> bool:
         """Store a DSN about ``group``; False if it could not be stored (try again later)."""
         msg = job.message
         env = msg.envelope
@@ -641,7 +652,9 @@ class DeliveryEngine:
         now = self.clock()
         body = dsnlib.build_dsn(
             reporting_mta=self.hostname, original_sender=env.sender, queue_id=msg.queue_id,
-            arrival=env.received_at, recipients=[x.dsn for x in group if x.dsn], original=data,
+            arrival=env.received_at, recipients=[x.dsn for x in group if x.dsn],
+            original=(data.head(dsnlib.MAX_ORIGINAL_HEADERS + 4)  # only headers are quoted
+                      if isinstance(data, SpooledBody) else data),
             now=now, envid=envid,
         )
         envelope = Envelope(

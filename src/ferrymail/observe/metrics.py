@@ -109,7 +109,7 @@ class CountingSpool:
     def __init__(self, spool: Any) -> None:
         self._spool = spool
 
-    async def store(self, envelope: Any, data: bytes, queue_id: str | None = None) -> str:
+    async def store(self, envelope: Any, data: Any, queue_id: str | None = None) -> str:
         started = time.perf_counter()
         qid = await self._spool.store(envelope, data, queue_id)
         SPOOL_COMMIT.observe(time.perf_counter() - started)

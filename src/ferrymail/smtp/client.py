@@ -16,7 +16,7 @@ import asyncio
 import collections
 import ssl
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -33,7 +33,9 @@ from ferrymail.smtp.protocol import (
     mail_command,
     parse_ehlo,
     rcpt_command,
+    to_crlf,
 )
+from ferrymail.spool.body import SpooledBody
 
 QUIT_TIMEOUT = 5.0
 DEFAULT_TIMEOUTS = Timeouts()
@@ -174,8 +176,38 @@ def _expect(state: str, reply: Reply, classes: tuple[int, ...]) -> None:
         raise SMTPProtocolError(f"unexpected reply to {state}: {reply}")
 
 
+def stuffed_chunks(body: SpooledBody) -> Iterator[bytes]:
+    """`dot_stuff` for a body read in chunks: line endings normalised to CRLF (`to_crlf`),
+    leading dots doubled, CRLF at the end, then ``.CRLF``; the same bytes `dot_stuff` gives
+    for the whole body. A CR ending a chunk waits for the next one (CRLF or a bare CR), and
+    a dot opens a line after a CRLF split between two chunks."""
+    last = b"\r\n"  # the start of the message is the start of a line
+    carry = b""
+    sent = 0
+    for chunk in body.chunks():
+        data = carry + chunk if carry else chunk
+        carry = b""
+        if data.endswith(b"\r"):
+            data, carry = data[:-1], b"\r"
+        if b"\r" in data or b"\n" in data:
+            cr = data.count(b"\r")
+            if cr != data.count(b"\n") or cr != data.count(b"\r\n"):
+                data = to_crlf(data)
+        if not data:
+            continue
+        joined = last + data
+        yield joined.replace(b"\r\n.", b"\r\n..")[len(last):]
+        last = joined[-2:]
+        sent += len(data)
+    if carry:  # a bare CR at the very end
+        yield b"\r\n"
+        last = b"\r\n"
+        sent += 2
+    yield b".\r\n" if sent == 0 or last == b"\r\n" else b"\r\n.\r\n"
+
+
 def transaction_parameters(extensions: dict[str, str], sender: str, recipients: Sequence[str],
-                           data: bytes, extra: dict[str, str] | None = None,
+                           data: bytes | SpooledBody, extra: dict[str, str] | None = None,
                            peer: str = "the MX") -> dict[str, str]:
     """MAIL FROM parameters for this message and this peer (SIZE, BODY, SMTPUTF8).
 
@@ -711,9 +743,10 @@ class SMTPClient:
 
     # ----------------------------------------------------------------- transactions
 
-    async def send(self, sender: str, recipients: Sequence[str], data: bytes, *,
-                   mail_params: dict[str, str] | None = None) -> TransactionResult:
-        """One transaction: MAIL, RCPT for each recipient, DATA with `data` (CRLF lines).
+    async def send(self, sender: str, recipients: Sequence[str], data: bytes | SpooledBody,
+                   *, mail_params: dict[str, str] | None = None) -> TransactionResult:
+        """One transaction: MAIL, RCPT for each recipient, DATA with `data` (CRLF lines;
+        a `SpooledBody` is read, dot-stuffed and sent in chunks, never whole in memory).
 
         Pipelined when the peer offers PIPELINING. A refused message is a result; a failure
         that leaves no reply raises DeliveryError (and the connection is no longer usable,
@@ -725,7 +758,8 @@ class SMTPClient:
             raise DeliveryError("network", f"connection to {self._peer} is no longer usable "
                                 f"({self._path})")
         if not data.isascii() and "8BITMIME" not in self._extensions:
-            data = self._downgrade(data)
+            # (a spooled body is read whole for this rare conversion)
+            data = self._downgrade(data.read_all() if isinstance(data, SpooledBody) else data)
         params = transaction_parameters(self._extensions, sender, recipients, data,
                                         mail_params, self._peer)
         try:
@@ -734,7 +768,7 @@ class SMTPClient:
         except SMTPProtocolError as e:
             raise DeliveryError("protocol", f"cannot send to {self._peer}: {e}",
                                 temporary=False) from None
-        body = dot_stuff(data)
+        body = data if isinstance(data, SpooledBody) else dot_stuff(data)
         try:
             if self.pipelining:
                 result = await self._send_pipelined(recipients, mail, rcpts, body)
@@ -773,7 +807,7 @@ class SMTPClient:
         return converted
 
     async def _send_pipelined(self, recipients: Sequence[str], mail: bytes, rcpts: list[bytes],
-                              body: bytes) -> TransactionResult:
+                              body: bytes | SpooledBody) -> TransactionResult:
         t = self._timeouts.command
         self._write(b"".join((mail, *rcpts, b"DATA\r\n")))
         try:
@@ -791,7 +825,7 @@ class SMTPClient:
         return result
 
     async def _send_lockstep(self, recipients: Sequence[str], mail: bytes, rcpts: list[bytes],
-                             body: bytes) -> TransactionResult:
+                             body: bytes | SpooledBody) -> TransactionResult:
         mail_r = await self._command(mail, "MAIL")
         if not _ok(mail_r):
             return decide(recipients, mail_r)
@@ -810,16 +844,26 @@ class SMTPClient:
         eod = await self._end_data(body)
         return decide(recipients, mail_r, rcpt_rs, data_r, eod)
 
-    async def _end_data(self, body: bytes) -> Reply:
+    async def _end_data(self, body: bytes | SpooledBody) -> Reply:
         t = self._timeouts.data
-        self._write(body)
-        try:
-            async with asyncio.timeout(t):
-                await self._conn.drain()
-        except TimeoutError:
-            self._broken = True
-            self._in_sync = False
-            raise self._read_error(_ReadFailure("timeout"), "EOD", t) from None
+        chunks = iter([body] if isinstance(body, bytes) else stuffed_chunks(body))
+        while True:
+            try:
+                chunk = next(chunks, None)
+            except OSError as e:  # the spooled body's file
+                self._broken = True  # the message is cut short: the connection is unusable
+                self._in_sync = False
+                raise DeliveryError("config", f"cannot read the message: {e}") from None
+            if chunk is None:
+                break
+            self._write(chunk)
+            try:
+                async with asyncio.timeout(t):  # per chunk: a large body takes its time
+                    await self._conn.drain()
+            except TimeoutError:
+                self._broken = True
+                self._in_sync = False
+                raise self._read_error(_ReadFailure("timeout"), "EOD", t) from None
         try:
             (reply,) = await self._read(1, t)
         except _ReadFailure as f:

@@ -10,6 +10,7 @@ import functools
 import ipaddress
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ferrymail.abnf import decimal
@@ -434,21 +435,33 @@ class DataDecoder:
 
     Each octet is scanned once for ``CRLF.`` as it arrives (a dot at a line start is either
     stuffing or the end), and the whole body once more for bare line endings at the end.
+
+    With a ``sink``, the body does not pile up: once more than ``spill_at`` octets wait, the
+    part known not to hold the end (everything scanned, short of a trailing CR) is unstuffed,
+    checked for bare line endings and handed to ``sink(chunk)``; what ``feed`` returns at the
+    end is then only the rest. Memory stays O(``spill_at`` + one read), whatever the size.
     """
 
-    __slots__ = ("_buf", "_scanned", "_stuffed", "bare", "max_size", "oversize", "size")
+    __slots__ = ("_buf", "_head", "_scanned", "_stuffed", "bare", "max_size", "oversize",
+                 "sink", "size", "spill_at", "spilled")
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, sink: Callable[[bytes], None] | None = None,
+                 spill_at: int = 256 * 1024) -> None:
         self.max_size = max_size
         self._buf = bytearray(b"\r\n")  # a virtual CRLF so that an empty body ".\r\n" is found too
+        self._head = 2  # octets of that virtual CRLF still in front of _buf
         self._scanned = 0  # where the next "CRLF." may start that has not been looked at
         self._stuffed = False  # a line of the body starts with a dot
         self.size = 0
         self.oversize = False
         self.bare = False  # the finished body has a bare CR or LF
+        self.sink = sink
+        self.spill_at = spill_at
+        self.spilled = 0  # octets handed to the sink (unstuffed)
 
     def feed(self, data: bytes | bytearray | memoryview) -> tuple[bytes, bytes] | None:
-        """Add data; once complete, return ``(body, leftover)``: body unstuffed, CRLF-ended.
+        """Add data; once complete, return ``(body, leftover)``: body unstuffed, CRLF-ended
+        (with a sink: the part of it not handed to the sink yet).
 
         ``body`` is empty when the message was oversize (check ``oversize``).
         """
@@ -469,31 +482,61 @@ class DataDecoder:
             self._stuffed = True
             pos = idx + 3
         self._scanned = pos
-        if n - 2 > self.max_size:
+        if self.size + n - self._head > self.max_size:
             # Drop the content but keep the 4-byte tail that may start the terminator.
             self.oversize = True
             self.size += n - 4
             del buf[:-4]
+            self._head = 0
             self._scanned = 0
+        elif self.sink is not None and n > self.spill_at:
+            self._spill(pos)
         return None
 
-    def _finish(self, idx: int) -> tuple[bytes, bytes]:
-        """``buf[idx:idx + 5]`` is the terminator; ``buf[2:idx + 2]`` the (stuffed) body."""
+    def _spill(self, cut: int) -> None:
+        """Hand ``_buf[:cut]`` (scanned: no "CRLF." straddles ``cut``) to the sink."""
         buf = self._buf
+        if cut > 0 and buf[cut - 1] == 13:
+            cut -= 1  # a CR goes with what follows: its LF decides whether it is bare
+        if cut <= self._head:
+            return
+        with memoryview(buf) as view:
+            raw = bytes(view[:cut])
+        if not self.bare and self.bare_line_ending(raw[self._head:]):
+            self.bare = True
+        chunk = raw.replace(_DOT_LINE, CRLF) if self._stuffed else raw
+        if self._head:
+            chunk = chunk[self._head:]
+        self.size += cut - self._head
+        self.spilled += len(chunk)
+        del buf[:cut]
+        self._head = 0
+        self._scanned -= cut
+        self._stuffed = False
+        assert self.sink is not None
+        self.sink(chunk)
+
+    def _finish(self, idx: int) -> tuple[bytes, bytes]:
+        """``buf[idx:idx + 5]`` is the terminator; ``buf[head:idx + 2]`` the (stuffed) body."""
+        buf = self._buf
+        head = self._head
         leftover = bytes(buf[idx + 5:])
-        self.size += idx
+        self.size += idx + 2 - head
         if self.size > self.max_size:
             self.oversize = True
         if self.oversize:
             return b"", leftover
         end = idx + 2
-        self.bare = _bare_line_ending(buf, end)
+        if head:
+            self.bare = self.bare or _bare_line_ending(buf, end)
+        elif not self.bare:
+            self.bare = self.bare_line_ending(bytes(buf[:end]))
         with memoryview(buf) as view:
             if self._stuffed:
                 # With the virtual CRLF in front, a dot opening the first line goes too.
-                body = bytes(view[:end]).replace(_DOT_LINE, CRLF)[2:]
+                body = bytes(view[:end]).replace(_DOT_LINE, CRLF)[head:]
             else:
-                body = bytes(view[2:end])
+                body = bytes(view[head:end])
         return body, leftover
 
     @staticmethod

@@ -32,6 +32,7 @@ from ferrymail.smtp.connlimit import ConnectionLimiter, LimitLog
 from ferrymail.smtp.protocol import valid_helo
 from ferrymail.smtp.session import (
     R_SPOOL_FAIL,
+    R_SPOOL_FULL,
     Close,
     Deliver,
     ServerSession,
@@ -41,7 +42,8 @@ from ferrymail.smtp.session import (
     StartTLS,
     Transaction,
 )
-from ferrymail.spool import Envelope, ProxyInfo, Spool, SpoolError
+from ferrymail.spool import BodyWriter, Envelope, ProxyInfo, Spool, SpoolError, SpoolFull
+from ferrymail.spool.body import SPILL_AT
 
 # Pause reading from a client once this much unprocessed input waits (e.g. while storing).
 MAX_BUFFERED = 256 * 1024
@@ -226,6 +228,15 @@ class SMTPServer:
     # -- lifecycle
 
     async def start(self) -> None:
+        """Bind (unless `bind()` did) and start accepting connections."""
+        if not self._servers:
+            await self.bind()
+        for srv in self._servers:
+            await srv.start_serving()
+
+    async def bind(self) -> None:
+        """Bind and listen on every listener without accepting yet (e.g. as root, before
+        privileges are dropped); OSError naming the listener if one cannot be bound."""
         loop = asyncio.get_running_loop()
         for lst in self.config.listeners:
             host = None if lst.address is None else str(lst.address)
@@ -235,6 +246,7 @@ class SMTPServer:
                 srv = await loop.create_server(
                     lambda info=info: InboundConnection(self, info),
                     host=host, port=lst.port, backlog=lst.backlog, reuse_address=True,
+                    start_serving=False,
                 )
             except OSError as exc:
                 await self.stop(0)
@@ -251,11 +263,19 @@ class SMTPServer:
     def _check_descriptors(self) -> None:
         """Warn when the connection limit cannot be reached before descriptors run out:
         then new clients would get a bare EOF, with nothing logged or counted."""
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft == resource.RLIM_INFINITY:
             return
         limit = self.config.limits.connections
-        if limit == 0 or limit + FD_RESERVE > soft:
+        need = limit + FD_RESERVE
+        if limit and soft < need and (hard == resource.RLIM_INFINITY or hard >= need):
+            # the soft limit may be raised up to the hard one without privileges
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+                log_event("smtp.limits.descriptors", server=self.id, nofile=need,
+                          was=soft, reason="room for limits.connections")
+                return
+        if limit == 0 or need > soft:
             log_event("smtp.limits.descriptors", "warning", server=self.id,
                       connections=limit or "unlimited", nofile=soft,
                       error=f"limits.connections plus {FD_RESERVE} descriptors for the spool, "
@@ -452,6 +472,8 @@ class InboundConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.state
         self.state = _CLOSED
+        if self.session is not None:
+            self.session.connection_lost()  # a body file still arriving goes
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -558,7 +580,8 @@ class InboundConnection(asyncio.Protocol):
         self.claimed = client_ip
         self.state = _SMTP
         self.session = ServerSession(self.server.settings, self.server.may_accept, client_ip,
-                                     may_relay=self.server.may_relay)
+                                     may_relay=self.server.may_relay,
+                                     spill=self._open_body, spill_at=SPILL_AT)
         self.transport.write(self.session.banner())  # type: ignore[union-attr]
         self.last_activity = self.loop.time()
         self.deadline = self.last_activity + self.server.timeouts.command
@@ -703,22 +726,40 @@ class InboundConnection(asyncio.Protocol):
             cached = self._proxy_cache = (info, text)
         return cached
 
+    def _received(self, txn: Transaction, ident: str) -> bytes:
+        proxy_info = self._proxy_info()[0]
+        return received_header(
+            helo=txn.helo, client_ip=self.client_ip, client_port=self.client_port,
+            hostname=self.server.hostname, protocol=txn.protocol, ident=ident,
+            recipients=txn.recipients, tls=self.tls,
+            proxy_ip=proxy_info and proxy_info.proxy_ip,
+            proxy_version=proxy_info and proxy_info.version,
+        )
+
+    def _open_body(self, txn: Transaction) -> BodyWriter:
+        """The session's body outgrew memory: a spool file for it, Received: first (its
+        queue id is reserved now; the recipients are final once data has begun)."""
+        body = self.server.spool.open_body()
+        body.write(self._received(txn, body.queue_id))
+        return body
+
     async def _deliver(self, txn: Transaction) -> None:
         server = self.server
         received_at = time.time()
         proxy_info, proxy_text = self._proxy_info()
         self.txn_count += 1
-        ident = server.spool.new_queue_id()
         recipients = txn.recipients
-        header = received_header(
-            helo=txn.helo, client_ip=self.client_ip, client_port=self.client_port,
-            hostname=server.hostname, protocol=txn.protocol, ident=ident,
-            recipients=recipients, tls=self.tls,
-            proxy_ip=proxy_info and proxy_info.proxy_ip,
-            proxy_version=proxy_info and proxy_info.version,
-        )
-        data = header + txn.body
-        size = len(data)
+        data: bytes | BodyWriter
+        if txn.body_sink is not None:
+            # a large body, already in a spool file (Received: included)
+            data = txn.body_sink
+            txn.body_sink = None  # store() owns it now: commits or removes it
+            ident = data.queue_id
+            size = data.size
+        else:
+            ident = server.spool.new_queue_id()
+            data = self._received(txn, ident) + txn.body
+            size = len(data)
         envelope = Envelope(
             sender=txn.sender,
             recipients=tuple(recipients),
@@ -736,10 +777,13 @@ class InboundConnection(asyncio.Protocol):
         qid = None
         level = "info"
         error = None
+        reply = R_SPOOL_FAIL
         try:
             qid = await server.spool.store(envelope, data, ident)
         except asyncio.CancelledError:
             raise
+        except SpoolFull as exc:
+            level, error, reply = "warning", str(exc), R_SPOOL_FULL
         except SpoolError as exc:
             level, error = "warning", str(exc)
         except Exception as exc:  # a bug must not acknowledge mail nor kill the server
@@ -748,7 +792,6 @@ class InboundConnection(asyncio.Protocol):
             reply_text = f"250 2.0.0 OK queued as {qid}"
             reply = f"{reply_text}\r\n".encode()
         else:
-            reply = R_SPOOL_FAIL
             reply_text = reply.decode().rstrip()
         head = self._log_head
         if head is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from ferrymail.abnf import decimal
 from ferrymail.smtp.protocol import (
@@ -32,6 +33,22 @@ from ferrymail.smtp.protocol import (
 RcptPolicy = Callable[[str, str], bool]
 # Whether a client ip is trusted to relay (relay_networks): routed addresses are allowed then.
 RelayCheck = Callable[[str], bool]
+
+SPILL_AT = 256 * 1024  # body octets held in memory before they go to the body sink
+
+
+class BodySink(Protocol):
+    """Where a large body goes while it arrives (the spool's ``BodyWriter``): ``write``
+    never raises (a failure is reported when the message is stored), ``abort`` drops it."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+# (transaction) -> a sink for its body: called once per transaction, when the body first
+# grows past the session's spill_at
+SpillFactory = Callable[["Transaction"], BodySink]
 
 _CMD, _DATA, _BDAT = 0, 1, 2
 
@@ -75,6 +92,7 @@ R_TOO_MANY_MESSAGES = _r("421 4.7.0 too many messages in this session, closing c
 R_TIMEOUT = _r("421 4.4.2 timeout exceeded, closing connection")
 R_SHUTDOWN = _r("421 4.3.2 service shutting down, closing connection")
 R_SPOOL_FAIL = _r("451 4.3.0 temporary spool failure, try again later")
+R_SPOOL_FULL = _r("452 4.3.1 insufficient system storage, try again later")
 
 _MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "ENVID", "RET", "AUTH"})
 _RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
@@ -148,10 +166,18 @@ class Transaction:
     protocol: str
     started: float
     recipients: list[str] = field(default_factory=list)
-    body: bytes = b""
+    body: bytes = b""  # with body_sink: only what was not written to it (nothing at the end)
     size: int = 0
     bdat: bool = False
     failed: bytes | None = None  # a BDAT chunk failed: every later chunk gets this reply
+    body_sink: Any = None  # BodySink holding the body (a large one), else None
+    bare: bool = False  # a BDAT chunk already written to the sink had a bare CR or LF
+
+    def drop_body(self) -> None:
+        """Give up the body written so far (the transaction ends without a message)."""
+        sink, self.body_sink = self.body_sink, None
+        if sink is not None:
+            sink.abort()
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,14 +204,17 @@ class ServerSession:
     """The server side of one SMTP connection, without I/O."""
 
     __slots__ = (
-        "_bdat_chunks", "_bdat_discard", "_bdat_last", "_bdat_left", "_buf", "_closed",
-        "_decoder", "_mode", "_out", "_pending", "_skipping", "client_ip", "commands",
-        "errors", "esmtp", "helo", "internal_error", "may_relay", "messages", "policy",
-        "settings", "tls", "txn",
+        "_bdat_chunks", "_bdat_discard", "_bdat_held", "_bdat_last", "_bdat_left", "_buf",
+        "_closed", "_decoder", "_mode", "_out", "_pending", "_skipping", "_spill", "_spill_at",
+        "client_ip", "commands", "errors", "esmtp", "helo", "internal_error", "may_relay",
+        "messages", "policy", "settings", "tls", "txn",
     )
 
     def __init__(self, settings: SessionSettings, policy: RcptPolicy, client_ip: str,
-                 *, tls: bool = False, may_relay: RelayCheck | None = None) -> None:
+                 *, tls: bool = False, may_relay: RelayCheck | None = None,
+                 spill: SpillFactory | None = None, spill_at: int = SPILL_AT) -> None:
+        """``spill``: where bodies larger than ``spill_at`` octets go while they arrive
+        (memory per session then stays O(spill_at)); None keeps every body in memory."""
         self.settings = settings
         self.policy = policy
         self.may_relay = may_relay
@@ -209,6 +238,9 @@ class ServerSession:
         self._bdat_last = False
         self._bdat_discard: bytes | None = None
         self._bdat_chunks: list[bytes] = []
+        self._bdat_held = 0  # octets in _bdat_chunks
+        self._spill = spill
+        self._spill_at = spill_at
 
     # ------------------------------------------------------------------ I/O-facing API
 
@@ -358,13 +390,24 @@ class ServerSession:
         if queued:
             self.messages += 1
 
+    def connection_lost(self) -> None:
+        """The connection is gone: drop a body being received (not one being stored)."""
+        txn = self.txn
+        if txn is not None and self._pending is None:
+            txn.drop_body()
+
+    def _end_txn(self) -> None:
+        txn, self.txn = self.txn, None
+        if txn is not None:
+            txn.drop_body()
+
     def tls_started(self) -> None:
         """The transport is TLS now: forget everything said before (RFC 3207 §4.2)."""
         self._pending = None
         self.tls = True
         self.helo = None
         self.esmtp = False
-        self.txn = None
+        self._end_txn()
         self._buf.clear()
         self._mode = _CMD
         self._skipping = False
@@ -414,7 +457,7 @@ class ServerSession:
         except Exception as exc:  # a bug: never let client bytes kill the connection silently
             # Replies already produced (a "250" for a stored message) still go out first.
             self.internal_error = f"{verb}: {type(exc).__name__}: {exc}"
-            self.txn = None
+            self._end_txn()
             self._mode = _CMD
             self._out.append(R_INTERNAL)
             self._close("internal error")
@@ -433,7 +476,7 @@ class ServerSession:
             return
         self.helo = arg
         self.esmtp = True
-        self.txn = None
+        self._end_txn()
         self._out.append(self.settings.ehlo_tls if self.tls else self.settings.ehlo_plain)
 
     def _helo(self, arg: str) -> None:
@@ -441,7 +484,7 @@ class ServerSession:
             return
         self.helo = arg
         self.esmtp = False
-        self.txn = None
+        self._end_txn()
         self._out.append(self.settings.helo_reply)
 
     def _mail(self, arg: str) -> None:
@@ -542,7 +585,9 @@ class ServerSession:
         if txn.bdat:
             self._error(R_MIXED)
             return
-        self._decoder = DataDecoder(self.settings.limits.message_size)
+        self._decoder = DataDecoder(self.settings.limits.message_size,
+                                    None if self._spill is None else self._spill_chunk,
+                                    self._spill_at)
         self._mode = _DATA
         self._out.append(R_DATA)
 
@@ -555,6 +600,13 @@ class ServerSession:
             return None
         return txn
 
+    def _spill_chunk(self, chunk: bytes) -> None:
+        txn = self.txn
+        assert txn is not None and self._spill is not None
+        if txn.body_sink is None:
+            txn.body_sink = self._spill(txn)
+        txn.body_sink.write(chunk)
+
     def _end_data(self, body: bytes, leftover: bytes) -> Event | None:
         decoder = self._decoder
         self._decoder = None
@@ -565,13 +617,16 @@ class ServerSession:
         assert txn is not None and decoder is not None
         txn.size = decoder.size
         if decoder.oversize:
-            self.txn = None
+            self._end_txn()
             self._out.append(R_TOO_BIG)
         elif decoder.bare:
-            self.txn = None
+            self._end_txn()
             self._out.append(R_BARE_LF)
         else:
-            txn.body = body
+            if txn.body_sink is not None:
+                txn.body_sink.write(body)
+            else:
+                txn.body = body
             self._pending = Deliver(txn)
             return self._pending
         return None
@@ -599,6 +654,7 @@ class ServerSession:
             if not txn.bdat:
                 txn.bdat = True
                 self._bdat_chunks = []
+                self._bdat_held = 0
 
     def _bdat_take(self, buf: bytearray, pos: int, take: int) -> None:
         if self._bdat_discard is not None:
@@ -610,8 +666,29 @@ class ServerSession:
             txn.failed = R_TOO_BIG
             self._bdat_discard = R_TOO_BIG
             self._bdat_chunks = []
+            self._bdat_held = 0
+            txn.drop_body()
             return
         self._bdat_chunks.append(bytes(buf[pos:pos + take]))
+        self._bdat_held += take
+        if self._spill is not None and self._bdat_held > self._spill_at:
+            self._bdat_flush(final=False)
+
+    def _bdat_flush(self, *, final: bool) -> None:
+        """Write the chunks held to the body sink (a trailing CR stays until its LF)."""
+        txn = self.txn
+        assert txn is not None and self._spill is not None
+        data = b"".join(self._bdat_chunks)
+        keep = b""
+        if not final and data.endswith(b"\r"):
+            data, keep = data[:-1], data[-1:]
+        if not txn.bare and DataDecoder.bare_line_ending(data):
+            txn.bare = True
+        if txn.body_sink is None:
+            txn.body_sink = self._spill(txn)
+        txn.body_sink.write(data)
+        self._bdat_chunks = [keep] if keep else []
+        self._bdat_held = len(keep)
 
     def _bdat_done(self) -> Event | None:
         discard = self._bdat_discard
@@ -621,7 +698,7 @@ class ServerSession:
             if discard is R_TOO_BIG:
                 self._out.append(discard)
                 if self._bdat_last and txn is not None:
-                    self.txn = None
+                    self._end_txn()
             else:
                 self._error(discard)
             return None
@@ -629,10 +706,17 @@ class ServerSession:
         if not self._bdat_last:
             self._out.append(_r(f"250 2.0.0 {txn.size} octets received"))
             return None
-        body = b"".join(self._bdat_chunks)
+        if txn.body_sink is not None:
+            self._bdat_flush(final=True)
+            body = b""
+            bare = txn.bare
+        else:
+            body = b"".join(self._bdat_chunks)
+            bare = DataDecoder.bare_line_ending(body)
         self._bdat_chunks = []
-        if DataDecoder.bare_line_ending(body):
-            self.txn = None
+        self._bdat_held = 0
+        if bare:
+            self._end_txn()
             self._out.append(R_BARE_LF)
             return None
         txn.body = body
@@ -640,7 +724,7 @@ class ServerSession:
         return self._pending
 
     def _rset(self, arg: str) -> None:
-        self.txn = None
+        self._end_txn()
         self._out.append(OK)
 
     def _noop(self, arg: str) -> None:

@@ -13,14 +13,17 @@ from .base import (
     RecipientUpdate,
     Spool,
     SpoolError,
+    SpoolFull,
     format_queue_id,
     is_held,
     parse_queue_id,
 )
+from .body import BodyWriter, SpooledBody, body_bytes
 from .sqlite import SqliteSpool
 
 __all__ = [
     "HELD_AT",
+    "BodyWriter",
     "Envelope",
     "MessageNotFound",
     "ProxyInfo",
@@ -32,7 +35,10 @@ __all__ = [
     "RecipientUpdate",
     "Spool",
     "SpoolError",
+    "SpoolFull",
+    "SpooledBody",
     "SqliteSpool",
+    "body_bytes",
     "format_queue_id",
     "is_held",
     "parse_queue_id",

@@ -14,9 +14,19 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
+from .body import BodyWriter, SpooledBody
+
 
 class SpoolError(Exception):
     """The spool could not do what was asked (disk full, I/O error, bad directory, ...)."""
+
+
+class SpoolFull(SpoolError):
+    """A store was refused to keep the space delivery results need (``spool.min_free``).
+
+    SMTP answers it with ``452 4.3.1`` (RFC 3463: mail system full), other spool errors with
+    ``451 4.3.0``.
+    """
 
 
 class MessageNotFound(SpoolError):
@@ -146,8 +156,13 @@ class Spool(Protocol):
     def new_queue_id(self) -> str:
         """Reserve a fresh queue id to pass to `store` (ids are never reused)."""
 
-    async def store(self, envelope: Envelope, data: bytes, queue_id: str | None = None) -> str:
-        """Durably store a message; returns its queue id once it is on disk."""
+    def open_body(self, queue_id: str | None = None) -> BodyWriter:
+        """A writer for a body that arrives in chunks (a large message), for `store`."""
+
+    async def store(self, envelope: Envelope, data: bytes | BodyWriter,
+                    queue_id: str | None = None) -> str:
+        """Durably store a message (its bytes, or a `BodyWriter` holding them); returns its
+        queue id once it is on disk. `SpoolFull` when refused for lack of space."""
 
     async def due(
         self, now: float, limit: int = 1000, exclude: Collection[str] = (),
@@ -162,8 +177,9 @@ class Spool(Protocol):
     async def next_due(self) -> float | None:
         """The earliest next_attempt of any pending recipient; None if nothing is pending."""
 
-    async def read(self, queue_id: str) -> bytes:
-        """The message data; MessageNotFound if there is no such message."""
+    async def read(self, queue_id: str) -> bytes | SpooledBody:
+        """The message data: bytes, or a `SpooledBody` (read in chunks) for a large message;
+        MessageNotFound if there is no such message."""
 
     async def get(self, queue_id: str) -> QueuedMessage | None: ...
 

@@ -11,7 +11,9 @@ the writer goes on committing.
 
 Layout: `messages` (queue id as integer key, envelope as JSON), `bodies` (the data, one BLOB
 per message, kept apart so that scans over envelopes never touch message data) and
-`recipients` (one row per distinct recipient with its delivery state).
+`recipients` (one row per distinct recipient with its delivery state). A large message has
+no `bodies` row: its data is the file `bodies/<queue id>`, written in chunks while it
+arrived and made durable before its rows are committed (see `body.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import builtins
 import concurrent.futures
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -30,6 +33,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, ClassVar
+
+from ferrymail.observe.log import log_event
 
 from .base import (
     Envelope,
@@ -42,14 +47,17 @@ from .base import (
     RecipientUpdate,
     Spool,
     SpoolError,
+    SpoolFull,
     format_queue_id,
     parse_queue_id,
 )
+from .body import BODIES_DIR, PART_SUFFIX, BodyWriter, SpooledBody
+from .reserve import RESERVE_NAME, SpaceReserve
 from .sqlite_control import SqliteQueueControl
 
 DB_NAME = "spool.db"
 APPLICATION_ID = 0x46455259  # "FERY", marks the file as a ferrymail spool
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a message without a `bodies` row has its body in bodies/<queue id>
 BATCH_MAX_ITEMS = 512
 BATCH_MAX_BYTES = 32 * 1024 * 1024
 DEFAULT_MIN_FREE = 16 * 1024 * 1024
@@ -169,6 +177,7 @@ class _Op:
         self.future = future
         self.msg_id = msg_id
         self.nbytes = nbytes
+        self.body_file_gone = False  # removed a message whose body is a file: unlink it
 
     def apply(self, conn: sqlite3.Connection) -> Any:
         raise NotImplementedError
@@ -180,9 +189,10 @@ class _Store(_Op):
     verb = "store"
 
     def __init__(
-        self, future: asyncio.Future[Any], msg_id: int, envelope: Envelope, data: bytes
+        self, future: asyncio.Future[Any], msg_id: int, envelope: Envelope, data: bytes | None
     ) -> None:
-        super().__init__(future, msg_id, len(data))
+        # data None: the body is already a file of the spool (bodies/<queue id>)
+        super().__init__(future, msg_id, 0 if data is None else len(data))
         # a recipient given twice is one recipient; json_each() hands out (index, address)
         rcpts = _encode_json(list(dict.fromkeys(envelope.recipients)))
         self.row = (msg_id, envelope_to_json(envelope), data, envelope.received_at,
@@ -198,7 +208,7 @@ _INCOMING = (
     AS SELECT 0, '', x'', 0.0, NULL, '[]' WHERE 0""",
     """CREATE TEMP TRIGGER IF NOT EXISTS incoming_store INSTEAD OF INSERT ON incoming BEGIN
     INSERT INTO messages (id, envelope) VALUES (NEW.id, NEW.envelope);
-    INSERT INTO bodies (id, data) VALUES (NEW.id, NEW.data);
+    INSERT INTO bodies (id, data) SELECT NEW.id, NEW.data WHERE NEW.data IS NOT NULL;
     INSERT INTO recipients SELECT NEW.id, key, value, 'queued', 0, NEW.received_at, '',
         NEW.transport, 0 FROM json_each(NEW.rcpts);
 END""",
@@ -260,22 +270,30 @@ class _Update(_Op):
             f"SELECT 1 FROM recipients WHERE msg = ? AND {_PENDING_SQL} LIMIT 1", (self.msg_id,)
         ).fetchone()
         if pending is None:
-            _remove(conn, self.msg_id)
+            self.body_file_gone = _remove(conn, self.msg_id) == _GONE_WITH_FILE
 
 
 class _Delete(_Op):
     verb = "delete"
 
     def apply(self, conn: sqlite3.Connection) -> None:
-        if not _remove(conn, self.msg_id):
+        gone = _remove(conn, self.msg_id)
+        if not gone:
             raise MessageNotFound(f"no message {format_queue_id(self.msg_id)} in the spool")
+        self.body_file_gone = gone == _GONE_WITH_FILE
 
 
-def _remove(conn: sqlite3.Connection, msg_id: int) -> bool:
+_GONE, _GONE_WITH_FILE = 1, 2
+
+
+def _remove(conn: sqlite3.Connection, msg_id: int) -> int:
+    """Delete a message's rows: 0 if there was none, _GONE_WITH_FILE if its body is a file."""
     gone = conn.execute("DELETE FROM messages WHERE id = ?", (msg_id,)).rowcount
-    conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
+    blob = conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,)).rowcount
     conn.execute("DELETE FROM recipients WHERE msg = ?", (msg_id,))
-    return gone > 0
+    if not gone:
+        return 0
+    return _GONE if blob else _GONE_WITH_FILE
 
 
 def _resolve(results: list[_Result]) -> None:
@@ -294,10 +312,13 @@ def _resolve(results: list[_Result]) -> None:
 class SqliteSpool(SqliteQueueControl, Spool):
     """The `Spool` kept in `path/spool.db` (SQLite, WAL), with group commit.
 
-    `fsync=False` (benchmarks only) turns commits into plain writes. Stores are refused with
-    `SpoolError` while the file system has less than `min_free` bytes free (counting pages
-    the database can reuse), so that delivery results and deletions, which free space, can
-    still be written when the disk fills up.
+    `fsync=False` (benchmarks only) turns commits into plain writes.
+
+    Disk space: `min_free` bytes are kept allocated in the file `reserve` beside the database
+    (see `reserve.py`). Delivery results and deletions that fail for lack of space give the
+    reserve back and are retried, so they are written even on a full file system; stores are
+    refused with `SpoolFull` while the reserve is not held, and while the space left besides
+    it would not take a batch twice (WAL, then database) plus one WAL checkpoint interval.
 
     While open, the spool holds an exclusive lock on its directory: a second spool on the
     same directory fails at `start()`. `readonly=True` (for inspection, e.g. `queue list`
@@ -315,9 +336,14 @@ class SqliteSpool(SqliteQueueControl, Spool):
         self.path = Path(path)
         self.db_path = self.path / DB_NAME
         self.fsync = fsync
-        self.min_free = min_free
+        self._min_free = max(0, min_free)
         self.readonly = readonly
         self.commits = 0  # transactions committed by the writer (one fsync each)
+        self.refused = 0  # stores refused for lack of space (SpoolFull)
+        self.reserve_releases = 0  # times the reserve was given back for delivery results
+        self._reserve = SpaceReserve(self.path / RESERVE_NAME, max(0, min_free))
+        self._wal_bytes = 0  # the WAL's size between automatic checkpoints
+        self._reserve_unusable = False  # no file may be that big (RLIMIT_FSIZE)
         self._state = _NEW
         self._ids = QueueIdGenerator()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -335,6 +361,15 @@ class SqliteSpool(SqliteQueueControl, Spool):
         self._ckpt_stop = False
         self._ckpt_pages = 0
         self._ckpt_every = 250
+
+    @property
+    def min_free(self) -> int:
+        """Bytes kept for delivery results (the reserve); applies from the next store on."""
+        return self._min_free
+
+    @min_free.setter
+    def min_free(self, value: int) -> None:
+        self._min_free = max(0, int(value))
 
     # -- lifecycle
 
@@ -400,7 +435,21 @@ class SqliteSpool(SqliteQueueControl, Spool):
         """Reserve a queue id now (e.g. to name it in a Received: header) for `store`."""
         return self._ids.next()
 
-    async def store(self, envelope: Envelope, data: bytes, queue_id: str | None = None) -> str:
+    def open_body(self, queue_id: str | None = None) -> BodyWriter:
+        """A file for a body to be written in chunks as it arrives, then passed to `store`
+        (or `abort()`-ed). Never raises: a failure to create or write it is kept in the
+        writer and reported by `store`."""
+        if queue_id is None or parse_queue_id(queue_id) is None:
+            queue_id = self.new_queue_id()
+        return BodyWriter(self.path / BODIES_DIR, queue_id)
+
+    async def store(self, envelope: Envelope, data: bytes | BodyWriter,
+                    queue_id: str | None = None) -> str:
+        """Durably store a message. `data` is the message, or a `BodyWriter` from
+        `open_body` holding it (then its queue id is the message's). `SpoolFull` when refused
+        for lack of space, `SpoolError` for other failures; a body file is removed then."""
+        if isinstance(data, BodyWriter):
+            return await self._store_file(envelope, data)
         if queue_id is None:
             msg_id = self._ids.next_int()
         elif (msg_id := parse_queue_id(queue_id)) is None:  # type: ignore[assignment]
@@ -415,6 +464,43 @@ class SqliteSpool(SqliteQueueControl, Spool):
         if not isinstance(data, bytes):
             data = bytes(data)  # a copy: the caller may reuse its buffer
         return await self._write(lambda fut: _Store(fut, msg_id, envelope, data))
+
+    async def _store_file(self, envelope: Envelope, body: BodyWriter) -> str:
+        msg_id = parse_queue_id(body.queue_id)
+        try:
+            if msg_id is None:
+                raise ValueError(f"malformed queue id {body.queue_id!r}")
+            if not isinstance(envelope, Envelope):
+                raise TypeError(f"store() needs an Envelope, not {type(envelope).__name__}")
+            if not envelope.recipients:
+                raise ValueError("cannot store a message without recipients")
+            for address in envelope.recipients:
+                if not isinstance(address, str) or not _is_utf8(address):
+                    raise ValueError(f"recipient {address!r} is not valid text")
+            if self._state != _OPEN or self.readonly:
+                raise SpoolError(f"spool {self.path} is not open for writing")
+            if body.error is not None:
+                kind = SpoolFull if body.disk_full else SpoolError
+                raise kind(f"spool {self.path}: {body.error}")
+        except BaseException:
+            body.abort()
+            raise
+        assert self._loop is not None
+        try:
+            await self._loop.run_in_executor(None, body.commit, self.fsync)
+        except OSError as exc:
+            kind = SpoolFull if exc.errno in (errno.ENOSPC, errno.EDQUOT) else SpoolError
+            raise kind(f"spool {self.path}: cannot make {body.final_path} durable:"
+                       f" {exc.strerror or exc}") from exc
+        try:
+            return await self._write(lambda fut: _Store(fut, msg_id, envelope, None))
+        except SpoolError:
+            # refused or rolled back: no row names the file
+            with contextlib.suppress(OSError):
+                os.unlink(body.final_path)
+            raise
+        # (cancelled: the rows may still be committed; a file without rows goes at the
+        # next start)
 
     async def update(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> None:
         msg_id = self._msg_id(queue_id)
@@ -437,7 +523,9 @@ class SqliteSpool(SqliteQueueControl, Spool):
 
     # -- reads
 
-    async def read(self, queue_id: str) -> bytes:
+    async def read(self, queue_id: str) -> bytes | SpooledBody:
+        """The message data: bytes, or for a large message a `SpooledBody` to read in
+        chunks. MessageNotFound if there is no such message."""
         msg_id = self._msg_id(queue_id)
         data = await self._read(self._q_read, msg_id)
         if data is None:
@@ -525,9 +613,19 @@ class SqliteSpool(SqliteQueueControl, Spool):
             raise SpoolError(f"spool {self.path} is closed")
         return self._rconn
 
-    def _q_read(self, msg_id: int) -> bytes | None:
-        row = self._conn().execute("SELECT data FROM bodies WHERE id = ?", (msg_id,)).fetchone()
-        return None if row is None else row[0]
+    def _q_read(self, msg_id: int) -> bytes | SpooledBody | None:
+        conn = self._conn()
+        row = conn.execute("SELECT data FROM bodies WHERE id = ?", (msg_id,)).fetchone()
+        if row is not None:
+            return row[0]
+        if conn.execute("SELECT 1 FROM messages WHERE id = ?", (msg_id,)).fetchone() is None:
+            return None
+        path = self.path / BODIES_DIR / format_queue_id(msg_id)
+        try:
+            return SpooledBody(path, path.stat().st_size)
+        except OSError as exc:
+            raise SpoolError(f"spool {self.path}: the body of message"
+                             f" {format_queue_id(msg_id)} is missing: {exc.strerror}") from exc
 
     def _q_next_due(self) -> float | None:
         sql = f"SELECT MIN(next_attempt) FROM recipients WHERE {_PENDING_SQL}"
@@ -701,16 +799,61 @@ class SqliteSpool(SqliteQueueControl, Spool):
             err = self._write_error(exc)
             self._after_write_error(conn)
             results += [(op.future, None, err) for op in stores]
-            if not (stores and others):
+            if not others:
+                return results
+            if not (_is_full(exc) and self._release_reserve()) and not stores:
                 return results + [(op.future, None, err) for op in others]
         # Delivery results and deletions in a failed batch get a second chance without the
-        # new messages: they free space, and losing them would mean delivering twice.
+        # new messages (and, if space ran out, with the reserve given back): they free space,
+        # and losing them would mean delivering twice.
+        for _ in range(2):
+            try:
+                return results + self._transaction(conn, [], others)
+            except sqlite3.Error as exc:
+                err = self._write_error(exc)
+                self._after_write_error(conn)
+                if not (_is_full(exc) and self._release_reserve()):
+                    break
+        return results + [(op.future, None, err) for op in others]
+
+    def _release_reserve(self) -> bool:
+        """Free the reserve for delivery results; False if it was not held."""
         try:
-            return results + self._transaction(conn, [], others)
-        except sqlite3.Error as exc:
-            err = self._write_error(exc)
-            self._after_write_error(conn)
-            return results + [(op.future, None, err) for op in others]
+            freed = self._reserve.release()
+        except OSError:
+            return False
+        if freed:
+            self.reserve_releases += 1
+            log_event("spool.reserve.released", "warning", spool=str(self.path), bytes=freed,
+                      error="file system full: the space reserve is used for delivery results;"
+                            " new mail is refused until it can be allocated again")
+        return freed > 0
+
+    def _hold_reserve(self) -> bool:
+        """Allocate the reserve if it is not held (space came back); whether it is held."""
+        if self._reserve.held:
+            return True
+        if self._reserve_unusable:
+            return True
+        try:
+            held = self._reserve.ensure()
+        except OSError as exc:
+            if exc.errno == errno.EFBIG:
+                # RLIMIT_FSIZE below min_free: no file can hold the reserve, and refusing
+                # all mail for it would be worse than running without it
+                self._reserve_unusable = True
+                log_event("spool.reserve.unusable", "warning", spool=str(self.path),
+                          error=f"cannot allocate {self._reserve.path}: {exc.strerror}"
+                                " (file size limit below spool.min_free); running without"
+                                " a reserve for delivery results")
+                return True
+            log_event("spool.reserve.error", "error", spool=str(self.path),
+                      error=f"cannot allocate {self._reserve.path}: {exc}")
+            return False
+        if held and self.reserve_releases:
+            log_event("spool.reserve.restored", "info", spool=str(self.path),
+                      bytes=self._reserve.size)
+        return held
 
     def _transaction(
         self, conn: sqlite3.Connection, stores: builtins.list[_Store], others: builtins.list[_Op]
@@ -764,6 +907,12 @@ class SqliteSpool(SqliteQueueControl, Spool):
 
     def _committed(self, stores: Sequence[_Store], others: Sequence[_Op]) -> None:
         self.commits += 1
+        for op in others:
+            if op.body_file_gone:
+                # after the commit: a crash before this leaves a file without rows, removed
+                # at the next start
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path / BODIES_DIR / format_queue_id(op.msg_id))
         # a rough count of the WAL frames written: the pages of the data plus a few per row
         pages = sum(op.nbytes for op in stores) // self._page_size + 3 * (len(stores)
                                                                           + len(others)) + 2
@@ -802,9 +951,21 @@ class SqliteSpool(SqliteQueueControl, Spool):
     def _space_refusal(
         self, conn: sqlite3.Connection, stores: builtins.list[_Store]
     ) -> SpoolError | None:
-        if self.min_free <= 0:
+        if self._reserve.size != self._min_free:
+            self._reserve.resize(self._min_free)
+        if self._min_free <= 0:
+            self._hold_reserve()  # removes the reserve file
             return None
-        need = self.min_free + 2 * sum(op.nbytes for op in stores)
+        if not self._hold_reserve():
+            self.refused += len(stores)
+            return SpoolFull(
+                f"spool {self.path}: not enough disk space to accept mail (the"
+                f" {self.min_free}-byte reserve for delivery results is in use or cannot be"
+                " allocated)"
+            )
+        # the batch lands in the WAL, then in the database; the WAL may take one checkpoint
+        # interval more before it is reused
+        need = 2 * sum(op.nbytes for op in stores) + self._wal_bytes
         try:
             st = os.statvfs(self.path)
         except OSError:
@@ -816,9 +977,11 @@ class SqliteSpool(SqliteQueueControl, Spool):
         available += conn.execute("PRAGMA freelist_count").fetchone()[0] * self._page_size
         if available >= need:
             return None
-        return SpoolError(
+        self.refused += len(stores)
+        return SpoolFull(
             f"spool {self.path}: not enough disk space to accept mail"
-            f" ({available} bytes available, {self.min_free} kept free)"
+            f" ({available} bytes available besides the {self.min_free}-byte reserve,"
+            f" {need} needed)"
         )
 
     def _write_error(self, exc: sqlite3.Error) -> SpoolError:
@@ -843,7 +1006,7 @@ class SqliteSpool(SqliteQueueControl, Spool):
         if path.exists() and not path.is_dir():
             raise SpoolError(f"spool path {path} exists and is not a directory")
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise SpoolError(f"cannot create spool directory {path}: {exc.strerror}") from exc
         if not os.access(path, os.W_OK | os.X_OK):
@@ -851,6 +1014,11 @@ class SqliteSpool(SqliteQueueControl, Spool):
         self._lock_dir()
         if self.db_path.exists() and not self.db_path.is_file():
             raise SpoolError(f"spool database {self.db_path} exists and is not a file")
+        self._restrict_modes()
+        try:
+            (path / BODIES_DIR).mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(f"cannot create {path / BODIES_DIR}: {exc.strerror}") from exc
         try:
             conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
                                    cached_statements=256)  # the multi-row INSERTs, by size
@@ -865,6 +1033,14 @@ class SqliteSpool(SqliteQueueControl, Spool):
                     f"cannot open spool database {self.db_path}: {_describe(exc)}"
                 ) from exc
             raise
+        # Without the reserve the spool still opens (delivery frees space); stores wait.
+        if self.min_free > 0 and not self._hold_reserve():
+            log_event("spool.reserve.missing", "warning", spool=str(self.path),
+                      bytes=self.min_free, error="not enough disk space for the reserve;"
+                      " new mail is refused until there is")
+        elif self.min_free <= 0:
+            with contextlib.suppress(OSError):
+                self._reserve.ensure()  # removes a reserve left by an earlier setting
         assert self._dir_fd is not None
         with contextlib.suppress(OSError):
             os.fsync(self._dir_fd)  # the directory entries of a new database
@@ -911,6 +1087,7 @@ class SqliteSpool(SqliteQueueControl, Spool):
         if self.min_free > 0:
             wal_pages = max(16, min(wal_pages, self.min_free // (4 * self._page_size)))
         conn.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
+        self._wal_bytes = wal_pages * self._page_size
         self._ckpt_every = max(8, wal_pages // 4)
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -929,6 +1106,48 @@ class SqliteSpool(SqliteQueueControl, Spool):
         highest = conn.execute("SELECT MAX(id) FROM messages").fetchone()[0]
         if highest is not None:
             self._ids.seed(highest)
+        self._sweep_bodies(conn)
+
+    def _sweep_bodies(self, conn: sqlite3.Connection) -> None:
+        """Remove body files no message names: parts of bodies still arriving at a crash or
+        stop, and files whose rows were never committed (or were deleted before a crash)."""
+        folder = self.path / BODIES_DIR
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return
+        for name in names:
+            msg_id = parse_queue_id(name)
+            if msg_id is not None:
+                if conn.execute("SELECT 1 FROM messages WHERE id = ?", (msg_id,)).fetchone():
+                    self._ids.seed(msg_id)
+                    continue
+            elif not name.endswith(PART_SUFFIX):
+                continue  # not ours
+            with contextlib.suppress(OSError):
+                os.unlink(folder / name)
+
+    def _restrict_modes(self) -> None:
+        """Messages are for the spool's owner only: directory 0700, files 0600.
+
+        The database file is created here, 0600, before SQLite opens it: SQLite gives the WAL
+        and shared-memory files it creates the database file's mode (less the umask). Modes
+        left wider by an older version are narrowed.
+        """
+        try:
+            fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o600)
+            os.close(fd)
+            for file, mode in ((self.path, 0o700), (self.db_path, 0o600),
+                               (self.path / (DB_NAME + "-wal"), 0o600),
+                               (self.path / (DB_NAME + "-shm"), 0o600),
+                               (self.path / RESERVE_NAME, 0o600)):
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(file, follow_symlinks=False).st_mode & 0o777 & ~mode:
+                        os.chmod(file, mode, follow_symlinks=False)
+        except OSError as exc:
+            raise SpoolError(f"cannot restrict the modes of spool {self.path}:"
+                             f" {exc.strerror}") from exc
 
     def _lock_dir(self) -> None:
         """Hold an exclusive lock on the directory while open: one process per spool."""
@@ -959,6 +1178,11 @@ def _read_transaction(conn: sqlite3.Connection) -> Any:
         yield
     finally:
         conn.execute("COMMIT")
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    """SQLITE_FULL: the write failed for lack of disk space."""
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 def _describe(exc: sqlite3.Error) -> str:

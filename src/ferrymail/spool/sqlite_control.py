@@ -20,11 +20,13 @@ _PENDING = "state IN ('queued', 'deferred')"
 class _Reschedule:
     """Set ``next_attempt`` of a message's pending recipients matching ``where``.
 
-    Duck-types the spool's write op (``future``, ``msg_id``, ``nbytes``, ``verb``, ``apply``).
+    Duck-types the spool's write op (``future``, ``msg_id``, ``nbytes``, ``body_file_gone``,
+    ``verb``, ``apply``); tests/unit/test_admin.py checks it against ``sqlite._Op``.
     """
 
     verb: ClassVar[str] = "reschedule"
     nbytes = 0
+    body_file_gone = False  # it never removes a message
 
     def __init__(self, future: asyncio.Future[Any], msg_id: int, when: float, where: str,
                  params: tuple[Any, ...] = ()) -> None:
