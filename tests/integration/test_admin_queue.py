@@ -215,3 +215,28 @@ def test_reload_reports_the_daemons_verdict(ferrymail_proc, tmp_path: Path):
     out = run_cli("reload", "--startup", str(proc.startup_path))
     assert out.returncode == 0, out.stderr
     assert f"pid {proc.pid}" in out.stdout and "in force" in out.stdout
+
+
+def test_show_and_bounce_a_large_message(ferrymail_proc, tmp_path: Path):
+    port, dead = free_port(), free_port()
+    big = b"x" * 998 + b"\r\n"
+    with smtp_sink() as fast:
+        proc = ferrymail_proc(startup_yaml(tmp_path, [server("in", [listener(port)])]),
+                              running(fast.port, dead, dead, dead), wait=[(HOST, port)])
+        startup = proc.startup_path
+        assert startup is not None
+        with smtplib.SMTP(HOST, port, timeout=10) as smtp:
+            smtp.sendmail("s@x.test", ["a@dead.test"],
+                          b"Subject: big\r\nX-Test: big\r\n\r\n" + big * 400)  # ~400 KB
+        (qid,) = [m.split("qid=")[1].split()[0]
+                  for m in proc.wait_log(r"event=smtp.transaction .*qid=")]
+        proc.wait_log(rf"event=delivery.error qid={qid} .*result=deferred")
+        shown = cli_json(startup, "show", qid, "--body")
+        assert "X-Test: big" in shown["headers"] and shown["data_size"] > 400_000
+        assert shown["message"].count("x" * 998) == 400 and shown["truncated"] is False
+        out = cli_json(startup, "bounce", "--id", qid, "--reason", "too big to wait")
+        assert out["changed"] == 1
+        (dsn,) = fast.wait_dumps(1)
+        assert b"too big to wait" in dsn.raw and b"X-Test: big" in dsn.raw
+        assert len(dsn.raw) < 100_000  # the DSN quotes the header section only
+        wait_state(startup, qid, None)

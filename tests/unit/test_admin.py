@@ -165,3 +165,20 @@ def test_reschedule_op_has_every_attribute_of_a_spool_op():
     missing = {a for a in needed if not hasattr(resched, a)}
     assert not missing, missing
     assert inspect.signature(resched.apply).parameters.keys() == {"conn"}
+
+
+def test_message_content_of_a_spooled_body(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from ferrymail.admin import queue as q
+    from ferrymail.spool import SpooledBody
+
+    raw = b"Subject: s\r\nX-Long: a\r\n b\r\n\r\n" + b"y" * 5000
+    path = tmp_path / "body"
+    path.write_bytes(raw)
+    body = SpooledBody(path, len(raw))
+    out = q.message_content(body, True)
+    assert out["headers"] == ["Subject: s", "X-Long: a b"] and out["data_size"] == len(raw)
+    assert out["message"] == raw.decode() and out["truncated"] is False
+    monkeypatch.setattr(q, "SHOW_BODY_MAX", 100)
+    cut = q.message_content(body, True)
+    assert len(cut["message"]) == 100 and cut["truncated"] is True
+    assert "message" not in q.message_content(raw, False)
