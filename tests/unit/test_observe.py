@@ -61,3 +61,26 @@ def test_sd_notify_abstract_socket(monkeypatch: pytest.MonkeyPatch):
     assert sdnotify.reloading() is False
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert sdnotify.ready() is False
+
+
+def test_top_frame_rates_and_proxy_health():
+    from rich.console import Console
+
+    from ferrymail.observe.top import render
+
+    row = {"transport": "t", "source": "a1", "proxy": "127.0.0.1:9", "delivered": 7,
+           "deferred": 1, "failed": 0, "deleted": 0}
+    now = {"time": 12.0, "received": 9, "delivered": 7, "deferred": 1, "failed": 0,
+           "deleted": 0, "by_source": [row], "queue": {"deferred": 1}, "queue_at": 11.0,
+           "proxies": [{"proxy": "127.0.0.1:9", "up": False}], "connections_in": 2,
+           "connections_out": 1,
+           "errors": [{"at": 11.5, "transport": "t", "kind": "proxy", "error": "refused"}]}
+    before = dict(now, time=10.0, received=5, delivered=3, by_source=[dict(row, delivered=3)])
+    summary = [{"transport": "t", "domain": "d.test", "source": "a1", "recipients": 1,
+                "oldest_s": 42.0, "why": ["proxy down (127.0.0.1:9)"]}]
+    console = Console(width=140, record=True)
+    console.print(render(now, before, summary))
+    text = console.export_text()
+    assert "in 2.0/s" in text and "delivered 2.0/s" in text  # (9-5)/2 and (7-3)/2
+    assert "127.0.0.1:9 down" in text and "proxy down (127.0.0.1:9)" in text
+    assert "refused" in text and "conns in 2 out 1" in text

@@ -3,7 +3,7 @@
 Reads ``GET /v1/stats`` every ``interval`` seconds (rates are the difference of two readings)
 and ``GET /v1/queue/summary`` every SUMMARY_EVERY seconds (it scans the queue). Shows: rates
 in and out, queue by state, top destinations with why they wait, per transport x source x proxy
-results and rates, proxy health, and the errors of the last minute.
+attempts per second and results, proxy health, and the errors of the last minute.
 """
 
 from __future__ import annotations
@@ -60,15 +60,24 @@ def render(stats: dict[str, Any], before: dict[str, Any] | None,
                      f"{g['oldest_s']:.0f}s", "; ".join(g["why"]) or "-")
 
     src = Table(title="sources", title_justify="left")
-    for col in ("transport", "source", "proxy", "delivered", "deferred", "bounced"):
-        src.add_column(col, justify="right" if col in ("delivered", "deferred", "bounced")
-                       else "left")
+    for col in ("transport", "source", "proxy", "out/s", "delivered", "deferred", "bounced"):
+        src.add_column(col, justify="left" if col in ("transport", "source", "proxy")
+                       else "right")
     up = {p["proxy"]: p["up"] for p in stats["proxies"]}
+    earlier = {(r["transport"], r["source"], r["proxy"]): r
+               for r in (before or {}).get("by_source", [])}
+    dt = stats["time"] - before["time"] if before else 0.0
     for r in stats["by_source"]:
         proxy = r["proxy"]
         if proxy in up:
             proxy = f"{proxy} [{'green]up' if up[proxy] else 'red]down'}[/]"
-        src.add_row(r["transport"], r["source"], proxy, f"{r['delivered']:.0f}",
+        prev = earlier.get((r["transport"], r["source"], r["proxy"]))
+        done = sum(r[k] for k in ("delivered", "deferred", "failed"))
+        rate = 0.0
+        if prev is not None and dt > 0:
+            rate = max(0.0, done - sum(prev[k] for k in ("delivered", "deferred", "failed")))
+            rate /= dt
+        src.add_row(r["transport"], r["source"], proxy, f"{rate:.1f}", f"{r['delivered']:.0f}",
                     f"{r['deferred']:.0f}", f"{r['failed']:.0f}")
 
     errors = Table(title="errors (last minute)", title_justify="left")
