@@ -12,7 +12,10 @@ recipients::
 
 ``action`` offers Halon's ``Try()``, ``Queue()``, ``Bounce()`` and ``Delete()`` as
 ``try_()``, ``queue()``, ``bounce()`` and ``delete()``; the first call decides, calling
-nothing means ``try_()`` with the transport's own settings. The function may be ``async``.
+nothing means ``try_()`` with the transport's own settings. ``action.dkim_sign(domain,
+selector)`` (Halon's ``signDKIM()``) chooses the DKIM key(s) the attempt's copy is signed
+with, instead of ``dkim.sign``/``dkim.rules``; call it once per key (e.g. RSA and Ed25519).
+The function may be ``async``.
 A hook that raises, or runs longer than ``scripting.hooks.timeout``, gives ``HookError``;
 the engine then leaves the message queued. Sync functions run in a daemon thread, so a hang
 neither blocks the event loop nor stops the process from exiting.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -83,6 +87,7 @@ class HookContext:
     size: int = 0
     received_at: float = 0.0
     metadata: Mapping[str, str] = field(default_factory=dict)
+    auth: str = ""  # the SMTP AUTH user that submitted the message ("" = none)
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ class HookDecision:
     sourceip_random: bool = True
     delay: float | None = None  # queue: seconds until the next attempt (None: retry schedule)
     reason: str | None = None  # queue/bounce/delete: logged, and used in the DSN
+    dkim: tuple[tuple[str, str], ...] = ()  # dkim_sign() calls: (domain, selector) pairs
 
 
 DEFAULT_DECISION = HookDecision("try")
@@ -296,6 +302,7 @@ class Action:
         self._lock = threading.Lock()
         self._decision: HookDecision | None = None
         self._closed = False
+        self._dkim: list[tuple[str, str]] = []
 
     @property
     def decision(self) -> HookDecision | None:
@@ -321,6 +328,18 @@ class Action:
         """Drop these recipients without a DSN."""
         self._decide(HookDecision("delete", reason=_reason(reason, "reason")))
 
+    def dkim_sign(self, domain: str, selector: str) -> None:
+        """Sign this attempt's copy with the ``dkim.keys`` entry of ``domain``/``selector``
+        (replaces the configured choice of signing domain; several calls, several
+        signatures). An unknown key defers the attempt with a config error."""
+        if not isinstance(domain, str) or not isinstance(selector, str) or not domain \
+                or not selector:
+            raise TypeError("dkim_sign(domain, selector) takes two non-empty strings")
+        with self._lock:
+            if self._closed:
+                raise DecisionAlreadyMade("the hook's time is up; dkim_sign is ignored")
+            self._dkim.append((domain.lower().rstrip("."), selector))
+
     def _decide(self, decision: HookDecision) -> None:
         with self._lock:
             if self._closed:
@@ -335,7 +354,10 @@ class Action:
     def _close(self) -> HookDecision:
         with self._lock:
             self._closed = True
-            return self._decision or DEFAULT_DECISION
+            decision = self._decision or DEFAULT_DECISION
+            if self._dkim:
+                decision = dataclasses.replace(decision, dkim=tuple(self._dkim))
+            return decision
 
 
 # --------------------------------------------------------------------------- loading

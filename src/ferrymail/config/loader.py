@@ -28,7 +28,7 @@ from .models import (
     running_problems,
     startup_problems,
 )
-from .types import describe
+from .types import BASE_DIR, describe
 
 M = TypeVar("M", StartupConfig, RunningConfig)
 
@@ -320,7 +320,8 @@ def _validate(doc: Document, model: type[M]) -> tuple[M | None, list[ConfigError
         errors.append(doc.error((), f"expected a mapping at the top level, got {found}"))
         return None, errors
     try:
-        cfg = model.model_validate(doc.data, context={DEFER_CHECKS: True})
+        base = Path(doc.file).parent if Path(doc.file).is_file() else None
+        cfg = model.model_validate(doc.data, context={DEFER_CHECKS: True, BASE_DIR: base})
     except ValidationError as exc:
         raw = exc.errors()
         for err in raw:
@@ -484,6 +485,14 @@ def cross_check(startup: StartupConfig, running: RunningConfig, running_file: st
                     f"(startup servers: {shown})",
                 )
             )
+    tls_servers = {s.id for s in startup.servers if s.tls.enabled}
+    for i, server in enumerate(running.servers):
+        if server.auth is not None and server.id in startup_ids and server.id not in tls_servers:
+            path = ("servers", i, "auth")
+            errors.append(ConfigError(
+                running_file, format_path(path), line(path),
+                f"AUTH is offered only under TLS, and startup server {server.id!r} has no "
+                "tls.cert/tls.key"))
     for server in startup.servers:
         if server.id not in running_ids:
             errors.append(

@@ -33,6 +33,8 @@ from pydantic import (
 )
 
 from .accounts import GroupName, UserName
+from .auth import ServerAuth
+from .dkim import Dkim, dkim_problems
 from .inbound import InboundPolicy
 from .operations import Admin, Metrics
 from .types import (
@@ -132,6 +134,9 @@ class Listener(_Model):
     port: Port
     proxyprotocol: StrictBool = False
     backlog: PositiveInt = 1024
+    # starttls: plain SMTP, STARTTLS offered when the server has a certificate;
+    # implicit: TLS from the first byte (after the PROXY header, if any), RFC 8314 §3.3
+    tls: Literal["starttls", "implicit"] = "starttls"
 
 
 class Limits(_Model):
@@ -256,6 +261,11 @@ def startup_problems(cfg: StartupConfig) -> list[Problem]:
             problems.append(
                 (("servers", i, "tls", missing), "tls.cert and tls.key must be set together")
             )
+        if not tls.enabled:
+            for j, lst in enumerate(server.listeners):
+                if lst.tls == "implicit":
+                    problems.append((("servers", i, "listeners", j, "tls"),
+                                     "tls: implicit needs the server's tls.cert and tls.key"))
         for name in ("cert", "key"):
             file = getattr(tls, name)
             if file is not None and not os.path.isfile(file):
@@ -402,6 +412,7 @@ class ServerRunning(_Model):
     transport: Id
     domains: tuple[DomainPattern, ...] = ()
     relay_networks: tuple[IPNetwork, ...] = ()
+    auth: ServerAuth | None = None  # SMTP AUTH (see config/auth.py)
 
     def accepts_domain(self, domain: str) -> bool:
         """Whether mail to ``domain`` is accepted from anyone (exact or ``*.`` match)."""
@@ -524,6 +535,7 @@ class RunningConfig(_Model):
     scripting: Scripting = Field(default_factory=Scripting)
     resolver: Resolver = Field(default_factory=Resolver)
     queues: Queues = Field(default_factory=Queues)
+    dkim: Dkim = Field(default_factory=Dkim)
     # Received: header fields at which a message is failed as a mail loop (5.4.6) instead of
     # being relayed again (RFC 5321 §6.3; Postfix hopcount_limit).
     hop_limit: Annotated[int, Field(ge=1, le=1000, strict=True)] = 50
@@ -679,6 +691,7 @@ def running_problems(cfg: RunningConfig) -> list[Problem]:
                         (here, f"address {ident!r} is {addr.address}, an IPv{addr.family} "
                          f"address, listed under {family}")
                     )
+    problems.extend(dkim_problems(cfg.dkim))
     if cfg.scripting.hooks.predelivery is None:  # a hook may give the sources per message
         problems.extend(_proxy_without_source(cfg))
     return problems

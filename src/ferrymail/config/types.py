@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 from typing import Annotated, Any
 
-from pydantic import Field, PlainValidator, StrictInt
+from pydantic import Field, PlainValidator, StrictInt, ValidationInfo
+
+# Validation context key: the directory of the file being loaded (None: the working
+# directory), against which file names in the running config (DKIM keys, credentials) resolve.
+BASE_DIR = "ferrymail_base_dir"
 
 IPAddressType = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetworkType = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -304,3 +309,11 @@ def _hook(value: object) -> str:
 
 
 HookRef = Annotated[str, PlainValidator(_hook)]
+
+
+def config_path(value: str, info: ValidationInfo) -> str:
+    """A file named in a config file: relative names are relative to that file's directory."""
+    base = (info.context or {}).get(BASE_DIR)
+    if base is None or os.path.isabs(value):
+        return value
+    return os.path.join(base, value)

@@ -4,11 +4,13 @@ One `Job` (the due recipients of one message for one destination) is one attempt
 
 1. the running config is read through the accessor (a reload applies to the next attempt);
 2. the pre-delivery hook, if configured, decides: try (with overrides), queue, bounce, delete;
-3. sources come from the transport (or the hook) with their HELO and proxy; MX hosts from DNS
+3. the copy to send is DKIM-signed (``ferrymail.dkim``: the hook's ``dkim_sign`` keys, else
+   ``dkim.rules``, else the From: domain's keys); the spooled message stays unsigned;
+4. sources come from the transport (or the hook) with their HELO and proxy; MX hosts from DNS
    (or the fixed ``connection.server``), tried in preference order, address by address;
    a failing proxy or source is marked down and the next source is tried for the same MX
    address, a failing MX moves on to the next address;
-4. the per-recipient outcome is: delivered (2xx), failed (5xx or a permanent error: a DSN
+5. the per-recipient outcome is: delivered (2xx), failed (5xx or a permanent error: a DSN
    goes to the sender), or deferred (4xx or a temporary error) at the next retry time; a
    recipient past ``retry.count`` / ``retry.during`` fails with a DSN.
 
@@ -24,6 +26,7 @@ schedule's interval for that one step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import time
 from collections.abc import Callable, Sequence
@@ -45,10 +48,11 @@ from ferrymail.delivery.routing import (
     transport_sources,
 )
 from ferrymail.delivery.scheduler import Job, Scheduler, plan_retry
+from ferrymail.dkim import DkimError, DkimSigner, PrefixedBody
 from ferrymail.hooks import HookContext, HookDecision, HookError, PredeliveryHook
 from ferrymail.observe import metrics
 from ferrymail.observe.log import log_event
-from ferrymail.smtp.client import SMTPClient, TLSContextFactory, TLSMode
+from ferrymail.smtp.client import Prepare, SMTPClient, TLSContextFactory, TLSMode
 from ferrymail.smtp.protocol import Reply
 from ferrymail.spool import (
     BodyWriter,
@@ -102,6 +106,7 @@ class Outcome:
     hook: HookDecision | None = None  # a queue/bounce/delete decision
     hook_error: HookError | None = None
     route: Route = field(default_factory=Route)
+    dkim: str | None = None  # the signatures the sent copy carried: d/s/algorithm, ...
 
 
 @dataclass
@@ -114,6 +119,36 @@ class _Result:
     next_attempt: float
     notified: int | None = None
     dsn: dsnlib.RecipientStatus | None = None  # a failed or delayed report to send
+
+
+class _Signing:
+    """DKIM-signs the content of one attempt as it goes on the wire (``SMTPClient.send``
+    calls ``sign`` after any 7-bit conversion, so the signature covers what is sent)."""
+
+    def __init__(self, signer: DkimSigner, job: Job,
+                 requested: tuple[tuple[str, str], ...]) -> None:
+        self.signer = signer
+        self.job = job
+        self.requested = requested
+        self.labels: str | None = None  # what the last copy sent carried, for the log
+
+    async def sign(self, data: bytes | SpooledBody) -> bytes | SpooledBody:
+        env = self.job.message.envelope
+        sign = functools.partial(self.signer.sign, data, sender=env.sender,
+                                 server_id=env.server_id, requested=self.requested or None)
+        try:
+            # a spooled body is read from its file to be hashed: not on the event loop
+            sigs = await asyncio.to_thread(sign) if isinstance(data, SpooledBody) else sign()
+        except DkimError as e:
+            log_event("dkim.error", "warning", qid=self.job.queue_id, error=str(e),
+                      effect="sent unsigned")
+            self.labels = None
+            return data
+        self.labels = ",".join(s.label for s in sigs) or None
+        if not sigs:
+            return data
+        prefix = b"".join(s.header for s in sigs)
+        return PrefixedBody(prefix, data) if isinstance(data, SpooledBody) else prefix + data
 
 
 class _NotifyingSpool:
@@ -169,6 +204,7 @@ class DeliveryEngine:
         self._hook: PredeliveryHook | None = None
         self._hook_error: str | None = None  # set when the configured hook could not load
         self._hook_cfg: RunningConfig | None = None
+        self._signer: DkimSigner | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle
@@ -291,6 +327,7 @@ class DeliveryEngine:
                 transport=transport.id, retry=min(r.attempts for r in job.recipients),
                 server_id=env.server_id, client_ip=env.client_ip, helo=env.helo,
                 size=env.size, received_at=env.received_at, metadata={},
+                auth=env.auth or "",
             )
             try:
                 decision = await self._hook(ctx)
@@ -308,10 +345,33 @@ class DeliveryEngine:
             return None
         except SpoolError as e:
             return Outcome(error=DeliveryError("config", f"cannot read the message: {e}")), None
-        return await self._deliver(job, cfg, transport, decision, data), data
+        signing = self._signing(job, cfg, decision)
+        if isinstance(signing, Outcome):
+            return signing, data
+        outcome = await self._deliver(job, cfg, transport, decision, data,
+                                      prepare=signing.sign if signing else None)
+        outcome.dkim = signing.labels if signing else None
+        return outcome, data
+
+    def _signing(self, job: Job, cfg: RunningConfig, decision: HookDecision | None
+                 ) -> _Signing | Outcome | None:
+        """DKIM signing for this attempt (None: nothing to sign with); an Outcome (deferral)
+        when the hook asked for a key we do not have."""
+        requested = decision.dkim if decision is not None else ()
+        if not cfg.dkim.keys and not requested:
+            return None
+        for domain, selector in requested:
+            if cfg.dkim.key(domain, selector) is None:
+                return Outcome(error=DeliveryError(
+                    "config", f"dkim_sign({domain!r}, {selector!r}): no such key in dkim.keys"))
+        signer = self._signer
+        if signer is None or signer.config is not cfg.dkim:
+            signer = self._signer = DkimSigner(cfg.dkim)
+        return _Signing(signer, job, requested)
 
     async def _deliver(self, job: Job, cfg: RunningConfig, transport: ResolvedTransport,
-                       decision: HookDecision | None, data: bytes | SpooledBody) -> Outcome:
+                       decision: HookDecision | None, data: bytes | SpooledBody, *,
+                       prepare: Prepare | None = None) -> Outcome:
         # (a spooled body: its first MiB holds the header section, and any loop's trace)
         looping = hop_limit_error(data.head(1 << 20) if isinstance(data, SpooledBody)
                                   else data, cfg.hop_limit)
@@ -365,7 +425,8 @@ class DeliveryEngine:
                     continue
                 route = Route(mx=host.name, mx_ip=ip)
                 result = await self._try_address(job, host, ip, port, tls, timeouts, sources,
-                                                 recipients, data, conn, route)
+                                                 recipients, data, conn, route,
+                                                 prepare=prepare)
                 if isinstance(result, Outcome):
                     return result
                 last = result  # this MX address failed or refused: on to the next
@@ -437,7 +498,8 @@ class DeliveryEngine:
     async def _try_address(
         self, job: Job, host: MXHost, ip: str, port: int, tls: TLSMode, timeouts: Timeouts,
         sources: list[Source], recipients: list[str], data: bytes | SpooledBody, conn: Connection,
-        route: Route,
+        route: Route, *,
+        prepare: Prepare | None = None,
     ) -> Outcome | DeliveryError:
         """Deliver via one MX address, trying sources in turn; an Outcome when a transaction
         ran, else the error that ended the tries on this address."""
@@ -490,7 +552,8 @@ class DeliveryEngine:
                     extra = {k.upper(): v for k, v in env.mail_params
                              if k.upper() in ("RET", "ENVID")} or None
                 try:
-                    result = await client.send(env.sender, recipients, data, mail_params=extra)
+                    result = await client.send(env.sender, recipients, data, mail_params=extra,
+                                               prepare=prepare)
                 except DeliveryError as e:
                     if client.usable:  # refused before sending (size, 8-bit, SMTPUTF8)
                         self.pool.put(PoolKey(src, ip, port, tls.value), client,
@@ -700,6 +763,8 @@ class DeliveryEngine:
                           helo=src.helo, proxy=str(src.proxy) if src.proxy else "direct")
         if route.mx:
             fields.update(mx=route.mx, mx_ip=route.mx_ip)
+        if outcome.dkim:
+            fields["dkim"] = outcome.dkim
         event = "delivery.attempt"
         level = "info"
         if outcome.replies:

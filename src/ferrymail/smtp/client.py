@@ -16,7 +16,7 @@ import asyncio
 import collections
 import ssl
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -174,6 +174,10 @@ def _expect(state: str, reply: Reply, classes: tuple[int, ...]) -> None:
     if reply.code // 100 not in classes or (state == "DATA" and reply.code // 100 == 3
                                              and reply.code != 354):
         raise SMTPProtocolError(f"unexpected reply to {state}: {reply}")
+
+
+# Turns the content into what is sent, after any 7-bit conversion (DKIM signing).
+Prepare = Callable[[bytes | SpooledBody], Awaitable[bytes | SpooledBody]]
 
 
 def stuffed_chunks(body: SpooledBody) -> Iterator[bytes]:
@@ -744,9 +748,13 @@ class SMTPClient:
     # ----------------------------------------------------------------- transactions
 
     async def send(self, sender: str, recipients: Sequence[str], data: bytes | SpooledBody,
-                   *, mail_params: dict[str, str] | None = None) -> TransactionResult:
+                   *, mail_params: dict[str, str] | None = None,
+                   prepare: Prepare | None = None) -> TransactionResult:
         """One transaction: MAIL, RCPT for each recipient, DATA with `data` (CRLF lines;
         a `SpooledBody` is read, dot-stuffed and sent in chunks, never whole in memory).
+
+        `prepare` turns the content into what is sent, after any 7-bit conversion (DKIM
+        signing: the signature must cover the bytes on the wire).
 
         Pipelined when the peer offers PIPELINING. A refused message is a result; a failure
         that leaves no reply raises DeliveryError (and the connection is no longer usable,
@@ -760,6 +768,8 @@ class SMTPClient:
         if not data.isascii() and "8BITMIME" not in self._extensions:
             # (a spooled body is read whole for this rare conversion)
             data = self._downgrade(data.read_all() if isinstance(data, SpooledBody) else data)
+        if prepare is not None:
+            data = await prepare(data)
         params = transaction_parameters(self._extensions, sender, recipients, data,
                                         mail_params, self._peer)
         try:

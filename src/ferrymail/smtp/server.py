@@ -10,6 +10,7 @@ in logs, in the Received: header, in relay decisions and in the envelope.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import itertools
@@ -24,15 +25,19 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
 
+from ferrymail import auth as authlib
 from ferrymail.config import RunningConfig, StartupServer
+from ferrymail.config.auth import ServerAuth
 from ferrymail.observe.log import enabled, log_event, log_formatted, quote
 from ferrymail.observe.metrics import PROXY_HEADER_ERRORS
 from ferrymail.proxy import ProxyDecoder, ProxyError, ProxyHeader
+from ferrymail.smtp import auth as smtp_auth
 from ferrymail.smtp.connlimit import ConnectionLimiter, LimitLog
 from ferrymail.smtp.protocol import valid_helo
 from ferrymail.smtp.session import (
     R_SPOOL_FAIL,
     R_SPOOL_FULL,
+    Authenticate,
     Close,
     Deliver,
     ServerSession,
@@ -62,6 +67,7 @@ class ListenerInfo:
 
     name: str
     proxyprotocol: bool
+    implicit_tls: bool = False  # RFC 8314: the handshake comes first, the banner after it
 
 
 def normalise_ip(ip: str) -> str:
@@ -159,7 +165,7 @@ def transaction_log_head(server_id: str, conn: str, client: str, proxy: str | No
 def transaction_log_fields(head: tuple[str, str], failed_id: str | None, helo: str,
                            tls: str | None, sender: str, recipients: list[str], size: int,
                            qid: str | None, reply: str, error: str | None,
-                           duration_ms: int) -> str:
+                           duration_ms: int, auth: str | None = None) -> str:
     """The ``smtp.transaction`` fields, as ``log_event`` would format them (for
     ``log_formatted``): ``id`` only for a failed store, ``None`` values left out."""
     rcpts = (f"<{recipients[0]}>" if len(recipients) == 1
@@ -168,6 +174,8 @@ def transaction_log_fields(head: tuple[str, str], failed_id: str | None, helo: s
             if failed_id is not None else f"{head[0]} {head[1]} helo={quote(helo)}")
     if tls is not None:
         text += f" tls={quote(tls)}"
+    if auth is not None:
+        text += f" auth={quote(auth)}"
     text += f" from={quote(f'<{sender}>')} rcpts={quote(rcpts)} size={quote(size)}"
     if qid is not None:
         text += f" qid={quote(qid)}"
@@ -224,6 +232,9 @@ class SMTPServer:
         # (domain, client) pairs come again and again
         self._decisions: dict[tuple[str, str], bool] = {}
         self.listeners: list[tuple[str, int]] = []
+        self.auth_failures = authlib.FailureLimiter()
+        # AUTH results since start by result (ok, failed, limited, disabled): for metrics
+        self.auth_counts: collections.Counter[str] = collections.Counter()
 
     # -- lifecycle
 
@@ -241,7 +252,7 @@ class SMTPServer:
         for lst in self.config.listeners:
             host = None if lst.address is None else str(lst.address)
             name = format_addr(host or "*", lst.port)
-            info = ListenerInfo(name, lst.proxyprotocol)
+            info = ListenerInfo(name, lst.proxyprotocol, lst.tls == "implicit")
             try:
                 srv = await loop.create_server(
                     lambda info=info: InboundConnection(self, info),
@@ -257,7 +268,7 @@ class SMTPServer:
                 addr = sock.getsockname()
                 self.listeners.append((addr[0], addr[1]))
             log_event("smtp.listening", server=self.id, listener=name,
-                      proxyprotocol=lst.proxyprotocol)
+                      proxyprotocol=lst.proxyprotocol, tls=lst.tls)
         self._check_descriptors()
 
     def _check_descriptors(self) -> None:
@@ -344,6 +355,13 @@ class SMTPServer:
             self._decisions[key] = ok
         return ok
 
+    def auth_config(self) -> ServerAuth | None:
+        """The running ``servers[].auth`` of this server (None: AUTH is not offered)."""
+        try:
+            return self._running().server(self.id).auth
+        except KeyError:
+            return None
+
     def may_relay(self, client_ip: str) -> bool:
         """Whether the client is in the running ``relay_networks`` (trusted to relay)."""
         try:
@@ -359,6 +377,20 @@ class SMTPServer:
 
 
 _PROXY, _SMTP, _TLS_PENDING, _CLOSED = 0, 1, 2, 3
+
+
+def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    """Deliver ``data`` to ``protocol`` as if it had been read from the socket."""
+    if isinstance(protocol, asyncio.BufferedProtocol) or hasattr(protocol, "get_buffer"):
+        view = memoryview(data)
+        while view:
+            buf = memoryview(protocol.get_buffer(len(view)))  # type: ignore[attr-defined]
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            protocol.buffer_updated(n)  # type: ignore[attr-defined]
+            view = view[n:]
+    else:
+        protocol.data_received(data)  # type: ignore[attr-defined]
 
 
 class InboundConnection(asyncio.Protocol):
@@ -393,6 +425,8 @@ class InboundConnection(asyncio.Protocol):
         self.paused = False
         self.received_bytes = 0
         self.tls_early = bytearray()
+        self.tls_raw = bytearray()
+        self.tls_switched = False
         self.txn_count = 0
         self.close_reason: str | None = None
         self._proxy_cache: tuple[ProxyInfo | None, str | None] | None = None
@@ -464,9 +498,14 @@ class InboundConnection(asyncio.Protocol):
         elif state == _PROXY:
             self._proxy_data(data)
         elif state == _TLS_PENDING:
-            # Decrypted data can arrive with the client's last handshake flight, before
-            # _starttls resumes: it is the first TLS-protected input, keep it.
-            self.tls_early += data
+            if self.tls_switched:
+                # Decrypted data can arrive with the client's last handshake flight, before
+                # _starttls resumes: it is the first TLS-protected input, keep it.
+                self.tls_early += data
+            else:
+                # Read before start_tls put its TLS protocol on the transport (the client's
+                # first handshake bytes): _starttls hands them over.
+                self.tls_raw += data
         # _CLOSED: ignore
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -547,9 +586,9 @@ class InboundConnection(asyncio.Protocol):
                           peer=format_addr(self.peer_ip, self.peer_port),
                           version=header.version, command=header.command, family=header.family,
                           protocol=header.protocol)
-            self._begin(self.peer_ip, self.peer_port)
+            self._begin(self.peer_ip, self.peer_port, rest)
         else:
-            self._begin(normalise_ip(src[0]), src[1])
+            self._begin(normalise_ip(src[0]), src[1], rest)
         if rest and self.state == _SMTP:
             self.data_received(rest)
 
@@ -568,7 +607,9 @@ class InboundConnection(asyncio.Protocol):
 
     # -- SMTP
 
-    def _begin(self, client_ip: str, client_port: int) -> None:
+    def _begin(self, client_ip: str, client_port: int, early: bytes = b"") -> None:
+        """The client is known: greet it, or on an implicit-TLS listener shake hands first
+        (``early``: TLS bytes that came with the PROXY header)."""
         self.client_ip, self.client_port = client_ip, client_port
         if not self.server.limiter.claim(client_ip):
             self.close_reason = "connection limit per client"
@@ -578,13 +619,21 @@ class InboundConnection(asyncio.Protocol):
             self._close()
             return
         self.claimed = client_ip
-        self.state = _SMTP
+        auth = self.server.auth_config()
         self.session = ServerSession(self.server.settings, self.server.may_accept, client_ip,
                                      may_relay=self.server.may_relay,
-                                     spill=self._open_body, spill_at=SPILL_AT)
-        self.transport.write(self.session.banner())  # type: ignore[union-attr]
+                                     spill=self._open_body, spill_at=SPILL_AT,
+                                     auth=auth is not None and self.server.ssl_context is not None,
+                                     auth_required=auth is not None and auth.required)
         self.last_activity = self.loop.time()
         self.deadline = self.last_activity + self.server.timeouts.command
+        if self.listener.implicit_tls:
+            self.state = _TLS_PENDING  # no timer: the handshake has its own timeout
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.task = self.loop.create_task(self._starttls(early, implicit=True))
+            return
+        self.state = _SMTP
+        self.transport.write(self.session.banner())  # type: ignore[union-attr]
         self._arm_timer()
 
     # Timeouts. Without `timeouts.deadline` each read restarts the clock (an idle timer).
@@ -674,6 +723,8 @@ class InboundConnection(asyncio.Protocol):
             return
         if isinstance(event, Deliver):
             self.task = self.loop.create_task(self._deliver(event.transaction))
+        elif isinstance(event, Authenticate):
+            self.task = self.loop.create_task(self._authenticate(event.credentials))
         elif isinstance(event, StartTLS):
             self.state = _TLS_PENDING
             self.transport.pause_reading()  # type: ignore[union-attr]
@@ -773,6 +824,7 @@ class InboundConnection(asyncio.Protocol):
             mail_params=tuple(txn.mail_params.items()),
             size=size,
             received_at=received_at,
+            auth=txn.auth,
         )
         qid = None
         level = "info"
@@ -802,7 +854,7 @@ class InboundConnection(asyncio.Protocol):
             head,
             ident if qid is None else None,  # the id it would have had (named in Received:)
             txn.helo, self.tls, txn.sender, recipients, size, qid, reply_text, error,
-            int((time.monotonic() - txn.started) * 1000)))
+            int((time.monotonic() - txn.started) * 1000), txn.auth))
         session = self.session
         if session is None:
             return
@@ -812,14 +864,54 @@ class InboundConnection(asyncio.Protocol):
             return
         self._resume()
 
-    async def _starttls(self) -> None:
+    async def _authenticate(self, cred: smtp_auth.Credentials) -> None:
+        """Check AUTH credentials (rate-limited per client address); one log line each."""
+        server = self.server
+        cfg = server.auth_config()
+        user: str | None = None
+        failures: int | None = None
+        if cfg is None:  # switched off by a reload during the exchange
+            result, reply = "disabled", smtp_auth.R_AUTH_TEMP
+        elif server.auth_failures.limited(self.client_ip, cfg.failures, cfg.window):
+            result, reply = "limited", smtp_auth.R_AUTH_LIMITED
+        elif await authlib.verify(cfg.users, cred.user, cred.password):
+            result, reply, user = "ok", smtp_auth.R_AUTH_OK, cred.user
+        else:
+            result, reply = "failed", smtp_auth.R_AUTH_FAILED
+            failures = server.auth_failures.failed(self.client_ip, cfg.window)
+        server.auth_counts[result] += 1
+        log_event("smtp.auth", "info" if user else "warning", server=server.id,
+                  conn=self.conn_id, client=self._client_text(), proxy=self._proxy_text(),
+                  mechanism=cred.mechanism, user=cred.user, result=result,
+                  failures=failures,
+                  limited_total=server.auth_counts["limited"] if result == "limited" else None)
+        session = self.session
+        self.task = None
+        if session is None or self.state == _CLOSED:
+            return
+        session.finish_auth(user, reply)
+        self._resume()
+
+    async def _starttls(self, early: bytes = b"", *, implicit: bool = False) -> None:
+        """The TLS handshake, after STARTTLS or at once on an implicit-TLS listener."""
         ctx = self.server.ssl_context
         assert ctx is not None and self.transport is not None
+        self.tls_raw += early
+        self.tls_switched = False
         try:
-            transport = await self.loop.start_tls(
+            handshake = self.loop.create_task(self.loop.start_tls(
                 self.transport, self, ctx, server_side=True,
                 ssl_handshake_timeout=self.server.timeouts.command,
-            )
+            ))
+            # One turn of the loop: start_tls's first step puts its TLS protocol on the
+            # transport and queues that protocol's connection_made; bytes read before that
+            # (kept in tls_raw) are fed to it right after, in order.
+            await asyncio.sleep(0)
+            self.tls_switched = True
+            if self.tls_raw:
+                raw, self.tls_raw = bytes(self.tls_raw), bytearray()
+                self.loop.call_soon(_feed, self.transport.get_protocol(), raw)
+            transport = await handshake
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError, RuntimeError) as exc:
             log_event("smtp.tls.failed", "info", server=self.server.id, conn=self.conn_id,
                       client=self._client_text(), proxy=self._proxy_text(),
@@ -842,8 +934,15 @@ class InboundConnection(asyncio.Protocol):
         self.state = _SMTP
         self.last_activity = self.loop.time()
         assert self.session is not None
-        self.session.tls_started()
-        self._restart_deadline()
+        if implicit:
+            self.session.tls = True
+            transport.write(self.session.banner())
+            self.data_phase = False
+            self.deadline = self.last_activity + self.server.timeouts.command
+            self._arm_timer()
+        else:
+            self.session.tls_started()
+            self._restart_deadline()
         if self.paused:
             self.paused = False
             transport.resume_reading()

@@ -5,6 +5,7 @@ buffer (``take_output()``), and returns an event when the I/O layer has to act:
 
 * ``Deliver`` — a message is complete; store it, then call ``finish_delivery(reply)``;
 * ``StartTLS`` — the 220 is in the output; upgrade the transport, then ``tls_started()``;
+* ``Authenticate`` — AUTH credentials (``smtp/auth.py``); check them, then ``finish_auth()``;
 * ``Close`` — write the output, then close.
 
 While a ``Deliver`` or ``StartTLS`` is outstanding, input is only buffered (pipelined commands
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ferrymail.abnf import decimal
+from ferrymail.smtp import auth as smtp_auth
 from ferrymail.smtp.protocol import (
     DataDecoder,
     SMTPProtocolError,
@@ -141,11 +143,15 @@ class SessionSettings:
         plain = base + (["STARTTLS"] if self.starttls else [])
         object.__setattr__(self, "ehlo_plain", _multiline(250, plain))
         object.__setattr__(self, "ehlo_tls", _multiline(250, base))
+        # AUTH is offered only under TLS (RFC 4954 §4: no plaintext passwords)
+        object.__setattr__(self, "ehlo_tls_auth", _multiline(
+            250, [*base, "AUTH " + " ".join(smtp_auth.MECHANISMS)]))
         object.__setattr__(self, "banner", _r(f"220 {self.hostname} ESMTP ferrymail"))
         object.__setattr__(self, "helo_reply", _r(f"250 {self.hostname}"))
 
     ehlo_plain: bytes = field(init=False, repr=False)
     ehlo_tls: bytes = field(init=False, repr=False)
+    ehlo_tls_auth: bytes = field(init=False, repr=False)
     banner: bytes = field(init=False, repr=False)
     helo_reply: bytes = field(init=False, repr=False)
 
@@ -166,6 +172,7 @@ class Transaction:
     protocol: str
     started: float
     recipients: list[str] = field(default_factory=list)
+    auth: str | None = None  # the authenticated user (SMTP AUTH)
     body: bytes = b""  # with body_sink: only what was not written to it (nothing at the end)
     size: int = 0
     bdat: bool = False
@@ -195,7 +202,12 @@ class Close:
     reason: str
 
 
-Event = Deliver | StartTLS | Close
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    credentials: smtp_auth.Credentials
+
+
+Event = Deliver | StartTLS | Close | Authenticate
 
 _START_TLS = StartTLS()
 
@@ -204,17 +216,25 @@ class ServerSession:
     """The server side of one SMTP connection, without I/O."""
 
     __slots__ = (
+        "_auth_exchange",
         "_bdat_chunks", "_bdat_discard", "_bdat_held", "_bdat_last", "_bdat_left", "_buf",
         "_closed", "_decoder", "_mode", "_out", "_pending", "_skipping", "_spill", "_spill_at",
+        "auth", "auth_required", "auth_user",
         "client_ip", "commands", "errors", "esmtp", "helo", "internal_error", "may_relay",
         "messages", "policy", "settings", "tls", "txn",
     )
 
     def __init__(self, settings: SessionSettings, policy: RcptPolicy, client_ip: str,
                  *, tls: bool = False, may_relay: RelayCheck | None = None,
-                 spill: SpillFactory | None = None, spill_at: int = SPILL_AT) -> None:
+                 spill: SpillFactory | None = None, spill_at: int = SPILL_AT,
+                 auth: bool = False, auth_required: bool = False) -> None:
         """``spill``: where bodies larger than ``spill_at`` octets go while they arrive
-        (memory per session then stays O(spill_at)); None keeps every body in memory."""
+        (memory per session then stays O(spill_at)); None keeps every body in memory.
+        ``auth``: AUTH is offered (once under TLS); ``auth_required``: no MAIL before it."""
+        self.auth = auth
+        self.auth_required = auth_required
+        self.auth_user: str | None = None
+        self._auth_exchange: smtp_auth.AuthExchange | None = None
         self.settings = settings
         self.policy = policy
         self.may_relay = may_relay
@@ -390,6 +410,18 @@ class ServerSession:
         if queued:
             self.messages += 1
 
+    def finish_auth(self, user: str | None, reply: bytes) -> None:
+        """The outstanding ``Authenticate`` was decided: ``user`` if it succeeded."""
+        self._out.append(reply)
+        self._pending = None
+        if user is not None:
+            self.auth_user = user
+        elif reply.startswith(b"535"):
+            self.errors += 1  # a wrong password counts toward limits.errors
+            if self.errors >= self.settings.limits.errors:
+                self._out.append(R_TOO_MANY_ERRORS)
+                self._close("too many errors")
+
     def connection_lost(self) -> None:
         """The connection is gone: drop a body being received (not one being stored)."""
         txn = self.txn
@@ -405,6 +437,8 @@ class ServerSession:
         """The transport is TLS now: forget everything said before (RFC 3207 §4.2)."""
         self._pending = None
         self.tls = True
+        self.auth_user = None
+        self._auth_exchange = None
         self.helo = None
         self.esmtp = False
         self._end_txn()
@@ -443,6 +477,9 @@ class ServerSession:
 
     def _command(self, line: bytes) -> None:
         self.commands += 1
+        if self._auth_exchange is not None:  # a response line of an AUTH exchange
+            self._auth_step(*self._auth_exchange.feed(line))
+            return
         try:
             verb, arg = split_command(line)
         except SMTPProtocolError:
@@ -477,7 +514,10 @@ class ServerSession:
         self.helo = arg
         self.esmtp = True
         self._end_txn()
-        self._out.append(self.settings.ehlo_tls if self.tls else self.settings.ehlo_plain)
+        if not self.tls:
+            self._out.append(self.settings.ehlo_plain)
+        else:
+            self._out.append(self.settings.ehlo_tls_auth if self.auth else self.settings.ehlo_tls)
 
     def _helo(self, arg: str) -> None:
         if self._helo_refused(arg):
@@ -497,6 +537,9 @@ class ServerSession:
         if self.messages >= self.settings.limits.messages:
             self._out.append(R_TOO_MANY_MESSAGES)
             self._close("too many messages")
+            return
+        if self.auth_required and self.auth_user is None:
+            self._error(smtp_auth.R_AUTH_REQUIRED if self.tls else smtp_auth.R_TLS_REQUIRED)
             return
         try:
             sender, params = parse_path(arg, "FROM", allow_null=True)
@@ -518,7 +561,10 @@ class ServerSession:
             proto = "UTF8SMTPS" if self.tls else "UTF8SMTP"
         else:
             proto = "ESMTPS" if self.tls else "ESMTP"
-        self.txn = Transaction(sender, params, self.helo, proto, time.monotonic())
+        if self.auth_user is not None:
+            proto += "A"  # ESMTPSA, UTF8SMTPSA (RFC 3848, RFC 6531)
+        self.txn = Transaction(sender, params, self.helo, proto, time.monotonic(),
+                               auth=self.auth_user)
         self._out.append(R_SENDER_OK)
 
     def _check_mail_params(self, params: dict[str, str]) -> bytes | None:
@@ -564,11 +610,12 @@ class ServerSession:
             self._error(R_TOO_MANY_RCPTS)  # counted: 10,000 RCPTs must not be free
             return
         if (self.settings.policy.routed_reject and routed_local_part(rcpt)
+                and txn.auth is None
                 and not (self.may_relay is not None and self.may_relay(self.client_ip))):
             self._error(R_ROUTED)
             return
         domain = rcpt.rpartition("@")[2].lower()
-        if not self.policy(domain, self.client_ip):
+        if txn.auth is None and not self.policy(domain, self.client_ip):
             self._error(R_RELAY_DENIED)
             return
         if rcpt not in txn.recipients:
@@ -746,6 +793,29 @@ class ServerSession:
     def _not_implemented(self, arg: str) -> None:
         self._error(R_NOT_IMPL)
 
+    def _auth(self, arg: str) -> None:
+        if not self.auth:
+            self._error(R_NOT_IMPL)
+        elif not self.tls:
+            self._error(smtp_auth.R_ENCRYPTION_REQUIRED)
+        elif self.helo is None or not self.esmtp:
+            self._error(R_NEED_HELO)
+        elif self.auth_user is not None:
+            self._error(smtp_auth.R_ALREADY_AUTH)
+        elif self.txn is not None:
+            self._error(smtp_auth.R_AUTH_IN_TXN)
+        else:
+            self._auth_step(*smtp_auth.AuthExchange.start(arg))
+
+    def _auth_step(self, exchange: smtp_auth.AuthExchange | None, step: smtp_auth.Step) -> None:
+        self._auth_exchange = exchange
+        if isinstance(step, smtp_auth.Challenge):
+            self._out.append(step.reply)
+        elif isinstance(step, smtp_auth.Credentials):
+            self._pending = Authenticate(step)
+        else:
+            self._error(step.reply)
+
     def _starttls(self, arg: str) -> None:
         if not self.settings.starttls:
             self._error(R_NOT_IMPL)
@@ -775,7 +845,7 @@ _HANDLERS: dict[str, Callable[[ServerSession, str], None]] = {
     "VRFY": ServerSession._vrfy,
     "HELP": ServerSession._help,
     "EXPN": ServerSession._not_implemented,
-    "AUTH": ServerSession._not_implemented,
+    "AUTH": ServerSession._auth,
     "TURN": ServerSession._not_implemented,
     "ETRN": ServerSession._not_implemented,
     "STARTTLS": ServerSession._starttls,

@@ -63,6 +63,7 @@ class Envelope:
     mail_params: tuple[tuple[str, str], ...] = ()  # MAIL FROM parameters kept
     size: int = 0
     received_at: float = 0.0  # time.time()
+    auth: str | None = None  # the SMTP AUTH user the client authenticated as
 
 
 class RecipientState(StrEnum):

@@ -126,6 +126,7 @@ def envelope_to_json(env: Envelope) -> str:
         "mail_params": [[key, value] for key, value in env.mail_params],
         "size": env.size,
         "received_at": env.received_at,
+        "auth": env.auth,
     }
     return _encode_json(doc)
 
@@ -146,6 +147,7 @@ def envelope_from_json(text: str) -> Envelope:
         mail_params=tuple((key, value) for key, value in doc["mail_params"]),
         size=doc["size"],
         received_at=doc["received_at"],
+        auth=doc.get("auth"),  # absent in envelopes stored before AUTH existed
     )
 
 
