@@ -36,6 +36,7 @@ from ferrymail.config import (
 from ferrymail.config.models import DEFAULT_TRUSTED_PROXIES
 from ferrymail.delivery.engine import DeliveryEngine
 from ferrymail.delivery.loops import OwnListeners
+from ferrymail.delivery.scheduler import DESTINATIONS_FILE
 from ferrymail.observe import log
 from ferrymail.observe.log import log_event
 from ferrymail.observe.metrics import CountingSpool, MetricsServer
@@ -90,7 +91,8 @@ class App:
             self.spool, lambda: self.running, hostname=startup.environment.hostname,
             hook_base_dir=Path(running_file).resolve().parent if running_file else None,
             own_listeners=OwnListeners.of((lst.address, lst.port) for s in startup.servers
-                                          for lst in s.listeners))
+                                          for lst in s.listeners),
+            state_path=Path(startup.spool.path) / DESTINATIONS_FILE)
         metrics_set_enabled(startup.metrics.listen is not None)
         inbound_spool = self.delivery.notifying(self.spool)
         if startup.metrics.listen is not None:

@@ -14,7 +14,7 @@ from collections import Counter
 
 from ferrymail.config import parse_running
 from ferrymail.delivery.engine import DeliveryEngine
-from ferrymail.delivery.scheduler import Job, Scheduler
+from ferrymail.delivery.scheduler import UNPROVEN_READY, Job, Scheduler
 from ferrymail.spool import Envelope, RecipientState, RecipientUpdate, SqliteSpool
 from tests.integration.outbound_harness import LogCapture, run
 from tests.integration.smtpscript import ScriptedSMTP
@@ -63,14 +63,15 @@ def test_concurrency_bounds_and_no_head_of_line_blocking(tmp_path):
             peak_total = max(peak_total, sum(active.values()))
             if dest == "fast.test" and active["slow.test"]:
                 overlap.append(job.queue_id)
-            await asyncio.sleep(0.5 if dest == "slow.test" else 0.02)
+            await asyncio.sleep(0.15 if dest == "slow.test" else 0.02)
             await deliver(spool, job)
             active[dest] -= 1
             running_qids.discard(job.queue_id)
             done.append(dest)
 
         sched = Scheduler(spool, lambda: CFG, run_job)
-        for i in range(4):
+        # enough for the ready-count curve to want both connections: ceil(2*(1-e^-0.023*32))
+        for i in range(32):
             await spool.store(envelope(f"s{i}@slow.test"), b"x\r\n")
         for i in range(10):
             await spool.store(envelope(f"f{i}@fast.test"), b"x\r\n")
@@ -84,7 +85,7 @@ def test_concurrency_bounds_and_no_head_of_line_blocking(tmp_path):
         assert peak_total == 3
         # the fast destination finished while the slow one was still busy
         assert overlap and done.index("slow.test") > done.index("fast.test")
-        assert done.count("fast.test") == 10 and done.count("slow.test") == 4
+        assert done.count("fast.test") == 10 and done.count("slow.test") == 32
 
     run(main)
 
@@ -161,11 +162,13 @@ def test_a_dead_destination_with_a_full_ready_queue_does_not_hold_back_new_mail(
             await spool.store(envelope(f"s{i}@slow.test"), b"x\r\n")
         sched.start()
         async with asyncio.timeout(5):
-            while sched.running < 2 or not sched.parked():
+            # never a success: unproven, so its ready queue fills up at UNPROVEN_READY ...
+            while sched.running < 1 or not sched.parked() or sched.waiting < UNPROVEN_READY:
                 await asyncio.sleep(0.01)
-        assert sched.waiting == 10  # its ready queue is full ...
+        await asyncio.sleep(0.3)
+        assert sched.running == 1 and sched.waiting == UNPROVEN_READY
         slow_parked = len(sched.parked())
-        assert 0 < slow_parked <= 30  # ... and the rest waits in the spool, looked past
+        assert 0 < slow_parked <= 40 - UNPROVEN_READY  # ... the rest waits in the spool
         t0 = time.monotonic()
         for i in range(15):
             await spool.store(envelope(f"f{i}@fast.test"), b"x\r\n")
@@ -320,5 +323,62 @@ def test_disabled_engine_keeps_mail_untouched(tmp_path):
         assert msg.recipients[0].attempts == 0
         assert logs.lines("delivery.disabled") and not logs.lines("delivery.attempt")
         await spool.close()
+
+    run(main)
+
+
+def test_unproven_destinations_hold_at_most_their_share_and_proven_ones_go_on(tmp_path):
+    """total_concurrency 4, unproven_share 0.5: three hung destinations (never a result) get
+    two slots between them, the third waits (logged and counted once), and a destination
+    with a recent success delivers its mail meanwhile on the slots left."""
+    cfg = parse_running("""
+servers: [{id: in, transport: t}]
+queues: {concurrency: 2, total_concurrency: 4, destination: {unproven_share: 0.5}}
+transportgroups: [{id: g, transports: [{id: t}]}]
+""")
+
+    async def main() -> None:
+        spool = SqliteSpool(tmp_path / "spool", fsync=False)
+        await spool.start()
+        hung = asyncio.Event()
+        started: Counter[str] = Counter()
+        delivered: list[str] = []
+
+        async def run_job(job: Job) -> None:
+            started[job.destination.domain] += 1
+            if job.destination.domain.startswith("hung"):
+                await hung.wait()
+            await deliver(spool, job)
+            delivered.append(job.destination.domain)
+
+        sched = Scheduler(spool, lambda: cfg, run_job)
+        sched.start()
+        await spool.store(envelope("a@live.test"), b"x\r\n")  # live.test proves itself
+        sched.wake()
+        async with asyncio.timeout(5):
+            while "live.test" not in delivered:
+                await asyncio.sleep(0.01)
+        with LogCapture() as logs:
+            for i in range(3):
+                await spool.store(envelope(f"h@hung{i}.test"), b"x\r\n")
+            sched.wake()
+            await logs.wait("event=scheduler.unproven_share_full", timeout=5)
+            for i in range(6):
+                await spool.store(envelope(f"b{i}@live.test"), b"x\r\n")
+            sched.wake()
+            async with asyncio.timeout(5):
+                while delivered.count("live.test") < 7:
+                    await asyncio.sleep(0.01)
+            assert sum(started[f"hung{i}.test"] for i in range(3)) == 2
+            assert sched.unproven_share_hits == 1
+            (line,) = logs.lines("scheduler.unproven_share_full")
+            assert "cap=2" in line and "waiting=t/hung" in line
+        hung.set()
+        async with asyncio.timeout(5):
+            while await spool.count():
+                await asyncio.sleep(0.01)
+        await sched.stop()
+        await spool.close()
+        assert sorted(started) == ["hung0.test", "hung1.test", "hung2.test", "live.test"]
 
     run(main)

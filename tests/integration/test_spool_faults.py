@@ -113,7 +113,17 @@ def test_full_tmpfs_stores_refused_before_full_and_deletes_make_room(tmp_path):
                 # space kept free lets delivery results and deletions through
                 for qid in stored[:40]:  # (16 KiB pages: their WAL frames take space too)
                     await spool.delete(qid)
-                again = await spool.store(ENV, payload(-1))
+                # The freed pages come back once the background checkpointer has copied the
+                # WAL into the database; on a loaded machine that can take a moment.
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        again = await spool.store(ENV, payload(-1))
+                        break
+                    except SpoolError as exc:
+                        assert "not enough disk space" in str(exc), exc
+                        assert time.monotonic() < deadline, f"deletes never made room: {exc}"
+                        await asyncio.sleep(0.1)
             return [*stored[40:], again]
 
         kept = asyncio.run(main())

@@ -582,7 +582,7 @@ SCHEMA_CASES = [
      "unknown key 'proxy_protocol'; did you mean 'proxyprotocol'?"),
     ("running", "queues:\n  concurency: 5\n", "queues.concurency", "concurency",
      "unknown key 'concurency'; did you mean 'concurrency'? (expected one of: concurrency, "
-     "total_concurrency, hold)"),
+     "total_concurrency, hold, destination)"),
     ("running", "bogus: 1\n", "bogus", "bogus", "unknown key 'bogus'"),
     # wrong type
     ("startup", "servers:\n- id: a\n  listeners:\n  - port: '25'\n",

@@ -143,7 +143,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
             result = {**result, "source": source}
         print(json.dumps(result, indent=1))
         return EXIT_OK
-    _print(what, result, args, source)
+    _print(what, result, args, source, Path(startup.spool.path))
     return EXIT_OK
 
 
@@ -154,8 +154,11 @@ def _grouped(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
     return out
 
 
-def _print(what: str, result: dict[str, Any], args: argparse.Namespace, source: str) -> None:
+def _print(what: str, result: dict[str, Any], args: argparse.Namespace, source: str,
+           spool_dir: Path) -> None:
     if what == "list":
+        from ferrymail.delivery.scheduler import destination_lines
+
         msgs = result["messages"]
         for m in msgs:
             print(f"{m['id']}  {_age(m['age_s']):>4}  <{m['sender']}>  "
@@ -165,6 +168,8 @@ def _print(what: str, result: dict[str, Any], args: argparse.Namespace, source: 
                 extra = f"  attempts={r['attempts']}" if r["attempts"] else ""
                 reply = f'  last="{r["last_reply"]}"' if r["last_reply"] else ""
                 print(f"    <{r['address']}>  {r['state']}{extra}{reply}")
+        for line in destination_lines(spool_dir, time.time()):  # written by the scheduler
+            print(line)
         print(f"{len(msgs)} message(s)" + (" (limit reached)" if len(msgs) >= args.limit
                                            else ""))
     elif what == "show":

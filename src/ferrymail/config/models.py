@@ -315,6 +315,10 @@ class ConnectionTimeout(_Model):
     banner: PositiveDuration = 300.0
     command: PositiveDuration = 300.0
     data: PositiveDuration = 600.0
+    # A reply that has started must keep arriving at this many bytes/s on average (0: off),
+    # judged once min_rate_grace seconds have passed since its first byte: a dripping MX is cut.
+    min_rate: NonNegativeInt = 16
+    min_rate_grace: PositiveDuration = 10.0
 
 
 class ConnectionTLS(_Model):
@@ -459,10 +463,26 @@ class Resolver(_Model):
     cache_size: NonNegativeInt = 10000
 
 
+class DestinationPolicy(_Model):
+    """Per-destination slow start, failure feedback and dead-destination parking.
+
+    See `ferrymail.delivery.destinations` for the rules these numbers drive.
+    """
+
+    initial_concurrency: PositiveInt = 2  # a new or recovering destination starts here
+    # Share of total_concurrency that destinations with no recent success may hold together.
+    unproven_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    recent_success: PositiveDuration = 300.0  # a success younger than this "proves" a destination
+    dead_after: PositiveInt = 3  # consecutive connection-level failures that mark it dead
+    dead_backoff: PositiveDuration = 60.0  # first parking period; doubles per failed probe
+    dead_backoff_max: PositiveDuration = 600.0
+
+
 class Queues(_Model):
     concurrency: PositiveInt = 20
     total_concurrency: PositiveInt = 500
     hold: bool = False  # true: accept and keep mail, start no deliveries (reloadable)
+    destination: DestinationPolicy = Field(default_factory=DestinationPolicy)
 
 
 @dataclass(frozen=True)

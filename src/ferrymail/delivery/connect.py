@@ -59,12 +59,19 @@ class Source:
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds: TCP connect (to MX or proxy), banner, each command reply, DATA (body + reply)."""
+    """Seconds: TCP connect (to MX or proxy), banner, each command reply, DATA (body + reply).
+
+    Each is a deadline for the whole phase, not an idle timer. ``min_rate`` (bytes/s, 0 = off)
+    cuts a reply that has started but drips: once ``min_rate_grace`` s have passed since its
+    first byte, its bytes so far divided by that time must reach ``min_rate``.
+    """
 
     connect: float = 30
     banner: float = 300
     command: float = 300
     data: float = 600
+    min_rate: int = 16
+    min_rate_grace: float = 10
 
 
 def hostport(host: str, port: int) -> str:

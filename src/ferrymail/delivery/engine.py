@@ -185,6 +185,7 @@ class DeliveryEngine:
         stop_grace: float = STOP_GRACE,
         enabled: bool = True,
         own_listeners: OwnListeners | None = None,
+        state_path: Path | None = None,
     ) -> None:
         self.spool = spool
         self.enabled = enabled  # False: mail is only kept (e.g. to measure reception alone)
@@ -196,7 +197,8 @@ class DeliveryEngine:
         self.stop_grace = stop_grace
         # Our own listening addresses: an MX that is one of them is a loop (see loops.py).
         self.own_listeners = own_listeners or OwnListeners()
-        self.scheduler = Scheduler(spool, running, self.run_job, clock=clock)
+        self.scheduler = Scheduler(spool, running, self.run_job, clock=clock,
+                                   defer_job=self.defer_job, state_path=state_path)
         self.pool = ConnectionPool()
         self.rotation = SourceRotation()
         self._resolver: Resolver | None = None
@@ -308,8 +310,22 @@ class DeliveryEngine:
             outcome, data = decided
         # The connection is back in the pool: let the next job use the slot while the results
         # are recorded (the queue id stays in flight until they are durable).
+        self.scheduler.feedback(job, *destination_feedback(outcome))
         self.scheduler.release(job)
         return await self._record(job, cfg, transport, outcome, data, now, started)
+
+    async def defer_job(self, job: Job, reason: str, wait: float) -> float | None:
+        """Defer ``job`` without connecting (its destination is dead): one attempt recorded
+        as a temporary failure, retried no sooner than ``wait`` seconds (the next probe)."""
+        cfg = self.running()
+        now = self.clock()
+        try:
+            transport: ResolvedTransport | None = cfg.transport(job.destination.transport)
+        except KeyError:
+            transport = None
+        outcome = Outcome(error=DeliveryError("network", reason))
+        return await self._record(job, cfg, transport, outcome, None, now, time.monotonic(),
+                                  not_before=now + wait)
 
     async def _decide_and_deliver(self, job: Job, cfg: RunningConfig,
                                   transport: ResolvedTransport
@@ -390,7 +406,7 @@ class DeliveryEngine:
         tls = TLSMode(d.tls or conn.tls.mode)
         t = conn.timeout
         timeouts = Timeouts(connect=d.timeout or t.connect, banner=t.banner, command=t.command,
-                            data=t.data)
+                            data=t.data, min_rate=t.min_rate, min_rate_grace=t.min_rate_grace)
         try:
             plan = self._source_plan(cfg, transport, d)
         except DeliveryError as e:
@@ -401,9 +417,11 @@ class DeliveryEngine:
                 f"transport {transport.id!r} has no usable source address family")
             return Outcome(error=DeliveryError("config", why))
         try:
-            hosts = await self._destinations(cfg, server, job.destination.domain, families)
+            hosts = await self._destinations(cfg, server, job.domain, families)
         except DeliveryError as e:
             return Outcome(error=e)
+        if server is None:  # MX rollup: later mail for it shares the MX set's queue
+            self.scheduler.learn_mx(job.domain, [h.name for h in hosts])
         hosts, looping_error = self._better_than_self(job, hosts, port)
         if looping_error is not None:
             return Outcome(error=looping_error)
@@ -432,7 +450,7 @@ class DeliveryEngine:
                 last = result  # this MX address failed or refused: on to the next
         if last is None:
             last = DeliveryError("config", f"no source address can reach any MX address of "
-                                 f"{job.destination.domain} ({', '.join(families)} only)")
+                                 f"{job.destination.name} ({', '.join(families)} only)")
         if isinstance(last, SMTPReplyError):
             out = Outcome(route=route)
             out.replies = {a: last.reply for a in recipients}
@@ -466,7 +484,7 @@ class DeliveryEngine:
         if better:
             return better, None
         return [], DeliveryError(
-            "loop", f"mail for {job.destination.domain} loops back to myself: {host.name} "
+            "loop", f"mail for {job.destination.name} loops back to myself: {host.name} "
             f"[{ip}]:{port} is this instance's listener {mine}", temporary=False)
 
     def _source_plan(self, cfg: RunningConfig, transport: ResolvedTransport,
@@ -587,13 +605,18 @@ class DeliveryEngine:
     # -- results
 
     async def _record(self, job: Job, cfg: RunningConfig, transport: ResolvedTransport | None,
-                      outcome: Outcome, data: bytes | SpooledBody | None, now: float, started: float
-                      ) -> float | None:
+                      outcome: Outcome, data: bytes | SpooledBody | None, now: float,
+                      started: float, not_before: float | None = None) -> float | None:
         msg = job.message
         env = msg.envelope
         retry = transport.retry if transport is not None else Retry()
         results = [self._result(r, outcome, retry, env.received_at, now)
                    for r in job.recipients]
+        if not_before is not None:  # a deferral for a dead destination: not before its probe
+            limit = env.received_at + retry.during
+            for x in results:
+                if x.state is RecipientState.DEFERRED:
+                    x.next_attempt = max(x.next_attempt, min(not_before, limit))
 
         failed = [x for x in results if x.dsn is not None and x.dsn.action == "failed"]
         delayed = [x for x in results if x.dsn is not None and x.dsn.action == "delayed"]
@@ -812,6 +835,27 @@ def _failure_kind(outcome: Outcome) -> str:
     if outcome.hook is not None or outcome.hook_error is not None:
         return "hook"
     return outcome.error.kind if outcome.error is not None else "none"
+
+
+def destination_feedback(outcome: Outcome) -> tuple[bool | None, str]:
+    """What an attempt says about its destination (see `Scheduler.feedback`).
+
+    A session that gave replies is a success, unless every reply is the session's refusal
+    (421, or the banner's or EHLO's refusal kept as the recipients' reply); a temporary
+    network, proxy, TLS, protocol or DNS error is a failure; config, loop and hook outcomes
+    and permanent errors say nothing about the peer.
+    """
+    if outcome.replies:
+        reply = next(iter(outcome.replies.values()))
+        if all(r.code == 421 for r in outcome.replies.values()):
+            return False, f"{reply.code} {' '.join(reply.lines)}"[:200]
+        return True, ""
+    err = outcome.error
+    if err is None or not err.temporary:
+        return None, ""
+    if err.kind in ("network", "proxy", "tls", "protocol", "dns"):
+        return False, f"{err.kind}: {err.message}"[:200]
+    return None, ""
 
 
 def _iso(ts: float) -> str:

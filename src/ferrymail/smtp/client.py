@@ -270,7 +270,7 @@ def default_tls_context(verify: bool) -> ssl.SSLContext:
 class _ReadFailure(Exception):
     def __init__(self, why: str, detail: str = "") -> None:
         super().__init__(why)
-        self.why = why  # "timeout" | "eof" | "protocol"
+        self.why = why  # "timeout" | "eof" | "protocol" | "slow" (below min_rate)
         self.detail = detail
 
 
@@ -297,6 +297,13 @@ class _Connection(asyncio.Protocol):
         self.error: SMTPProtocolError | None = None
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
+        self.rx_bytes = 0  # bytes received since `mark`
+        self.first_rx: float | None = None  # loop time of the first of them
+
+    def mark(self) -> None:
+        """Start counting received bytes for the minimum-rate rule (one reply wait)."""
+        self.rx_bytes = 0
+        self.first_rx = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -304,6 +311,9 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.error is not None:
             return
+        if self.first_rx is None:
+            self.first_rx = asyncio.get_running_loop().time()
+        self.rx_bytes += len(data)
         try:
             new = self.parser.feed(data)
         except SMTPProtocolError as e:
@@ -591,6 +601,9 @@ class SMTPClient:
         if f.why == "eof":
             return DeliveryError("network", f"connection closed by {self._peer} before the "
                                  f"banner ({self._path})")
+        if f.why == "slow":
+            return DeliveryError("network", f"banner from {self._peer} cut off: {f.detail} "
+                                 f"({self._path})")
         if f.why == "timeout":
             return DeliveryError("network", f"no banner from {self._peer} within {t:g}s "
                                  f"({self._path})")
@@ -695,12 +708,19 @@ class SMTPClient:
         """n replies (fewer only when a 421 arrived); raises _ReadFailure otherwise."""
         conn = self._conn
         try:
-            async with asyncio.timeout(timeout):
-                await conn.wait_replies(n)
+            if self._timeouts.min_rate > 0:
+                await self._wait_min_rate(n, timeout)
+            else:
+                async with asyncio.timeout(timeout):
+                    await conn.wait_replies(n)
         except TimeoutError:
             self._broken = True
             self._in_sync = False
             raise _ReadFailure("timeout") from None
+        except _ReadFailure:
+            self._broken = True
+            self._in_sync = False
+            raise
         got = conn.take(n)
         for r in got:
             if r.mixed_codes:
@@ -715,7 +735,37 @@ class SMTPClient:
             raise _ReadFailure("protocol", str(conn.error))
         raise _ReadFailure("eof")
 
+    async def _wait_min_rate(self, n: int, timeout: float) -> None:
+        """`wait_replies` within ``timeout`` s, checking the minimum rate now and then;
+        TimeoutError at the deadline, _ReadFailure("slow") for a dripping peer."""
+        conn = self._conn
+        loop = asyncio.get_running_loop()
+        rate, grace = self._timeouts.min_rate, self._timeouts.min_rate_grace
+        deadline = loop.time() + timeout
+        step = max(grace / 4, 0.05)
+        conn.mark()
+        while True:
+            now = loop.time()
+            if now >= deadline:
+                raise TimeoutError
+            try:
+                async with asyncio.timeout(min(step, deadline - now)):
+                    await conn.wait_replies(n)
+                return
+            except TimeoutError:
+                pass
+            first = conn.first_rx
+            if first is None:
+                continue
+            elapsed = loop.time() - first
+            if elapsed >= grace and conn.rx_bytes < rate * elapsed:
+                raise _ReadFailure("slow", f"{conn.rx_bytes} bytes in {elapsed:.1f}s, below "
+                                   f"the minimum rate of {rate} bytes/s")
+
     def _read_error(self, f: _ReadFailure, state: str, timeout: float) -> DeliveryError:
+        if f.why == "slow":
+            return DeliveryError("network", f"reply to {state} from {self._peer} cut off: "
+                                 f"{f.detail} ({self._path})")
         if f.why == "timeout":
             msg = (f"timeout after {timeout:g}s waiting for the reply to {state} from "
                    f"{self._peer} ({self._path})")
