@@ -35,6 +35,27 @@ def _age(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def cluster_line(spool_dir: Path) -> str:
+    """``cluster: shared, 3 instances (mta1)`` or ``cluster: redis unreachable: split 1/3
+    since … (error)`` from the running instance's status file; "" without one."""
+    import json
+
+    from ferrymail.orchestrator.limiter import STATUS_FILE, iso
+
+    try:
+        st = json.loads((spool_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return ""
+    since = iso(float(st.get("since", 0)))
+    if st.get("state") == "fallback":
+        mode = st.get("fallback")
+        share = f" 1/{st.get('instances')}" if mode == "split" else ""
+        return (f"cluster: redis unreachable: {mode}{share} since {since} "
+                f"({st.get('error') or 'no answer'}); instance {st.get('instance')}")
+    return (f"cluster: {st.get('state')}, {st.get('instances')} live instance(s), "
+            f"instance {st.get('instance')}, since {since}")
+
+
 def _filter(args: argparse.Namespace) -> Any:
     from ferrymail.admin.queue import QueueFilter
     from ferrymail.config import parse_duration
@@ -160,6 +181,9 @@ def _print(what: str, result: dict[str, Any], args: argparse.Namespace, source: 
         from ferrymail.delivery.scheduler import destination_lines
 
         msgs = result["messages"]
+        cluster = cluster_line(spool_dir)
+        if cluster:
+            print(cluster)
         for m in msgs:
             print(f"{m['id']}  {_age(m['age_s']):>4}  <{m['sender']}>  "
                   f"client={m['client_ip']}  size={m['size']}  server={m['server']}  "
