@@ -53,6 +53,7 @@ from .base import (
 )
 from .body import BODIES_DIR, PART_SUFFIX, BodyWriter, SpooledBody
 from .reserve import RESERVE_NAME, SpaceReserve
+from .sqlite_control import SqliteQueueControl
 
 DB_NAME = "spool.db"
 APPLICATION_ID = 0x46455259  # "FERY", marks the file as a ferrymail spool
@@ -310,7 +311,7 @@ def _resolve(results: list[_Result]) -> None:
 # -- the spool -------------------------------------------------------------------------------
 
 
-class SqliteSpool(Spool):
+class SqliteSpool(SqliteQueueControl, Spool):
     """The `Spool` kept in `path/spool.db` (SQLite, WAL), with group commit.
 
     `fsync=False` (benchmarks only) turns commits into plain writes.
