@@ -3,9 +3,12 @@ before its fix (QA pass over issues 7, 11 and 13)."""
 
 from __future__ import annotations
 
+import smtplib
+
 from ferrymail.config import parse_running
 from ferrymail.delivery.engine import DeliveryEngine
 from ferrymail.spool import SqliteSpool
+from tests.integration.conftest import listener, running_yaml, server, startup_yaml
 from tests.integration.outbound_harness import MESSAGE, LogCapture, run
 from tests.integration.test_adversity import envelope, wait_count
 from tests.realpeers import free_port, smtp_sink
@@ -53,3 +56,17 @@ transportgroups:
     assert took[0] < backoff / 2, (took, logs.lines("delivery.error"))
     # still one probe at a time: nothing connected while the destination was dead
     assert 1 <= len(logs.lines("delivery.connect_failed")) <= 2
+
+
+def test_the_listening_line_says_tls_off_when_no_certificate_is_configured(ferrymail_proc,
+                                                                           tmp_path):
+    """``smtp.listening`` said ``tls=starttls`` for a server without ``tls.cert``, whose EHLO
+    offers no STARTTLS: an operator reading the log would believe the listener encrypts."""
+    port = free_port()
+    fm = ferrymail_proc(startup_yaml(tmp_path, [server("plain", [listener(port)])]),
+                        running_yaml(["plain"]), wait=[("127.0.0.1", port)])
+    line = fm.wait_log(r"event=smtp\.listening ")[0]
+    assert " tls=off" in line, line
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.test")
+        assert not client.has_extn("starttls")
