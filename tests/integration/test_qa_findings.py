@@ -4,9 +4,11 @@ before its fix (QA pass over issues 7, 11 and 13)."""
 from __future__ import annotations
 
 import smtplib
+import socket
 
 from ferrymail.config import parse_running
 from ferrymail.delivery.engine import DeliveryEngine
+from ferrymail.smtp.protocol import ReplyParser
 from ferrymail.spool import SqliteSpool
 from tests.integration.conftest import listener, running_yaml, server, startup_yaml
 from tests.integration.outbound_harness import MESSAGE, LogCapture, run
@@ -70,3 +72,22 @@ def test_the_listening_line_says_tls_off_when_no_certificate_is_configured(ferry
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
         client.ehlo("client.test")
         assert not client.has_extn("starttls")
+
+
+def test_a_client_sending_only_noops_is_closed_after_the_junk_limit(ferrymail_proc, tmp_path):
+    """NOOP after NOOP, each within the command deadline, used to hold a connection slot
+    for ever (300 NOOPs: 300 answers, session still open). Past ``limits.junk_commands``
+    each counts toward ``limits.errors``: 421 and close."""
+    port = free_port()
+    srv = server("plain", [listener(port)], limits={"junk_commands": 5, "errors": 3})
+    fm = ferrymail_proc(startup_yaml(tmp_path, [srv]), running_yaml(["plain"]),
+                        wait=[("127.0.0.1", port)])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"EHLO client.test\r\n" + b"NOOP\r\n" * 300)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    replies = ReplyParser().feed(got)
+    assert [r.code for r in replies[-4:]] == [250, 250, 250, 421], replies[-4:]
+    assert len(replies) == 1 + 1 + 5 + 3 + 1  # banner, EHLO, free NOOPs, 3 errors, 421
+    fm.wait_log(r"event=smtp\.errors .* errors=3", timeout=5)

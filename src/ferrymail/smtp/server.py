@@ -205,6 +205,7 @@ class SMTPServer:
                 errors=limits.errors,
                 # 0 in the config means "no limit"
                 messages=limits.messages or (1 << 62),
+                junk_commands=limits.junk_commands or (1 << 62),
             ),
             starttls=config.tls.enabled,
             policy=SessionPolicy(

@@ -107,6 +107,10 @@ class SessionLimits:
     recipients: int = 100
     errors: int = 10
     messages: int = 100
+    # NOOP, RSET, VRFY and HELP past this many (since the last message queued) each count
+    # as an error (Postfix smtpd_junk_command_limit): they cost nothing, so without it a
+    # client could hold its connection slot forever
+    junk_commands: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +224,7 @@ class ServerSession:
         "_bdat_chunks", "_bdat_discard", "_bdat_held", "_bdat_last", "_bdat_left", "_buf",
         "_closed", "_decoder", "_mode", "_out", "_pending", "_skipping", "_spill", "_spill_at",
         "auth", "auth_required", "auth_user",
-        "client_ip", "commands", "errors", "esmtp", "helo", "internal_error", "may_relay",
+        "client_ip", "commands", "errors", "esmtp", "helo", "internal_error", "junk", "may_relay",
         "messages", "policy", "settings", "tls", "txn",
     )
 
@@ -245,6 +249,7 @@ class ServerSession:
         self.esmtp = False
         self.txn: Transaction | None = None
         self.errors = 0
+        self.junk = 0
         self.messages = 0
         self.commands = 0
         self._buf = bytearray()
@@ -409,6 +414,7 @@ class ServerSession:
         self.txn = None
         if queued:
             self.messages += 1
+            self.junk = 0  # a session that delivers mail is not idling
 
     def finish_auth(self, user: str | None, reply: bytes) -> None:
         """The outstanding ``Authenticate`` was decided: ``user`` if it succeeded."""
@@ -459,10 +465,21 @@ class ServerSession:
 
     def _error(self, reply: bytes) -> None:
         self._out.append(reply)
+        self._count_error()
+
+    def _count_error(self) -> None:
         self.errors += 1
         if self.errors >= self.settings.limits.errors:
             self._out.append(R_TOO_MANY_ERRORS)
             self._close("too many errors")
+
+    def _junk(self, reply: bytes) -> None:
+        """Answer a command that does nothing (NOOP, RSET, VRFY, HELP); past
+        ``limits.junk_commands`` of them, each also counts toward ``limits.errors``."""
+        self._out.append(reply)
+        self.junk += 1
+        if self.junk > self.settings.limits.junk_commands:
+            self._count_error()
 
     def _close(self, reason: str) -> None:
         self._closed = True
@@ -772,10 +789,10 @@ class ServerSession:
 
     def _rset(self, arg: str) -> None:
         self._end_txn()
-        self._out.append(OK)
+        self._junk(OK)
 
     def _noop(self, arg: str) -> None:
-        self._out.append(OK)
+        self._junk(OK)
 
     def _quit(self, arg: str) -> None:
         self._out.append(R_BYE)
@@ -785,10 +802,10 @@ class ServerSession:
         if not arg:
             self._error(_r("501 5.5.4 VRFY needs an argument"))
             return
-        self._out.append(R_VRFY)
+        self._junk(R_VRFY)
 
     def _help(self, arg: str) -> None:
-        self._out.append(R_HELP)
+        self._junk(R_HELP)
 
     def _not_implemented(self, arg: str) -> None:
         self._error(R_NOT_IMPL)
