@@ -107,7 +107,7 @@ class SessionLimits:
     recipients: int = 100
     errors: int = 10
     messages: int = 100
-    # NOOP, RSET, VRFY and HELP past this many (since the last message queued) each count
+    # NOOP, RSET, VRFY and HELP past this many (since the last message sent) each count
     # as an error (Postfix smtpd_junk_command_limit): they cost nothing, so without it a
     # client could hold its connection slot forever
     junk_commands: int = 100
@@ -412,9 +412,9 @@ class ServerSession:
         self._out.append(reply)
         self._pending = None
         self.txn = None
+        self.junk = 0  # a client that sends messages is not idling, even if they fail
         if queued:
             self.messages += 1
-            self.junk = 0  # a session that delivers mail is not idling
 
     def finish_auth(self, user: str | None, reply: bytes) -> None:
         """The outstanding ``Authenticate`` was decided: ``user`` if it succeeded."""
