@@ -196,10 +196,23 @@ class Redis:
     host: str
     port: int
     proc: subprocess.Popen = field(repr=False)
+    argv: list[str] = field(default_factory=list, repr=False)
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM; nothing is saved: a restart comes back empty)."""
+        stop(self.proc)
+
+    def restart(self) -> None:
+        """Start it again on the same port, empty."""
+        if self.proc.poll() is None:
+            self.stop()
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_listening(self.host, self.port, proc=self.proc)
 
 
 @contextlib.contextmanager
@@ -207,14 +220,13 @@ def redis_server(host: str = "127.0.0.1") -> Iterator[Redis]:
     binary = require("redis-server")
     port = free_port(host)
     d = tempfile.mkdtemp(prefix="redis-")
-    proc = subprocess.Popen(
-        [binary, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", d],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    argv = [binary, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no",
+            "--dir", d]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = Redis(host, port, proc, argv)
     try:
         wait_listening(host, port, proc=proc)
-        yield Redis(host, port, proc)
+        yield server
     finally:
-        stop(proc)
+        stop(server.proc)
         shutil.rmtree(d, ignore_errors=True)

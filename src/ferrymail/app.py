@@ -35,10 +35,29 @@ from ferrymail.delivery.engine import DeliveryEngine
 from ferrymail.delivery.loops import OwnListeners
 from ferrymail.delivery.scheduler import DESTINATIONS_FILE
 from ferrymail.observe.log import log_event
+from ferrymail.orchestrator.limiter import STATUS_FILE, Limiter
+from ferrymail.orchestrator.local import LocalLimiter
 from ferrymail.smtp.server import SMTPServer
 from ferrymail.spool import SqliteSpool
 
 DEFAULT_GRACE = 5.0
+
+
+def make_limiter(startup: StartupConfig) -> Limiter:
+    """The shaping limiter: cluster-wide through Redis with a ``cluster`` section, else
+    in-process (suspensions in the spool directory)."""
+    if startup.cluster is None:
+        return LocalLimiter.for_spool(startup.spool.path)
+    from ferrymail.orchestrator.redis import RedisLimiter
+
+    return RedisLimiter(startup.cluster, default_instance=default_instance(startup),
+                        status_file=Path(startup.spool.path) / STATUS_FILE)
+
+
+def default_instance(startup: StartupConfig) -> str:
+    """Host name + listener ports: unique per instance on one host."""
+    ports = sorted({str(lst.port) for s in startup.servers for lst in s.listeners})
+    return "-".join([startup.environment.hostname, *ports])
 
 
 class Component(Protocol):
@@ -85,7 +104,8 @@ class App:
             hook_base_dir=Path(running_file).resolve().parent if running_file else None,
             own_listeners=OwnListeners.of((lst.address, lst.port) for s in startup.servers
                                           for lst in s.listeners),
-            state_path=Path(startup.spool.path) / DESTINATIONS_FILE)
+            state_path=Path(startup.spool.path) / DESTINATIONS_FILE,
+            limiter=make_limiter(startup))
         self.servers: list[SMTPServer] = [
             SMTPServer(cfg, hostname=startup.hostname_for(cfg.id),
                        spool=self.delivery.notifying(self.spool), running=lambda: self.running)

@@ -4,6 +4,7 @@
 ``ferrymail config check FILE…``                     validate configuration files
 ``ferrymail reload [--startup FILE]``                 SIGHUP the running instance (pidfile)
 ``ferrymail queue list [--startup FILE]``             pending messages in the spool
+``ferrymail suspend add|list|remove``                hold deliveries on a key (shaping)
 ``ferrymail dkim keygen DOMAIN SELECTOR``           a DKIM key file and its DNS record
 ``ferrymail auth hash USER``                       a user:hash line for AUTH (password on stdin)
 ``ferrymail send …``                                  one message now, without queuing
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from ferrymail import __version__
-from ferrymail.cli import auth, dkim, queue, run
+from ferrymail.cli import auth, dkim, queue, run, suspend
 from ferrymail.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAIL", "EXIT_OK", "build_parser", "main"]
@@ -25,6 +26,7 @@ __all__ = ["EXIT_CONFIG", "EXIT_FAIL", "EXIT_OK", "build_parser", "main"]
 FAMILIES = [
     run.register,
     queue.register,
+    suspend.register,
     dkim.register,
     auth.register,
 ]

@@ -21,6 +21,27 @@ def _age(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def cluster_line(spool_dir: Path) -> str:
+    """``cluster: shared, 3 instances (mta1)`` or ``cluster: redis unreachable: split 1/3
+    since … (error)`` from the running instance's status file; "" without one."""
+    import json
+
+    from ferrymail.orchestrator.limiter import STATUS_FILE, iso
+
+    try:
+        st = json.loads((spool_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return ""
+    since = iso(float(st.get("since", 0)))
+    if st.get("state") == "fallback":
+        mode = st.get("fallback")
+        share = f" 1/{st.get('instances')}" if mode == "split" else ""
+        return (f"cluster: redis unreachable: {mode}{share} since {since} "
+                f"({st.get('error') or 'no answer'}); instance {st.get('instance')}")
+    return (f"cluster: {st.get('state')}, {st.get('instances')} live instance(s), "
+            f"instance {st.get('instance')}, since {since}")
+
+
 def cmd_queue_list(args: argparse.Namespace) -> int:
     from ferrymail.spool import SpoolError, SqliteSpool
 
@@ -47,6 +68,9 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
         print(f"ferrymail queue list: {exc}", file=sys.stderr)
         return EXIT_FAIL
     now = time.time()
+    cluster = cluster_line(Path(startup.spool.path))
+    if cluster:
+        print(cluster)
     for msg in messages:
         env = msg.envelope
         print(f"{msg.queue_id}  {_age(now - env.received_at):>4}  <{env.sender}>  "

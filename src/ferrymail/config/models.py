@@ -36,6 +36,7 @@ from .accounts import GroupName, UserName
 from .auth import ServerAuth
 from .dkim import Dkim, dkim_problems
 from .inbound import InboundPolicy
+from .policies import Cluster, Grouping, Policy, shaping_problems
 from .types import (
     DomainPattern,
     Duration,
@@ -193,6 +194,7 @@ class StartupConfig(_Model):
     environment: Environment = Field(default_factory=Environment)
     servers: tuple[StartupServer, ...] = ()
     spool: Spool = Field(default_factory=Spool)
+    cluster: Cluster | None = None  # shaping shared through Redis (orchestrator)
 
     _source: str | None = PrivateAttr(default=None)
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)
@@ -545,6 +547,8 @@ class RunningConfig(_Model):
     # Received: header fields at which a message is failed as a mail loop (5.4.6) instead of
     # being relayed again (RFC 5321 §6.3; Postfix hopcount_limit).
     hop_limit: Annotated[int, Field(ge=1, le=1000, strict=True)] = 50
+    policies: tuple[Policy, ...] = ()  # delivery shaping (orchestrator), reloadable
+    groupings: tuple[Grouping, ...] = ()
 
     _source: str | None = PrivateAttr(default=None)
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)
@@ -697,6 +701,7 @@ def running_problems(cfg: RunningConfig) -> list[Problem]:
                         (here, f"address {ident!r} is {addr.address}, an IPv{addr.family} "
                          f"address, listed under {family}")
                     )
+    problems += shaping_problems(cfg.policies, cfg.groupings)
     problems.extend(dkim_problems(cfg.dkim))
     if cfg.scripting.hooks.predelivery is None:  # a hook may give the sources per message
         problems.extend(_proxy_without_source(cfg))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ from ferrymail.delivery.scheduler import Job, Scheduler, plan_retry
 from ferrymail.dkim import DkimError, DkimSigner, PrefixedBody
 from ferrymail.hooks import HookContext, HookDecision, HookError, PredeliveryHook
 from ferrymail.observe.log import log_event
+from ferrymail.orchestrator.limiter import Denied, Lease, Limiter
+from ferrymail.orchestrator.local import LocalLimiter
+from ferrymail.orchestrator.policy import Attempt, Limit, limits_for
 from ferrymail.smtp.client import Prepare, SMTPClient, TLSContextFactory, TLSMode
 from ferrymail.smtp.protocol import Reply
 from ferrymail.spool import (
@@ -65,6 +69,11 @@ from ferrymail.spool import (
     SpoolError,
 )
 
+SLOT_WAIT = 10.0  # longest in-memory wait for a shaping slot before parking in the spool
+RESERVE_AHEAD = 1.0  # a rate slot may be reserved this far ahead (then waited for)
+LATE_SEND, MAX_LATE = 0.025, 5  # a rate slot reached this late is given up (at most 5 times)
+PARK_AFTER = 2.0  # a parked job's next look when no time is known (a concurrency slot)
+PARK_MAX = 30.0  # ... and at the latest (a suspension may be removed before it ends)
 MAX_MX_ADDRESSES = 10  # MX addresses tried in one attempt (Postfix's smtp_mx_address_limit: 5)
 STOP_GRACE = 10.0
 
@@ -94,6 +103,15 @@ class Route:
     local_ip: str | None = None
     tls: bool = False
     tls_fallback: bool = False  # the TLS handshake failed: this is the plaintext retry
+    waited: float = 0.0  # seconds spent waiting for shaping slots (orchestrator)
+    wait_reason: str = ""
+
+
+@dataclass
+class Waiting:
+    """No shaping slot within SLOT_WAIT: the job goes back to the spool, no attempt counted."""
+
+    denied: Denied
 
 
 @dataclass
@@ -105,6 +123,7 @@ class Outcome:
     hook: HookDecision | None = None  # a queue/bounce/delete decision
     hook_error: HookError | None = None
     route: Route = field(default_factory=Route)
+    waiting: Denied | None = None  # parked for a shaping limit: not an attempt
     dkim: str | None = None  # the signatures the sent copy carried: d/s/algorithm, ...
 
 
@@ -118,6 +137,7 @@ class _Result:
     next_attempt: float
     notified: int | None = None
     dsn: dsnlib.RecipientStatus | None = None  # a failed or delayed report to send
+    counted: bool = True  # False: parked by a shaping limit, the attempt count stays
 
 
 class _Signing:
@@ -185,6 +205,7 @@ class DeliveryEngine:
         enabled: bool = True,
         own_listeners: OwnListeners | None = None,
         state_path: Path | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.spool = spool
         self.enabled = enabled  # False: mail is only kept (e.g. to measure reception alone)
@@ -198,7 +219,10 @@ class DeliveryEngine:
         self.own_listeners = own_listeners or OwnListeners()
         self.scheduler = Scheduler(spool, running, self.run_job, clock=clock,
                                    defer_job=self.defer_job, state_path=state_path)
-        self.pool = ConnectionPool()
+        self.pool = ConnectionPool(on_closed=self._closed)
+        # Shaping (orchestrator): in-process unless the App passes a cluster-wide one.
+        self.limiter: Limiter = limiter if limiter is not None else LocalLimiter()
+        self._leases: dict[int, Lease] = {}  # id(client) -> the slots its connection holds
         self.rotation = SourceRotation()
         self._resolver: Resolver | None = None
         self._resolver_key: object = None
@@ -222,6 +246,7 @@ class DeliveryEngine:
             self._hook = PredeliveryHook.load(
                 spec, timeout=cfg.scripting.hooks.timeout, base_dir=self.hook_base_dir)
         self._hook_cfg = cfg
+        await self.limiter.start()
         self.pool.start()
         self.scheduler.start()
         log_event("delivery.started", hostname=self.hostname,
@@ -231,6 +256,7 @@ class DeliveryEngine:
     async def stop(self) -> None:
         await self.scheduler.stop(self.stop_grace)
         await self.pool.close()
+        await self.limiter.stop()
         if self._background:
             await asyncio.wait(set(self._background), timeout=5)
 
@@ -442,10 +468,12 @@ class DeliveryEngine:
                     continue
                 route = Route(mx=host.name, mx_ip=ip)
                 result = await self._try_address(job, host, ip, port, tls, timeouts, sources,
-                                                 recipients, data, conn, route,
+                                                 recipients, data, conn, route, cfg,
                                                  prepare=prepare)
                 if isinstance(result, Outcome):
                     return result
+                if isinstance(result, Waiting):
+                    return Outcome(waiting=result.denied, route=route)
                 last = result  # this MX address failed or refused: on to the next
         if last is None:
             last = DeliveryError("config", f"no source address can reach any MX address of "
@@ -514,82 +542,212 @@ class DeliveryEngine:
 
     async def _try_address(
         self, job: Job, host: MXHost, ip: str, port: int, tls: TLSMode, timeouts: Timeouts,
-        sources: list[Source], recipients: list[str], data: bytes | SpooledBody, conn: Connection,
-        route: Route, *,
+        sources: list[Source], recipients: list[str], data: bytes | SpooledBody,
+        conn: Connection, route: Route, cfg: RunningConfig, *,
         prepare: Prepare | None = None,
-    ) -> Outcome | DeliveryError:
+    ) -> Outcome | DeliveryError | Waiting:
         """Deliver via one MX address, trying sources in turn; an Outcome when a transaction
-        ran, else the error that ended the tries on this address."""
+        ran, else the error that ended the tries on this address, or `Waiting` when shaping
+        limits refused every source for SLOT_WAIT seconds.
+
+        Shaping (orchestrator): a new connection needs `Limiter.connect` (concurrency lease,
+        connection interval, suspensions) for its source, a full source is skipped for the
+        next; each message needs `Limiter.message` (rates). When every source is refused the
+        job waits here, without an attempt counted, until a slot may be free."""
         msg = job.message
         env = msg.envelope
-        last: DeliveryError | None = None
-        pooled: tuple[Source, SMTPClient] | None = None
-        for src in sources:
-            client = self.pool.take(PoolKey(src, ip, port, tls.value))
-            if client is not None:
-                pooled = (src, client)
-                break
-        order = sources if pooled is None else [pooled[0], *[s for s in sources
-                                                              if s != pooled[0]]]
-        for src in order:
-            route.source = src
-            client = None
-            reused = False
-            if pooled is not None and pooled[0] == src:
-                client, reused = pooled[1], True
-                pooled = None
-            for _ in range(2):  # a reused session the peer dropped gets one fresh connection
-                if client is None:
-                    try:
-                        client = await SMTPClient.connect(
-                            src, ip, port, mx_host=host.name, tls=tls, timeouts=timeouts,
-                            tls_context_factory=self.tls_context_factory)
-                    except SMTPReplyError as e:
-                        self._log_connect_failure(job, src, host, ip, e, "next MX address")
-                        return e
-                    except DeliveryError as e:
-                        last = e
-                        if e.kind == "proxy" and src.proxy is not None:
-                            down_for = self.rotation.health.mark_failed(src.proxy, self.clock())
-                            self._log_connect_failure(job, src, host, ip, e, "next source",
-                                                      proxy_down_s=down_for)
-                            break
-                        if e.kind == "config":  # this source cannot be used (bind, family)
-                            self._log_connect_failure(job, src, host, ip, e, "next source")
-                            break
-                        self._log_connect_failure(job, src, host, ip, e, "next MX address")
-                        return e
-                    if src.proxy is not None:
-                        self.rotation.health.mark_ok(src.proxy)
-                route.local_ip = client.local_ip
-                route.tls = client.tls_started
-                route.tls_fallback = client.tls_fallback
-                extra = None
-                if "DSN" in client.extensions:
-                    extra = {k.upper(): v for k, v in env.mail_params
-                             if k.upper() in ("RET", "ENVID")} or None
-                try:
-                    result = await client.send(env.sender, recipients, data, mail_params=extra,
-                                               prepare=prepare)
-                except DeliveryError as e:
-                    if client.usable:  # refused before sending (size, 8-bit, SMTPUTF8)
+        waited_since = time.monotonic()
+        deadline = waited_since + SLOT_WAIT
+        while True:
+            last: DeliveryError | None = None
+            refused: Denied | None = None
+            pooled: tuple[Source, SMTPClient] | None = None
+            for src in sources:
+                client = self.pool.take(PoolKey(src, ip, port, tls.value))
+                if client is not None:
+                    pooled = (src, client)
+                    break
+            order = sources if pooled is None else [pooled[0], *[s for s in sources
+                                                                  if s != pooled[0]]]
+            for src in order:
+                route.source = src
+                client = None
+                reused = False
+                attempt = Attempt(src.address or "", ip, host.name.lower().rstrip("."),
+                                  job.destination.domain, job.destination.transport,
+                                  str(src.proxy) if src.proxy else "direct")
+                limits = limits_for(cfg, attempt)
+                if pooled is not None and pooled[0] == src:
+                    client, reused = pooled[1], True
+                    pooled = None
+                for _ in range(2):  # a reused session the peer dropped gets one fresh one
+                    if client is None:
+                        slot = await self._connect_slot(attempt, limits)
+                        if isinstance(slot, Denied):
+                            refused = _sooner(refused, slot)
+                            break  # this source is full: try the next one
+                        try:
+                            client = await SMTPClient.connect(
+                                src, ip, port, mx_host=host.name, tls=tls, timeouts=timeouts,
+                                tls_context_factory=self.tls_context_factory)
+                        except SMTPReplyError as e:
+                            self.limiter.release(slot)
+                            self._log_connect_failure(job, src, host, ip, e, "next MX address")
+                            await self._suspend_on(limits, e.reply)
+                            return e
+                        except DeliveryError as e:
+                            self.limiter.release(slot)
+                            last = e
+                            if e.kind == "proxy" and src.proxy is not None:
+                                down_for = self.rotation.health.mark_failed(src.proxy,
+                                                                            self.clock())
+                                self._log_connect_failure(job, src, host, ip, e, "next source",
+                                                          proxy_down_s=down_for)
+                                break
+                            if e.kind == "config":  # this source cannot be used (bind, family)
+                                self._log_connect_failure(job, src, host, ip, e, "next source")
+                                break
+                            self._log_connect_failure(job, src, host, ip, e, "next MX address")
+                            return e
+                        except BaseException:
+                            self.limiter.release(slot)
+                            raise
+                        self._leases[id(client)] = slot
+                        if src.proxy is not None:
+                            self.rotation.health.mark_ok(src.proxy)
+                    denied = await self._message_slot(attempt, limits, client, deadline, route)
+                    if denied is not None:
+                        if denied.kind == "lost":
+                            self._drop(client)
+                            client, reused = None, False
+                            continue
                         self.pool.put(PoolKey(src, ip, port, tls.value), client,
                                       idle=conn.reuse.idle, max_messages=conn.reuse.messages)
-                    else:
-                        client.close()
-                    if reused and e.temporary and e.kind in ("network", "protocol"):
-                        client, reused = None, False
-                        continue
-                    return Outcome(error=e, route=route)
-                self.pool.put(PoolKey(src, ip, port, tls.value), client,
+                        refused = _sooner(refused, denied)
+                        client = None
+                        break
+                    route.local_ip = client.local_ip
+                    route.tls = client.tls_started
+                    route.tls_fallback = client.tls_fallback
+                    if refused is not None:
+                        route.waited = time.monotonic() - waited_since
+                        route.wait_reason = refused.reason
+                    extra = None
+                    if "DSN" in client.extensions:
+                        extra = {k.upper(): v for k, v in env.mail_params
+                                 if k.upper() in ("RET", "ENVID")} or None
+                    try:
+                        result = await client.send(env.sender, recipients, data,
+                                                   mail_params=extra, prepare=prepare)
+                    except DeliveryError as e:
+                        if client.usable:  # refused before sending (size, 8-bit, SMTPUTF8)
+                            self.pool.put(PoolKey(src, ip, port, tls.value), client,
+                                          idle=conn.reuse.idle,
+                                          max_messages=conn.reuse.messages)
+                        else:
+                            self._drop(client)
+                        if reused and e.temporary and e.kind in ("network", "protocol"):
+                            client, reused = None, False
+                            continue
+                        return Outcome(error=e, route=route)
+                    self.pool.put(PoolKey(src, ip, port, tls.value), client,
+                                  idle=conn.reuse.idle, max_messages=conn.reuse.messages)
+                    self.limiter.wake()  # a waiter may take this session from the pool
+                    replies = {a: result.reply_for(a) for a in recipients}
+                    await self._suspend_on(limits, *replies.values())
+                    return Outcome(replies=replies, route=route)
+            if pooled is not None:
+                self.pool.put(PoolKey(pooled[0], ip, port, tls.value), pooled[1],
                               idle=conn.reuse.idle, max_messages=conn.reuse.messages)
-                return Outcome(replies={a: result.reply_for(a) for a in recipients},
-                               route=route)
-        if pooled is not None:
-            self.pool.put(PoolKey(pooled[0], ip, port, tls.value), pooled[1],
-                          idle=conn.reuse.idle, max_messages=conn.reuse.messages)
-        assert last is not None
-        return last
+            if refused is None or last is not None:
+                assert last is not None
+                return last
+            # Every source was refused by a shaping limit: wait, no attempt counted.
+            left = deadline - time.monotonic()
+            if left <= 0 or refused.kind in ("suspended", "closed") or (
+                    refused.retry_after is not None and refused.retry_after > left):
+                route.waited = time.monotonic() - waited_since
+                route.wait_reason = refused.reason
+                return Waiting(refused)
+            if refused.kind == "concurrency" and refused.key and self.pool.close_idle(
+                    lambda c, key=refused.key: key in self._lease_keys(c)):
+                # An idle session of ours holds the slot: once it is closed, the slot is free.
+                await self.limiter.wait(refused, min(left, 1.0))
+                continue
+            await self.limiter.wait(refused, left)
+
+    async def _connect_slot(self, attempt: Attempt, limits: tuple[Limit, ...]
+                            ) -> Lease | Denied:
+        return await self.limiter.connect(attempt, limits)
+
+    async def _message_slot(self, attempt: Attempt, limits: tuple[Limit, ...],
+                            client: SMTPClient, deadline: float, route: Route) -> Denied | None:
+        """Wait for every rate of ``limits`` on this connection, while within ``deadline``
+        (a slot up to RESERVE_AHEAD ahead is reserved, then waited for); the refusal when
+        waiting longer would be needed (or the lease was lost).
+
+        A slot this process reaches more than LATE_SEND after its time (a busy event loop, a
+        slow Redis reply) is given up for a fresh one: sending late would bunch this message
+        with the next slot's and exceed the rate over a short window. After MAX_LATE such
+        slots in a row the message goes anyway."""
+        lease = self._leases.get(id(client))
+        late = 0
+        while True:
+            left = deadline - time.monotonic()
+            asked = time.monotonic()
+            got = await self.limiter.message(attempt, limits, lease,
+                                             max(0.0, min(RESERVE_AHEAD, left)))
+            if got is None or isinstance(got, float):
+                if got:
+                    await asyncio.sleep(got)  # the reserved slot's time
+                    route.waited += got
+                    route.wait_reason = route.wait_reason or "rate: reserved slot"
+                has_rate = any(lim.rate is not None for lim in limits)
+                if (has_rate and time.monotonic() - asked - (got or 0.0) > LATE_SEND
+                        and late < MAX_LATE):
+                    late += 1
+                    continue
+                return None
+            if got.kind in ("lost", "suspended", "closed"):
+                return got
+            left = deadline - time.monotonic()
+            if got.retry_after is None or got.retry_after > left:
+                return got
+            await asyncio.sleep(got.retry_after)
+            route.waited += got.retry_after
+            route.wait_reason = got.reason
+
+    async def _suspend_on(self, limits: tuple[Limit, ...], *replies: Reply) -> None:
+        """Dynamic suspensions: a policy's ``suspend_on`` matched by a remote reply."""
+        for lim in limits:
+            for rule in lim.suspend_on:
+                for reply in replies:
+                    if reply.code < 400:
+                        continue
+                    if rule.code is not None and reply.code != rule.code:
+                        continue
+                    text = str(reply)
+                    if rule.text is not None and not re.search(rule.text, text):
+                        continue
+                    reason = text[:200]
+                    await self.limiter.suspend(dict(lim.fields), rule.duration, reason)
+                    log_event("shaping.suspended", "warning", key=lim.label,
+                              duration_s=rule.duration, reason=reason, origin="reply")
+                    return
+
+    def _lease_keys(self, client: SMTPClient) -> tuple[str, ...]:
+        lease = self._leases.get(id(client))
+        return lease.keys if lease is not None else ()
+
+    def _closed(self, client: SMTPClient) -> None:
+        """A connection is closed: its shaping slots are free."""
+        lease = self._leases.pop(id(client), None)
+        if lease is not None:
+            self.limiter.release(lease)
+
+    def _drop(self, client: SMTPClient) -> None:
+        client.close()
+        self._closed(client)
 
     def _log_connect_failure(self, job: Job, src: Source, host: MXHost, ip: str,
                              e: DeliveryError, then: str, **extra: object) -> None:
@@ -609,13 +767,21 @@ class DeliveryEngine:
         msg = job.message
         env = msg.envelope
         retry = transport.retry if transport is not None else Retry()
-        results = [self._result(r, outcome, retry, env.received_at, now)
-                   for r in job.recipients]
-        if not_before is not None:  # a deferral for a dead destination: not before its probe
-            limit = env.received_at + retry.during
-            for x in results:
-                if x.state is RecipientState.DEFERRED:
-                    x.next_attempt = max(x.next_attempt, min(not_before, limit))
+        if outcome.waiting is not None:
+            # Parked for a shaping limit: not an attempt; back when a slot may be free.
+            w = outcome.waiting
+            wait = w.retry_after if w.retry_after is not None else PARK_AFTER
+            due = now + min(max(wait, 0.5), PARK_MAX)
+            results = [_Result(r, RecipientState.DEFERRED, f"waiting: {w.reason}", due,
+                               counted=False) for r in job.recipients]
+        else:
+            results = [self._result(r, outcome, retry, env.received_at, now)
+                       for r in job.recipients]
+            if not_before is not None:  # a dead destination's deferral: not before its probe
+                limit = env.received_at + retry.during
+                for x in results:
+                    if x.state is RecipientState.DEFERRED:
+                        x.next_attempt = max(x.next_attempt, min(not_before, limit))
 
         failed = [x for x in results if x.dsn is not None and x.dsn.action == "failed"]
         delayed = [x for x in results if x.dsn is not None and x.dsn.action == "delayed"]
@@ -631,8 +797,8 @@ class DeliveryEngine:
                     else:
                         x.notified = None
         updates = [
-            RecipientUpdate(x.record.address, x.state, x.record.attempts + 1, x.next_attempt,
-                            x.last_reply, x.notified)
+            RecipientUpdate(x.record.address, x.state, x.record.attempts + int(x.counted),
+                            x.next_attempt, x.last_reply, x.notified)
             for x in results
         ]
         try:
@@ -784,11 +950,18 @@ class DeliveryEngine:
                           helo=src.helo, proxy=str(src.proxy) if src.proxy else "direct")
         if route.mx:
             fields.update(mx=route.mx, mx_ip=route.mx_ip)
+        if route.waited:
+            fields.update(waited_ms=int(route.waited * 1000), waited_for=route.wait_reason or None)
         if outcome.dkim:
             fields["dkim"] = outcome.dkim
         event = "delivery.attempt"
         level = "info"
-        if outcome.replies:
+        if outcome.waiting is not None:
+            event = "delivery.waiting"
+            fields["attempt"] = min(x.record.attempts for x in results)
+            fields.update(kind=outcome.waiting.kind, reason=outcome.waiting.reason)
+            result = "parked"
+        elif outcome.replies:
             reply = next(iter(outcome.replies.values()))
             worst = [r for r in outcome.replies.values() if r.code >= 300]
             if worst:
@@ -816,6 +989,16 @@ class DeliveryEngine:
             fields["results"] = ",".join(f"{x.record.address}:{names.get(x.state, '?')}"
                                          for x in results)
         log_event(event, level, **fields)
+
+
+def _sooner(a: Denied | None, b: Denied) -> Denied:
+    """Of two sources' refusals, the one that may pass first (an unknown wait, a
+    concurrency slot held elsewhere, counts as PARK_AFTER): the job waits for the best."""
+    if a is None:
+        return b
+    wait_a = a.retry_after if a.retry_after is not None else PARK_AFTER
+    wait_b = b.retry_after if b.retry_after is not None else PARK_AFTER
+    return b if wait_b < wait_a else a
 
 
 def destination_feedback(outcome: Outcome) -> tuple[bool | None, str]:

@@ -44,9 +44,11 @@ class ConnectionPool:
     """Idle sessions by `PoolKey`, each at most until its idle deadline."""
 
     def __init__(self, *, max_idle: int = MAX_IDLE,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_closed: Callable[[SMTPClient], None] | None = None) -> None:
         self.max_idle = max_idle
         self.clock = clock
+        self.on_closed = on_closed  # called once a session the pool closed is closed
         self._idle: dict[PoolKey, list[_Parked]] = {}
         self._order: OrderedDict[int, PoolKey] = OrderedDict()  # id(client) -> key, oldest first
         self._closing: set[asyncio.Task[None]] = set()
@@ -106,6 +108,21 @@ class ConnectionPool:
         self._order[id(client)] = key
         return True
 
+    def close_idle(self, wanted: Callable[[SMTPClient], bool]) -> bool:
+        """QUIT the longest-idle parked session for which ``wanted`` is true (e.g. one
+        holding a concurrency slot another delivery waits for); True if there was one."""
+        for cid, key in self._order.items():
+            entries = self._idle.get(key, [])
+            for i, parked in enumerate(entries):
+                if id(parked.client) == cid and wanted(parked.client):
+                    del entries[i]
+                    if not entries:
+                        del self._idle[key]
+                    del self._order[cid]
+                    self._quit(parked.client)
+                    return True
+        return False
+
     def discard(self, client: SMTPClient) -> None:
         """Close a session that is not parked (e.g. after a failure) without waiting."""
         client.close()
@@ -138,3 +155,6 @@ class ConnectionPool:
         task = asyncio.get_running_loop().create_task(client.quit())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+        if self.on_closed is not None:
+            on_closed = self.on_closed
+            task.add_done_callback(lambda _: on_closed(client))

@@ -1,0 +1,148 @@
+"""Shaping in one process (no cluster): the delivery engine with the in-process limiter
+against a sink that records every connection and message.
+
+Timing assertions use the bounds themselves (never more than the limit, never closer than the
+interval minus 10 ms of clock granularity); durations only get lower bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+from ferrymail.orchestrator.suspensions import FILE_NAME, SuspensionFile, new_suspension
+from ferrymail.spool import RecipientState
+from tests.integration.outbound_harness import LogCapture, engine, field_of, run
+from tests.recordingsink import recording_sink
+
+IPS = ("127.0.0.2", "127.0.0.3")
+
+
+def config(sink: int, policies: str, *, reuse: int = 10, concurrency: int = 10,
+           ips: tuple[str, ...] = IPS) -> str:
+    addresses = "\n".join(f"  - {{id: s{i}, address: {ip}}}" for i, ip in enumerate(ips))
+    ids = ", ".join(f"s{i}" for i in range(len(ips)))
+    return f"""
+servers: [{{id: in, transport: t}}]
+addresses:
+{addresses}
+transportgroups:
+  - id: g
+    connection:
+      server: 127.0.0.1
+      port: {sink}
+      reuse: {{messages: {reuse}, idle: 5s}}
+      sourceip: {{ipv4: [{ids}]}}
+    retry: {{count: 3, intervals: [{{interval: 1s}}]}}
+    transports: [{{id: t}}]
+queues: {{concurrency: {concurrency}}}
+{policies}
+"""
+
+
+def test_concurrency_per_source_ip_spills_to_the_other_source(tmp_path):
+    policies = """
+policies:
+  - fields: [localip]
+    default: {concurrency: 2}
+"""
+    with recording_sink() as (port, rec), LogCapture() as logs:
+        async def main() -> None:
+            async with engine(tmp_path, config(port, policies, reuse=5)) as h:
+                for i in range(120):
+                    await h.submit((f"r{i}@dest.test",))
+                await h.drained(30)
+
+        run(main, 60)
+    msgs = rec.messages()
+    assert len(msgs) == 120
+    for ip in IPS:
+        assert rec.max_concurrent(ip) <= 2, ip
+        assert any(m.ip == ip for m in msgs), f"nothing left from {ip}"
+    lines = logs.lines("delivery.attempt")
+    assert len(lines) == 120 and all(field_of(x, "attempt") == "1" for x in lines)
+    waits = [field_of(x, "waited_for") for x in lines if field_of(x, "waited_for")]
+    assert waits and all(w.startswith("concurrency 2/2 for localip=127.0.0.") for w in waits)
+
+
+def test_rate_and_connectinterval_hold_on_the_wire(tmp_path):
+    policies = """
+policies:
+  - fields: [localip]
+    default: {rate: "20/1", connectinterval: 0.3}
+"""
+    n = 24
+    with recording_sink() as (port, rec):
+        async def main() -> None:
+            async with engine(tmp_path, config(port, policies, reuse=4,
+                                               ips=IPS[:1])) as h:
+                for i in range(n):
+                    await h.submit((f"r{i}@dest.test",))
+                await h.drained(30)
+
+        started = time.monotonic()
+        run(main, 60)
+        took = time.monotonic() - started
+    times = sorted(m.at for m in rec.messages())
+    assert len(times) == n
+    assert took >= (n - 1) / 20
+    for i in range(len(times)):  # any window of W s holds at most 20·W + 1 (burst 1)
+        for j in range(i, len(times)):
+            w = times[j] - times[i]
+            assert j - i + 1 <= 20 * w + 1 + 1e-6 + 0.01 * 20, (i, j, w)
+    opens = sorted(c.opened for c in rec.connections())
+    assert len(opens) >= n // 4
+    gaps = [b - a for a, b in itertools.pairwise(opens)]
+    # The sink's thread stamps opens and shares this process (and its GIL) with the engine:
+    # 30 ms of slack, as in test_cluster_shaping.py.
+    assert min(gaps) >= 0.3 - 0.03, gaps
+
+
+def test_suspension_file_holds_mail_without_counting_attempts(tmp_path):
+    with recording_sink() as (port, rec), LogCapture() as logs:
+        async def main() -> None:
+            async with engine(tmp_path, config(port, "")) as h:
+                store = SuspensionFile(tmp_path / "spool" / FILE_NAME)
+                h.engine.limiter.file = store  # what LocalLimiter.for_spool sets up
+                s = new_suspension({"localip": "127.0.0.0/8"}, 2.5, "maintenance")
+                store.add(s)
+                qid = await h.submit()
+                await logs.wait("event=delivery.waiting", 20)
+                (msg,) = await h.spool.list()
+                (r,) = msg.recipients
+                assert r.state is RecipientState.DEFERRED and r.attempts == 0
+                assert r.last_reply.startswith("waiting: suspended until ")
+                assert "maintenance" in r.last_reply
+                assert not rec.messages()
+                await h.drained(20)  # back at the suspension's end
+                assert qid
+
+        run(main, 45)
+    assert len(rec.messages()) == 1
+    (line,) = logs.lines("delivery.waiting")
+    assert field_of(line, "kind") == "suspended" and field_of(line, "attempt") == "0"
+
+
+def test_reply_suspends_the_key(tmp_path):
+    policies = """
+policies:
+  - fields: [localip]
+    suspend_on: [{code: 421, duration: 1h}]
+"""
+    with recording_sink() as (port, rec), LogCapture() as logs:
+        rec.reject = "421 4.7.0 too many connections from you"
+        async def main() -> None:
+            async with engine(tmp_path, config(port, policies, ips=IPS[:1])) as h:
+                h.engine.limiter.file = SuspensionFile(tmp_path / "spool" / FILE_NAME)
+                await h.submit()
+                await logs.wait("event=shaping.suspended")
+                await h.submit(("second@dest.test",))
+                await logs.wait("event=delivery.waiting", 20)
+                await asyncio.sleep(0.2)
+
+        run(main, 45)
+    (s,) = SuspensionFile(tmp_path / "spool" / FILE_NAME).load()
+    assert s.fields == {"localip": "127.0.0.2"} and s.origin == "reply"
+    assert s.reason.startswith("421 4.7.0 too many")
+    assert len(rec.connections()) == 1  # the second message waited, no new connection
