@@ -525,3 +525,15 @@ def test_junk_count_restarts_after_each_message_sent(queued):
         s.finish_delivery(reply, queued=queued)
         assert codes(s)[-1] == int(reply[:3])
     assert s.errors == 0
+
+
+@pytest.mark.parametrize(("starttls", "tls", "listed"),
+                         [(True, False, True), (False, False, False), (True, True, False)])
+def test_help_lists_starttls_only_where_ehlo_offers_it(starttls, tls, listed):
+    settings_ = SessionSettings("mx.test", SessionLimits(), starttls=starttls)
+    s = ServerSession(settings_, policy, "192.0.2.7", tls=tls)
+    s.take_output()  # banner
+    s.receive(b"EHLO c\r\nHELP\r\n")
+    ehlo, help_ = replies(s)
+    assert ("STARTTLS" in ehlo.lines) == listed
+    assert help_.code == 214 and ("STARTTLS" in help_.lines[0].split()) == listed

@@ -65,7 +65,9 @@ R_RCPT_OK = _r("250 2.1.5 recipient OK")
 R_DATA = _r("354 end data with <CR><LF>.<CR><LF>")
 R_BYE = _r("221 2.0.0 bye")
 R_VRFY = _r("252 2.5.0 cannot VRFY user, but will accept message and attempt delivery")
-R_HELP = _r("214 2.0.0 commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS")
+R_HELP = _r("214 2.0.0 commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP")
+R_HELP_STARTTLS = _r(
+    "214 2.0.0 commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS")
 R_TLS_GO = _r("220 2.0.0 ready to start TLS")
 R_UNKNOWN = _r("500 5.5.2 command not recognized")
 R_LINE_TOO_LONG = _r("500 5.5.2 line too long")
@@ -805,7 +807,8 @@ class ServerSession:
         self._junk(R_VRFY)
 
     def _help(self, arg: str) -> None:
-        self._junk(R_HELP)
+        # STARTTLS only where EHLO offers it (a certificate, not yet under TLS)
+        self._junk(R_HELP_STARTTLS if self.settings.starttls and not self.tls else R_HELP)
 
     def _not_implemented(self, arg: str) -> None:
         self._error(R_NOT_IMPL)
