@@ -110,7 +110,7 @@ class Ferrymail(MTA):
         super().__init__(peer, source, rb"\(ferrymail\) with E?SMTP id (\w+)",
                          Path(str(peer.extra["log"])),
                          rb"^.* event=delivery\.attempt qid=(\w+) .* proxy=(\S+) "
-                         rb".* result=delivered$",
+                         rb".* result=delivered(?: worker=\d+)?$",
                          f"{proxy.host}:{proxy.port}" if proxy else "direct")
         self.running = running  # hold -> running config text
         self.spool = Path(str(peer.extra["spool"]))

@@ -531,8 +531,10 @@ transportgroups:
 
 
 @contextlib.contextmanager
-def ferrymail(d: Path, host: str = "127.0.0.1") -> Iterator[Peer]:
-    """`ferrymail run` with a direct and a PROXY-protocol listener and an fsynced spool."""
+def ferrymail(d: Path, host: str = "127.0.0.1",
+              args: tuple[str, ...] = ("--workers", "1")) -> Iterator[Peer]:
+    """`ferrymail run` with a direct and a PROXY-protocol listener and an fsynced spool;
+    `args` go on its command line (e.g. `("--workers", "2")`)."""
     exe = VENV_BIN / "ferrymail"
     if not exe.exists():
         raise BenchError(f"{exe} is missing: pip install -e . in the venv")
@@ -542,7 +544,8 @@ def ferrymail(d: Path, host: str = "127.0.0.1") -> Iterator[Peer]:
     startup.write_text(ferrymail_startup_yaml(host, ports, d))
     running.write_text(ferrymail_running_yaml(host, free_port(host)))
     log = d / "ferrymail.log"
-    proc = spawn([str(exe), "run", "--startup", str(startup), "--running", str(running)], log)
+    proc = spawn([str(exe), "run", "--startup", str(startup), "--running", str(running),
+                  *args], log)
     try:
         for p in (ports.direct, ports.proxied):
             try:

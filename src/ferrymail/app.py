@@ -18,7 +18,7 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ferrymail import privileges
 from ferrymail.abnf import is_digits
@@ -40,18 +40,30 @@ from ferrymail.orchestrator.local import LocalLimiter
 from ferrymail.smtp.server import SMTPServer
 from ferrymail.spool import SqliteSpool
 
+if TYPE_CHECKING:
+    from ferrymail.supervisor import WorkerSlot
+
 DEFAULT_GRACE = 5.0
 
 
-def make_limiter(startup: StartupConfig) -> Limiter:
+def make_limiter(startup: StartupConfig, worker: WorkerSlot | None = None) -> Limiter:
     """The shaping limiter: cluster-wide through Redis with a ``cluster`` section, else
-    in-process (suspensions in the spool directory)."""
+    in-process (suspensions in the spool directory).
+
+    A worker process (supervisor.py) is a cluster member of its own: its instance id is the
+    configured (or default) one plus ``/wK``, and it writes the cluster state file in its
+    shard; suspensions stay in the spool directory itself, shared by all workers."""
     if startup.cluster is None:
         return LocalLimiter.for_spool(startup.spool.path)
     from ferrymail.orchestrator.redis import RedisLimiter
 
-    return RedisLimiter(startup.cluster, default_instance=default_instance(startup),
-                        status_file=Path(startup.spool.path) / STATUS_FILE)
+    cfg, status_dir = startup.cluster, Path(startup.spool.path)
+    if worker is not None:
+        base = cfg.instance or default_instance(startup)
+        cfg = cfg.model_copy(update={"instance": f"{base}/w{worker.index}"})
+        status_dir = worker.spool_path
+    return RedisLimiter(cfg, default_instance=default_instance(startup),
+                        status_file=status_dir / STATUS_FILE)
 
 
 def default_instance(startup: StartupConfig) -> str:
@@ -90,25 +102,31 @@ class App:
 
     def __init__(self, startup: StartupConfig, running: RunningConfig, *,
                  startup_file: str | None = None, running_file: str | None = None,
-                 grace: float = DEFAULT_GRACE) -> None:
+                 grace: float = DEFAULT_GRACE, worker: WorkerSlot | None = None) -> None:
         self.startup = startup
         self.running = running
         self.startup_file = startup_file
         self.running_file = running_file
         self.grace = grace
-        self.spool = SqliteSpool(startup.spool.path, fsync=startup.spool.fsync,
-                                 min_free=startup.spool.min_free)
+        # one of several worker processes (supervisor.py): its own spool shard, the
+        # supervisor's listening sockets, no pidfile of its own
+        self.worker = worker
+        self.spool = SqliteSpool(
+            startup.spool.path if worker is None else worker.spool_path,
+            fsync=startup.spool.fsync, min_free=startup.spool.min_free,
+            shard=(0, 1) if worker is None else (worker.index, worker.count))
         # Outbound: reads self.running at each attempt; servers wake it when they store mail.
         self.delivery = DeliveryEngine(
             self.spool, lambda: self.running, hostname=startup.environment.hostname,
             hook_base_dir=Path(running_file).resolve().parent if running_file else None,
             own_listeners=OwnListeners.of((lst.address, lst.port) for s in startup.servers
                                           for lst in s.listeners),
-            state_path=Path(startup.spool.path) / DESTINATIONS_FILE,
-            limiter=make_limiter(startup))
+            state_path=self.spool.path / DESTINATIONS_FILE,  # a worker: in its shard
+            limiter=make_limiter(startup, worker))
         self.servers: list[SMTPServer] = [
             SMTPServer(cfg, hostname=startup.hostname_for(cfg.id),
-                       spool=self.delivery.notifying(self.spool), running=lambda: self.running)
+                       spool=self.delivery.notifying(self.spool), running=lambda: self.running,
+                       sockets=worker.sockets[cfg.id] if worker is not None else None)
             for cfg in startup.servers
         ]
         # Started in this order after the spool, stopped in this order before it closes:
@@ -122,13 +140,13 @@ class App:
 
     @classmethod
     def from_files(cls, startup_file: str | None = None, running_file: str | None = None,
-                   **kwargs: float) -> App:
+                   **kwargs: float | WorkerSlot | None) -> App:
         """Load and cross-check both files (None: embedded defaults); raises ConfigError."""
         startup = load_startup(startup_file)
         running = load_running(running_file)
         cross_check(startup, running, running_file or "<embedded running.yaml>")
         return cls(startup, running, startup_file=startup_file, running_file=running_file,
-                   **kwargs)
+                   **kwargs)  # type: ignore[arg-type]
 
     # -- composition
 
@@ -157,6 +175,8 @@ class App:
                 await srv.bind()
             if creds is not None:
                 privileges.prepare_spool_dir(self.startup.spool.path, creds)
+                if self.spool.path != Path(self.startup.spool.path):  # a worker's shard
+                    privileges.prepare_spool_dir(self.spool.path, creds)
                 privileges.drop_privileges(creds)
             await self.spool.start()
         except BaseException:
@@ -172,7 +192,7 @@ class App:
             raise
         log_event("app.started", servers=",".join(s.id for s in self.servers),
                   listeners=",".join(f"{h}:{p}" for s in self.servers for h, p in s.listeners),
-                  spool=str(self.startup.spool.path), pid=os.getpid())
+                  spool=str(self.spool.path), pid=os.getpid())
 
     async def stop(self) -> None:
         """Stop components in start order, then close the spool."""
@@ -220,16 +240,12 @@ class App:
         loop.set_exception_handler(_log_loop_exception)
         self._stop_requested = asyncio.Event()
         pidfile = Path(self.startup.environment.pidfile)
-        other = running_pid(pidfile)
-        if other is not None:
-            raise RuntimeError(f"ferrymail is already running (pid {other} in {pidfile})")
-        try:
-            write_pidfile(pidfile)
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot write pidfile {pidfile}: {exc.strerror}") from exc
+        if self.worker is None:  # a worker's supervisor holds the pidfile
+            claim_pidfile(pidfile)
         # Handlers go in before the listeners open: a SIGHUP's default action would kill us.
         # A reload asked for while starting is done once everything has started.
-        hup_during_start: list[bool] = []
+        # (a worker also counts the SIGHUPs that came between its fork and this point)
+        hup_during_start: list[bool] = self.worker.hups if self.worker is not None else []
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, hup_during_start.append, True)
@@ -241,6 +257,8 @@ class App:
             remove_pidfile(pidfile)
             raise
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        if self.worker is not None:
+            self.worker.ready()
         if hup_during_start:
             self.reload()
         try:
@@ -328,6 +346,17 @@ def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         error=f"{type(exc).__name__}: {exc}" if exc is not None else None,
         at=(f"{where.tb_frame.f_code.co_filename}:{where.tb_lineno}" if where else None),
     )
+
+
+def claim_pidfile(pidfile: Path) -> None:
+    """Write our pid to ``pidfile``; RuntimeError if another live ferrymail holds it."""
+    other = running_pid(pidfile)
+    if other is not None:
+        raise RuntimeError(f"ferrymail is already running (pid {other} in {pidfile})")
+    try:
+        write_pidfile(pidfile)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write pidfile {pidfile}: {exc.strerror}") from exc
 
 
 def write_pidfile(path: Path) -> None:

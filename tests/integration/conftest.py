@@ -151,12 +151,13 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 30.0
 def start_ferrymail(workdir: Path, startup_yaml: str | None, running_yaml: str | None, *,
                     wait: Sequence[tuple[str, int]] = (), timeout: float = 15.0,
                     name: str = "", preexec_fn: Callable[[], None] | None = None,
-                    ) -> FerrymailProc:
+                    workers: int | None = 1) -> FerrymailProc:
     """Start ``ferrymail run`` in ``workdir`` (None yaml: the embedded default file).
 
-    ``preexec_fn`` runs in the child before exec (e.g. to set a resource limit)."""
+    ``preexec_fn`` runs in the child before exec (e.g. to set a resource limit).
+    ``workers``: ``--workers`` (one process unless asked; None: ferrymail's default)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    args = ["run"]
+    args = ["run"] if workers is None else ["run", "--workers", str(workers)]
     startup_path = running_path = None
     if startup_yaml is not None:
         startup_path = workdir / f"startup{name}.yaml"
@@ -195,10 +196,11 @@ def ferrymail_proc(tmp_path: Path) -> Iterator[Callable[..., FerrymailProc]]:
     def start(startup_yaml: str | None, running_yaml: str | None, *,
               wait: Sequence[tuple[str, int]] = (), timeout: float = 15.0,
               workdir: Path | None = None,
-              preexec_fn: Callable[[], None] | None = None) -> FerrymailProc:
+              preexec_fn: Callable[[], None] | None = None,
+              workers: int | None = 1) -> FerrymailProc:
         handle = start_ferrymail(workdir or tmp_path, startup_yaml, running_yaml, wait=wait,
                                  timeout=timeout, name="" if not started else str(len(started)),
-                                 preexec_fn=preexec_fn)
+                                 preexec_fn=preexec_fn, workers=workers)
         started.append(handle)
         return handle
 

@@ -1,6 +1,8 @@
 """The ``ferrymail`` command: one module per command family, each with ``register(sub)``.
 
-``ferrymail run [--startup FILE] [--running FILE]``   serve (no options: embedded defaults)
+``ferrymail run [--startup FILE] [--running FILE] [--workers N]``
+                                                     serve (no options: embedded defaults;
+                                                     one worker process per CPU)
 ``ferrymail config check FILE…``                     validate configuration files
 ``ferrymail reload [--startup FILE]``                 SIGHUP the running instance (pidfile)
 ``ferrymail queue list [--startup FILE]``             pending messages in the spool

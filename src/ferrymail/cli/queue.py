@@ -44,6 +44,7 @@ def cluster_line(spool_dir: Path) -> str:
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
     from ferrymail.spool import SpoolError, SqliteSpool
+    from ferrymail.supervisor import shard_paths
 
     try:
         startup = load_startup(args.startup)
@@ -52,12 +53,19 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
     async def listing() -> list:
-        spool = SqliteSpool(startup.spool.path, readonly=True)  # works beside a running daemon
-        await spool.start()
-        try:
-            return await spool.list(args.limit)
-        finally:
-            await spool.close()
+        # every worker's shard (supervisor.py), read-only: works beside a running daemon
+        found: list = []
+        for path in shard_paths(startup.spool.path):
+            if not (path / "spool.db").exists():
+                continue
+            spool = SqliteSpool(path, readonly=True)
+            await spool.start()
+            try:
+                found += await spool.list(args.limit)
+            finally:
+                await spool.close()
+        found.sort(key=lambda m: m.queue_id)  # ids are time-ordered across shards
+        return found[:args.limit]
 
     if not Path(startup.spool.path).exists():
         print(f"ferrymail queue list: no spool at {startup.spool.path}", file=sys.stderr)
@@ -81,8 +89,13 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
             print(f"    <{rcpt.address}>  {rcpt.state.value}{extra}{reply}")
     from ferrymail.delivery.scheduler import destination_lines
 
-    for line in destination_lines(Path(startup.spool.path), now):  # written by the scheduler
-        print(line)
+    shards = shard_paths(startup.spool.path)
+    for shard in shards:  # written by each worker's scheduler
+        lines = destination_lines(shard, now)
+        if lines and len(shards) > 1:
+            lines[0] = f"{lines[0]} [{shard}]"
+        for line in lines:
+            print(line)
     print(f"{len(messages)} message(s)" + (" (limit reached)" if len(messages) >= args.limit
                                          else ""))
     return EXIT_OK

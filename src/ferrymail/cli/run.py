@@ -17,6 +17,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvloop
 
     from ferrymail.app import App
+    from ferrymail.supervisor import (
+        choose_workers,
+        default_workers,
+        run_workers,
+        unserved_shards,
+    )
 
     try:
         app = App.from_files(args.startup, args.running)
@@ -27,6 +33,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Whatever the daemon creates (spool files, SQLite's WAL and shared-memory files) is
     # for its own user only.
     os.umask(0o077)
+    local_shaping = bool(app.running.policies) and app.startup.cluster is None
+    workers, why = choose_workers(args.workers, app.startup.environment.workers,
+                                  default_workers(), local_shaping)
+    if workers > 1 and local_shaping:
+        log.log_event("supervisor.limits_per_worker", "warning", workers=workers,
+                      error="policies are limited in-process: each worker enforces them "
+                            "for itself, so the host may send up to "
+                            f"{workers} times the configured limits; run one worker or "
+                            "configure a cluster")
+    for shard in unserved_shards(app.startup.spool.path, workers):
+        log.log_event("spool.shard_unserved", "warning", shard=str(shard), workers=workers,
+                      error="a spool shard of a larger worker count: its mail stays queued "
+                            "until ferrymail runs with more workers again")
+    if workers > 1:
+        log.log_event("supervisor.workers", workers=workers, why=why)
+        return run_workers(args.startup, args.running, app.startup, workers)
     try:
         uvloop.run(app.run())
     except KeyboardInterrupt:
@@ -90,6 +112,16 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of workers")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``run``, ``config check`` and ``reload`` to the ``ferrymail`` subparsers."""
     p = sub.add_parser("run", help="run the MTA (embedded defaults without options)",
@@ -97,6 +129,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_run)
     p.add_argument("--startup", metavar="FILE", help="startup configuration (YAML)")
     p.add_argument("--running", metavar="FILE", help="running configuration (YAML)")
+    p.add_argument("--workers", metavar="N", type=_positive,
+                   help="worker processes (default: environment.workers, else one per CPU)")
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)

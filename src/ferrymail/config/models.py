@@ -114,6 +114,8 @@ class Environment(_Model):
     # privileges dropped after binding, before the spool opens (privileges.py)
     user: UserName | None = None
     group: GroupName | None = None
+    # worker processes of `ferrymail run` (supervisor.py); None: one per CPU
+    workers: PositiveInt | None = None
 
 
 class Listener(_Model):

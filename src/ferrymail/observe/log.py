@@ -17,6 +17,7 @@ _ALIASES = {"warn": "warning", "fatal": "critical", "err": "error"}
 _threshold = LEVELS["info"]
 _stream: TextIO | None = None  # None: whatever sys.stderr is at write time (pytest swaps it)
 _ts_cache: tuple[int, str] = (-1, "")
+_end = "\n"  # what ends every line: set_context() puts its fields before the newline
 
 
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
@@ -24,6 +25,15 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
     global _threshold, _stream
     _threshold = LEVELS[normalise_level(level)]
     _stream = stream
+
+
+def set_context(**fields: object) -> None:
+    """Fields added to every line from now on (e.g. ``worker=1`` in a worker process, so
+    the lines of N workers sharing one log can be told apart); none: clear them."""
+    global _end
+    extra = "".join(f" {key}={quote(value)}" for key, value in fields.items()
+                    if value is not None)
+    _end = extra + "\n"
 
 
 def normalise_level(level: str) -> str:
@@ -89,7 +99,7 @@ def log_event(event: str, level: str = "info", **fields: object) -> None:
     """Write one event line to stderr if ``level`` passes the configured threshold."""
     if LEVELS.get(level, 20) < _threshold:
         return
-    _write(format_event(event, level, **fields) + "\n")
+    _write(format_event(event, level, **fields) + _end)
 
 
 def log_formatted(event: str, level: str, fields: str) -> None:
@@ -97,7 +107,7 @@ def log_formatted(event: str, level: str, fields: str) -> None:
     ``key=value`` pairs, space-separated, each value already passed through ``quote``."""
     if LEVELS.get(level, 20) < _threshold:
         return
-    _write(f"ts={_timestamp()} level={level} event={quote(event)} {fields}\n")
+    _write(f"ts={_timestamp()} level={level} event={quote(event)} {fields}{_end}")
 
 
 def _write(line: str) -> None:

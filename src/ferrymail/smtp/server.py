@@ -20,7 +20,7 @@ import resource
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
@@ -188,8 +188,12 @@ class SMTPServer:
     """One startup ``servers[]`` entry: its listeners and its live connections."""
 
     def __init__(self, config: StartupServer, *, hostname: str, spool: Spool,
-                 running: Callable[[], RunningConfig]) -> None:
+                 running: Callable[[], RunningConfig],
+                 sockets: Sequence[socket.socket] | None = None) -> None:
         self.config = config
+        # a worker's listening sockets, one per listener, opened by the supervisor
+        # (supervisor.py); None: open our own
+        self._sockets = sockets
         self.id = config.id
         self.hostname = hostname
         self.spool = spool
@@ -249,16 +253,21 @@ class SMTPServer:
         """Bind and listen on every listener without accepting yet (e.g. as root, before
         privileges are dropped); OSError naming the listener if one cannot be bound."""
         loop = asyncio.get_running_loop()
-        for lst in self.config.listeners:
+        for i, lst in enumerate(self.config.listeners):
             host = None if lst.address is None else str(lst.address)
             name = format_addr(host or "*", lst.port)
             info = ListenerInfo(name, lst.proxyprotocol, lst.tls == "implicit")
             try:
-                srv = await loop.create_server(
-                    lambda info=info: InboundConnection(self, info),
-                    host=host, port=lst.port, backlog=lst.backlog, reuse_address=True,
-                    start_serving=False,
-                )
+                if self._sockets is not None:
+                    srv = await loop.create_server(
+                        lambda info=info: InboundConnection(self, info),
+                        sock=self._sockets[i], backlog=lst.backlog, start_serving=False)
+                else:
+                    srv = await loop.create_server(
+                        lambda info=info: InboundConnection(self, info),
+                        host=host, port=lst.port, backlog=lst.backlog, reuse_address=True,
+                        start_serving=False,
+                    )
             except OSError as exc:
                 await self.stop(0)
                 raise OSError(exc.errno, f"server {self.id}: cannot listen on {name}: "

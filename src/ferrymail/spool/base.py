@@ -111,18 +111,29 @@ class QueueIdGenerator:
 
     Ids only grow: within one millisecond the counter part counts up, and an id is never
     below one already handed out or `seed()`-ed (so a clock stepping back cannot repeat one).
+
+    `shard`/`shards`: with several spools written at once (one per worker, see
+    `supervisor.py`), spool `shard` of `shards` hands out only ids equal to `shard` modulo
+    `shards`, so no two spools ever share an id.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, shard: int = 0, shards: int = 1) -> None:
+        if not 0 <= shard < shards:
+            raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
         self._last = 0
+        self._shard = shard
+        self._shards = shards
 
     def seed(self, value: int) -> None:
         """Never hand out an id at or below `value` (e.g. the highest id already stored)."""
         self._last = max(self._last, value)
 
     def next_int(self) -> int:
-        self._last = max((time.time_ns() // 1_000_000) << 16, self._last + 1)
-        return self._last
+        value = max((time.time_ns() // 1_000_000) << 16, self._last + 1)
+        if self._shards > 1:
+            value += (self._shard - value) % self._shards
+        self._last = value
+        return value
 
     def next(self) -> str:
         return format_queue_id(self.next_int())

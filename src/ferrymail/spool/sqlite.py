@@ -333,6 +333,7 @@ class SqliteSpool(Spool):
         fsync: bool = True,
         min_free: int = DEFAULT_MIN_FREE,
         readonly: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.path = Path(path)
         self.db_path = self.path / DB_NAME
@@ -346,7 +347,7 @@ class SqliteSpool(Spool):
         self._wal_bytes = 0  # the WAL's size between automatic checkpoints
         self._reserve_unusable = False  # no file may be that big (RLIMIT_FSIZE)
         self._state = _NEW
-        self._ids = QueueIdGenerator()
+        self._ids = QueueIdGenerator(*shard)  # (this spool, of how many): see supervisor.py
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None

@@ -1,0 +1,432 @@
+"""Worker processes: one ``ferrymail run``, N whole pipelines, each over its own spool shard.
+
+The supervisor (the process ``ferrymail run --workers N`` starts as, N >= 2) holds the
+pidfile, opens every listening socket once, and forks N workers. Each worker is an ordinary
+``App`` (inbound servers, delivery, spool) that accepts on the shared sockets and stores into
+and delivers from its own shard: worker 0 the spool directory itself (so one worker is
+today's layout), worker k the subdirectory ``shard-k``. Queue ids are unique across shards
+(shard k hands out ids equal to k modulo N, see ``QueueIdGenerator``).
+
+- SIGHUP to the supervisor is forwarded to every worker; each re-reads the running file and
+  logs ``config.reloaded`` (or ``config.reload_failed``) itself.
+- SIGTERM/SIGINT stop every worker (each finishes as a single ``ferrymail run`` would), then
+  the supervisor removes the pidfile.
+- A worker that dies is started again on the same shard after a back-off (0.5 s, doubling up
+  to 10 s while it keeps dying within 5 s of its start): the new worker opens the shard and
+  delivers what its predecessor had acknowledged. A worker that fails before it served at
+  the first start fails the whole command (bad spool, port in use): nothing is half up.
+- Workers get SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``).
+
+Sockets are opened before the fork, one per worker and listener, sharing the port through
+SO_REUSEPORT (see ``listen_sockets``); the supervisor keeps them all open, so a restarted
+worker takes up its socket with the connections that queued meanwhile.
+
+Limits: each worker enforces ``queues.concurrency`` and the inbound limits for itself, so on
+one host they are N times the configured value until a host-wide limiter exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ferrymail.config import StartupConfig
+from ferrymail.config.models import StartupServer
+from ferrymail.observe.log import log_event
+
+SHARD_PREFIX = "shard-"
+RESTART_MIN = 0.5  # seconds before restarting a dead worker, doubled while it keeps dying
+RESTART_MAX = 10.0
+STABLE_AFTER = 5.0  # a worker that lived this long resets the back-off
+READY_TIMEOUT = 60.0  # first start: every worker must be serving within this
+
+
+def shard_path(root: str | Path, index: int) -> Path:
+    """The spool directory of worker ``index``: the spool itself for 0, ``shard-K`` below."""
+    root = Path(root)
+    return root if index == 0 else root / f"{SHARD_PREFIX}{index}"
+
+
+def shard_paths(root: str | Path) -> list[Path]:
+    """Every spool shard that exists under ``root`` (root first, then shard-1, shard-2, ...),
+    whatever the current worker count: mail of a shard whose worker no longer runs is still
+    listed."""
+    root = Path(root)
+    found = [root] if root.is_dir() else []
+    if root.is_dir():
+        extra = []
+        for child in root.iterdir():
+            suffix = child.name.removeprefix(SHARD_PREFIX)
+            if child.name.startswith(SHARD_PREFIX) and suffix.isdigit() and child.is_dir():
+                extra.append((int(suffix), child))
+        found += [p for _, p in sorted(extra)]
+    return found
+
+
+def unserved_shards(root: str | Path, count: int) -> list[Path]:
+    """Shards under ``root`` holding a spool that ``count`` workers leave alone (left by a
+    larger worker count before): their mail is kept but not delivered until the count is
+    raised again."""
+    out = []
+    for path in shard_paths(root)[1:]:
+        index = int(path.name.removeprefix(SHARD_PREFIX))
+        if index >= count and (path / "spool.db").exists():
+            out.append(path)
+    return out
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_workers(option: int | None, configured: int | None, cpus: int,
+                   local_shaping: bool) -> tuple[int, str]:
+    """(worker count, why) for ``ferrymail run``: ``--workers``, else ``environment.workers``,
+    else one per CPU, except that delivery policies limited in-process (``policies`` without
+    a Redis ``cluster``) keep the default at 1 worker: the in-process limiter counts per
+    worker, so N workers would let N times the configured limits through. An explicit
+    count is obeyed (the caller warns)."""
+    if option is not None:
+        return option, "--workers"
+    if configured is not None:
+        return configured, "environment.workers"
+    if local_shaping:
+        return 1, "policies limited in-process (no cluster): one worker keeps them exact"
+    return cpus, "one per CPU"
+
+
+@dataclass
+class WorkerSlot:
+    """What a worker process needs from its supervisor."""
+
+    index: int
+    count: int
+    spool_path: Path
+    sockets: dict[str, list[socket.socket]]  # server id -> one socket per listener
+    ready_fd: int | None = None
+    hups: list[bool] = field(default_factory=list)  # SIGHUPs before the App's handler
+
+    def catch_hup(self, sig: int, frame: object) -> None:
+        self.hups.append(True)
+
+    def ready(self) -> None:
+        """Tell the supervisor this worker is serving (once)."""
+        if self.ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.ready_fd, b"r")
+                os.close(self.ready_fd)
+            self.ready_fd = None
+
+
+def _bind(host: str | None, port: int, backlog: int, reuse_port: bool) -> socket.socket:
+    """One listening socket as ``loop.create_server`` opens it (SO_REUSEADDR; no address:
+    IPv6 and IPv4 on one socket where the system allows it)."""
+    if host is None:
+        family = socket.AF_INET6 if socket.has_dualstack_ipv6() else socket.AF_INET
+        return socket.create_server(("", port), family=family, backlog=backlog,
+                                    reuse_port=reuse_port,
+                                    dualstack_ipv6=family == socket.AF_INET6)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=backlog,
+                                reuse_port=reuse_port)
+
+
+def listen_sockets(server: StartupServer, copies: int) -> list[list[socket.socket]]:
+    """Per worker (``copies`` of them), one listening socket for each of ``server``'s
+    listeners: ``result[worker][listener]``.
+
+    The copies share the port through SO_REUSEPORT, so the kernel spreads new connections
+    evenly over the workers (one shared socket let whichever worker woke first take them:
+    77/23 splits measured, see docs/architecture.md). The supervisor keeps every copy open,
+    so connections for a worker being restarted wait in its backlog rather than being
+    refused. A plain bind first proves the port is free: SO_REUSEPORT alone would let a
+    second ferrymail of the same user share it silently. OSError names the listener."""
+    out: list[list[socket.socket]] = [[] for _ in range(copies)]
+    try:
+        for lst in server.listeners:
+            host = None if lst.address is None else str(lst.address)
+            name = f"[{host}]:{lst.port}" if host and ":" in host else f"{host or '*'}:{lst.port}"
+            try:
+                _bind(host, lst.port, lst.backlog, reuse_port=False).close()
+                port = lst.port
+                for k in range(copies):
+                    sock = _bind(host, port, lst.backlog, reuse_port=True)
+                    sock.setblocking(False)
+                    out[k].append(sock)
+            except OSError as exc:
+                raise OSError(exc.errno, f"server {server.id}: cannot listen on {name}: "
+                              f"{exc.strerror}") from exc
+    except BaseException:
+        for group in out:
+            for sock in group:
+                sock.close()
+        raise
+    return out
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class _Worker:
+    index: int
+    pid: int = 0
+    started: float = 0.0
+    backoff: float = RESTART_MIN
+    restart_at: float | None = None
+    ready_r: int | None = None
+    exits: int = 0
+
+
+@dataclass
+class Supervisor:
+    """Start, watch, restart and stop ``count`` workers. ``run_worker(slot)`` is what a worker
+    process runs (returns its exit status); it is called in the forked child."""
+
+    startup: StartupConfig
+    count: int
+    run_worker: Callable[[WorkerSlot], int]
+    workers: list[_Worker] = field(default_factory=list)
+    _signals: list[int] = field(default_factory=list)
+    _sockets: dict[str, list[list[socket.socket]]] = field(default_factory=dict)
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; 0, or 1 if the first start failed."""
+        from ferrymail.app import claim_pidfile, remove_pidfile
+
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+        pidfile = Path(self.startup.environment.pidfile)
+        try:
+            claim_pidfile(pidfile)
+        except (OSError, RuntimeError) as exc:
+            log_event("app.start_failed", "error", error=f"{type(exc).__name__}: {exc}")
+            return 1
+        try:
+            try:
+                self._check_shards_free()
+                for server in self.startup.servers:
+                    self._sockets[server.id] = listen_sockets(server, self.count)
+            except (OSError, RuntimeError) as exc:
+                log_event("app.start_failed", "error", error=f"{type(exc).__name__}: {exc}")
+                return 1
+            self.workers = [_Worker(i) for i in range(self.count)]
+            for w in self.workers:
+                self._spawn(w)
+            if not self._wait_ready():
+                self._stop_all()
+                return 1
+            log_event("supervisor.started", workers=self.count, pid=os.getpid(),
+                      spool=str(self.startup.spool.path))
+            return self._serve()
+        finally:
+            for copies in self._sockets.values():
+                for group in copies:
+                    for sock in group:
+                        sock.close()
+            remove_pidfile(pidfile)
+
+    # -- signals: recorded by the handler, acted on by the loop
+
+    def _on_signal(self, sig: int, frame: object) -> None:
+        self._signals.append(sig)
+
+    def _serve(self) -> int:
+        while True:
+            while self._signals:
+                sig = self._signals.pop(0)
+                if sig in (signal.SIGTERM, signal.SIGINT):
+                    log_event("app.stopping", signal=signal.Signals(sig).name)
+                    self._stop_all()
+                    log_event("supervisor.stopped", pid=os.getpid())
+                    return 0
+                if sig == signal.SIGHUP:
+                    live = [w for w in self.workers if w.pid]
+                    log_event("supervisor.reload", workers=len(live))
+                    for w in live:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(w.pid, signal.SIGHUP)
+            self._reap()
+            now = time.monotonic()
+            for w in self.workers:
+                if not w.pid and w.restart_at is not None and now >= w.restart_at:
+                    self._spawn(w)
+            time.sleep(0.05)
+
+    def _reap(self) -> list[_Worker]:
+        """Collect exited workers; schedule each one's restart. Returns those that exited."""
+        gone = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            w = next((w for w in self.workers if w.pid == pid), None)
+            if w is None:
+                continue
+            lived = time.monotonic() - w.started
+            w.backoff = RESTART_MIN if lived >= STABLE_AFTER else min(w.backoff * 2,
+                                                                       RESTART_MAX)
+            w.restart_at = time.monotonic() + w.backoff
+            w.exits += 1
+            how = (f"signal {signal.Signals(-os.waitstatus_to_exitcode(status)).name}"
+                   if os.WIFSIGNALED(status) else f"exit {os.waitstatus_to_exitcode(status)}")
+            log_event("worker.exited", "warning", worker=w.index, pid=pid, status=how,
+                      lived=f"{lived:.1f}s", restart_in=f"{w.backoff:g}s")
+            w.pid = 0
+            gone.append(w)
+        return gone
+
+    def _spawn(self, w: _Worker) -> None:
+        r, wfd = os.pipe()
+        mine = {sid: copies[w.index] for sid, copies in self._sockets.items()}
+        slot = WorkerSlot(w.index, self.count, shard_path(self.startup.spool.path, w.index),
+                          mine, wfd)
+        slot.spool_path.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                os.close(r)
+                for other in self.workers:
+                    if other.ready_r is not None:
+                        os.close(other.ready_r)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                # a reload sent while this worker starts is done once it serves (App.run),
+                # neither lost nor (the default action) fatal
+                signal.signal(signal.SIGHUP, slot.catch_hup)
+                _die_with_parent()
+                code = self.run_worker(slot)
+            except BaseException as exc:  # never return into the supervisor's loop
+                with contextlib.suppress(Exception):
+                    log_event("worker.failed", "error", worker=w.index,
+                              error=f"{type(exc).__name__}: {exc}")
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        os.close(wfd)
+        if w.ready_r is not None:
+            os.close(w.ready_r)
+        w.pid, w.started, w.restart_at, w.ready_r = pid, time.monotonic(), None, r
+        log_event("worker.started", worker=w.index, pid=pid, spool=str(slot.spool_path))
+
+    def _wait_ready(self) -> bool:
+        """Wait until every worker reported ready; False if one exited first or timed out."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        waiting = {w.index for w in self.workers}
+        while waiting:
+            for w in self.workers:
+                if w.index in waiting and w.ready_r is not None:
+                    os.set_blocking(w.ready_r, False)
+                    with contextlib.suppress(BlockingIOError):
+                        if os.read(w.ready_r, 1):
+                            waiting.discard(w.index)
+            if any(w.exits for w in self._reap() if w.index in waiting):
+                log_event("app.start_failed", "error",
+                          error="a worker exited before it served; stopping the others")
+                return False
+            if any(s in (signal.SIGTERM, signal.SIGINT) for s in self._signals):
+                return False
+            if time.monotonic() > deadline:
+                log_event("app.start_failed", "error",
+                          error=f"workers {sorted(waiting)} not serving after "
+                                f"{READY_TIMEOUT:g}s")
+                return False
+            time.sleep(0.02)
+        return True
+
+    def _check_shards_free(self) -> None:
+        """A clear error before any fork when another process holds one of our shards."""
+        import fcntl
+
+        for i in range(self.count):
+            path = shard_path(self.startup.spool.path, i)
+            if not path.is_dir():
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise RuntimeError(f"spool directory {path} is in use by another process "
+                                   "(or spool)") from None
+            finally:
+                os.close(fd)  # drops the lock: the worker takes it for good
+
+    def _stop_all(self, grace: float = 30.0) -> None:
+        """SIGTERM every live worker; SIGKILL what still runs after ``grace`` seconds."""
+        for w in self.workers:
+            w.restart_at = None
+            if w.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(w.pid for w in self.workers):
+            self._reap()
+            if time.monotonic() > deadline:
+                for w in self.workers:
+                    if w.pid:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(w.pid, signal.SIGKILL)
+                deadline = time.monotonic() + grace
+            time.sleep(0.02)
+        for w in self.workers:
+            w.restart_at = None
+
+
+def run_workers(startup_file: str | None, running_file: str | None, startup: StartupConfig,
+                count: int) -> int:
+    """``ferrymail run`` with ``count`` (>= 2) worker processes; the exit status."""
+
+    def run_worker(slot: WorkerSlot) -> int:
+        import uvloop
+
+        from ferrymail.app import App
+        from ferrymail.config import ConfigError, cross_check, load_running
+        from ferrymail.observe import log
+
+        # The startup configuration is the supervisor's (its sockets were opened for it: a
+        # startup file edited since then is not read); the running file as it is now.
+        log.set_context(worker=slot.index)
+        name = running_file or "<embedded running.yaml>"
+        try:
+            running = load_running(running_file)
+            cross_check(startup, running, name)
+        except ConfigError as exc:
+            for err in exc.errors:
+                log_event("worker.config_failed", "error", file=err.file, line=err.line,
+                          key=err.path, error=err.message)
+            return 2
+        app = App(startup, running, startup_file=startup_file, running_file=running_file,
+                  worker=slot)
+        try:
+            uvloop.run(app.run())
+        except KeyboardInterrupt:
+            return 0
+        except Exception as exc:
+            log_event("app.start_failed", "error", worker=slot.index,
+                      error=f"{type(exc).__name__}: {exc}")
+            return 1
+        return 0
+
+    return Supervisor(startup, count, run_worker).run()
