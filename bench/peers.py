@@ -506,6 +506,7 @@ servers:
       - {{ address: {host}, port: {ports.proxied}, proxyprotocol: true }}
     limits: {{ message_size: 10MiB }}
 spool: {{ path: {d}/spool, fsync: true }}
+metrics: {{ listen: false }}
 """
 
 

@@ -16,12 +16,15 @@ import contextlib
 import ipaddress
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from ferrymail import privileges
+from ferrymail import privileges, sdnotify
 from ferrymail.abnf import is_digits
+from ferrymail.admin.queue import QueueService
+from ferrymail.admin.server import AdminServer
 from ferrymail.config import (
     ConfigError,
     RunningConfig,
@@ -34,7 +37,11 @@ from ferrymail.config.models import DEFAULT_TRUSTED_PROXIES
 from ferrymail.delivery.engine import DeliveryEngine
 from ferrymail.delivery.loops import OwnListeners
 from ferrymail.delivery.scheduler import DESTINATIONS_FILE
+from ferrymail.observe import log
 from ferrymail.observe.log import log_event
+from ferrymail.observe.metrics import CountingSpool, MetricsServer
+from ferrymail.observe.metrics import set_enabled as metrics_set_enabled
+from ferrymail.observe.metrics import stats as metrics_stats
 from ferrymail.orchestrator.limiter import STATUS_FILE, Limiter
 from ferrymail.orchestrator.local import LocalLimiter
 from ferrymail.smtp.server import SMTPServer
@@ -123,9 +130,13 @@ class App:
                                           for lst in s.listeners),
             state_path=self.spool.path / DESTINATIONS_FILE,  # a worker: in its shard
             limiter=make_limiter(startup, worker))
+        metrics_set_enabled(startup.metrics.listen is not None)
+        inbound_spool = self.delivery.notifying(self.spool)
+        if startup.metrics.listen is not None:
+            inbound_spool = CountingSpool(inbound_spool)  # type: ignore[assignment]
         self.servers: list[SMTPServer] = [
-            SMTPServer(cfg, hostname=startup.hostname_for(cfg.id),
-                       spool=self.delivery.notifying(self.spool), running=lambda: self.running,
+            SMTPServer(cfg, hostname=startup.hostname_for(cfg.id), spool=inbound_spool,
+                       running=lambda: self.running,
                        sockets=worker.sockets[cfg.id] if worker is not None else None)
             for cfg in startup.servers
         ]
@@ -133,6 +144,16 @@ class App:
         # inbound first (stop taking mail), then whatever was added (e.g. delivery).
         self.components: list[Component] = [_InboundServer(s, grace) for s in self.servers]
         self.components.append(self.delivery)
+        # Operations: the admin API (routes: admin.routes.add) and the queue commands over it.
+        self.last_reload: dict[str, object] | None = None
+        self.admin = AdminServer(self)
+        self.queue = QueueService(self)
+        self.queue.register(self.admin.routes)
+        self.components.append(self.admin)
+        self.metrics = MetricsServer(self)
+        self.components.append(self.metrics)
+        self.admin.routes.add("GET", "/v1/stats", self._stats)
+        self.ready = False  # all components started and not stopping (metrics /ready)
         self._reload_callbacks: list[Callable[[RunningConfig], None]] = [
             self.delivery.config_changed]
         self._started: list[Component] = []
@@ -173,6 +194,8 @@ class App:
         try:
             for srv in self.servers:
                 await srv.bind()
+            # the admin socket too: its folder (the pidfile's) may be writable by root only
+            await self.admin.bind(None if creds is None else (creds.uid, creds.gid))
             if creds is not None:
                 privileges.prepare_spool_dir(self.startup.spool.path, creds)
                 if self.spool.path != Path(self.startup.spool.path):  # a worker's shard
@@ -182,6 +205,7 @@ class App:
         except BaseException:
             for srv in self.servers:
                 await srv.stop(0)
+            await self.admin.stop()
             raise
         try:
             for component in self.components:
@@ -190,12 +214,14 @@ class App:
         except BaseException:
             await self.stop()
             raise
+        self.ready = True
         log_event("app.started", servers=",".join(s.id for s in self.servers),
                   listeners=",".join(f"{h}:{p}" for s in self.servers for h, p in s.listeners),
                   spool=str(self.spool.path), pid=os.getpid())
 
     async def stop(self) -> None:
         """Stop components in start order, then close the spool."""
+        self.ready = False
         started, self._started = self._started, []
         for component in started:
             try:
@@ -207,18 +233,31 @@ class App:
 
     def reload(self) -> bool:
         """Re-read the running file; on any error keep the current config and log why."""
+        return not self.reload_verdict()
+
+    def reload_verdict(self) -> list[dict[str, object]]:
+        """Reload and return the errors (``file``, ``line``, ``key``, ``message``, ``detail``:
+        the ``FILE:LINE: KEYPATH: MESSAGE`` line); [] when the new config is in force."""
         name = self.running_file or "<embedded running.yaml>"
+        sdnotify.reloading()
         try:
             new = load_running(self.running_file)
             cross_check(self.startup, new, name)
         except ConfigError as exc:
+            errors: list[dict[str, object]] = []
             for err in exc.errors:
                 log_event("config.reload_failed", "error", file=err.file, line=err.line,
                           key=err.path, error=err.message, detail=str(err))
-            return False
+                errors.append({"file": err.file, "line": err.line, "key": err.path,
+                               "message": err.message, "detail": str(err)})
+            self.last_reload = {"at": time.time(), "ok": False, "errors": errors}
+            sdnotify.ready(f"reload refused: {errors[0]['detail'] if errors else '?'}")
+            return errors
         self.set_running(new)
+        self.last_reload = {"at": time.time(), "ok": True, "file": name}
         log_event("config.reloaded", file=name)
-        return True
+        sdnotify.ready("running; configuration reloaded")
+        return []
 
     def set_running(self, running: RunningConfig) -> None:
         """Swap the running configuration (sessions see it at their next RCPT)."""
@@ -257,18 +296,25 @@ class App:
             remove_pidfile(pidfile)
             raise
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        loop.add_signal_handler(signal.SIGUSR1, self._on_usr1)
         if self.worker is not None:
-            self.worker.ready()
+            self.worker.ready()  # the supervisor tells systemd once every worker is
+        else:
+            sdnotify.ready("running")
         if hup_during_start:
             self.reload()
         try:
             await self._stop_requested.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
+            sdnotify.stopping()
             await self.stop()
             remove_pidfile(pidfile)
             log_event("app.stopped", pid=os.getpid())
+
+    async def _stats(self, req: object) -> dict[str, object]:
+        return metrics_stats(self)
 
     def _on_stop_signal(self, sig: int) -> None:
         log_event("app.stopping", signal=signal.Signals(sig).name)
@@ -276,6 +322,11 @@ class App:
 
     def _on_hup(self) -> None:
         self.reload()
+
+    def _on_usr1(self) -> None:
+        """SIGUSR1: reopen the log file (after logrotate moved it)."""
+        log.reopen()
+        log_event("log.reopened")
 
 
 def is_fqdn(name: str) -> bool:

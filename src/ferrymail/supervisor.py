@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ferrymail import sdnotify
 from ferrymail.config import StartupConfig
 from ferrymail.config.models import StartupServer
 from ferrymail.observe.log import log_event
@@ -94,17 +95,17 @@ def default_workers() -> int:
 def choose_workers(option: int | None, configured: int | None, cpus: int,
                    local_shaping: bool) -> tuple[int, str]:
     """(worker count, why) for ``ferrymail run``: ``--workers``, else ``environment.workers``,
-    else one per CPU, except that delivery policies limited in-process (``policies`` without
-    a Redis ``cluster``) keep the default at 1 worker: the in-process limiter counts per
-    worker, so N workers would let N times the configured limits through. An explicit
-    count is obeyed (the caller warns)."""
+    else 1: per-host limits (in-process ``policies``, ``queues.concurrency``, inbound limits)
+    and metrics are still per worker, so N workers are an explicit choice; ``cpus`` is what
+    the log suggests. An explicit count is obeyed (the caller warns when in-process
+    policies would then be multiplied)."""
     if option is not None:
         return option, "--workers"
     if configured is not None:
         return configured, "environment.workers"
     if local_shaping:
         return 1, "policies limited in-process (no cluster): one worker keeps them exact"
-    return cpus, "one per CPU"
+    return 1, f"default (this host has {cpus} CPUs: --workers {cpus} uses them all)"
 
 
 @dataclass
@@ -232,6 +233,7 @@ class Supervisor:
                 return 1
             log_event("supervisor.started", workers=self.count, pid=os.getpid(),
                       spool=str(self.startup.spool.path))
+            sdnotify.ready(f"running with {self.count} workers")
             return self._serve()
         finally:
             for copies in self._sockets.values():
@@ -251,6 +253,7 @@ class Supervisor:
                 sig = self._signals.pop(0)
                 if sig in (signal.SIGTERM, signal.SIGINT):
                     log_event("app.stopping", signal=signal.Signals(sig).name)
+                    sdnotify.stopping()
                     self._stop_all()
                     log_event("supervisor.stopped", pid=os.getpid())
                     return 0
@@ -314,6 +317,7 @@ class Supervisor:
                 # a reload sent while this worker starts is done once it serves (App.run),
                 # neither lost nor (the default action) fatal
                 signal.signal(signal.SIGHUP, slot.catch_hup)
+                os.environ.pop("NOTIFY_SOCKET", None)  # systemd hears the supervisor only
                 _die_with_parent()
                 code = self.run_worker(slot)
             except BaseException as exc:  # never return into the supervisor's loop
@@ -394,6 +398,23 @@ class Supervisor:
             w.restart_at = None
 
 
+def per_worker(startup: StartupConfig, index: int) -> StartupConfig:
+    """Worker ``index``'s view of the startup config: its own admin socket and admin/metrics
+    TCP ports (``config.operations.worker_socket_path`` / ``for_worker``); worker 0 keeps
+    the configured ones."""
+    if index == 0:
+        return startup
+    from ferrymail.config.operations import admin_socket_path, for_worker, worker_socket_path
+
+    path = admin_socket_path(startup.admin, startup.environment.pidfile)
+    admin = startup.admin.model_copy(update={
+        "socket": False if path is None else worker_socket_path(path, index),
+        "listen": for_worker(startup.admin.listen, index)})
+    metrics = startup.metrics.model_copy(update={
+        "listen": for_worker(startup.metrics.listen, index)})
+    return startup.model_copy(update={"admin": admin, "metrics": metrics})
+
+
 def run_workers(startup_file: str | None, running_file: str | None, startup: StartupConfig,
                 count: int) -> int:
     """``ferrymail run`` with ``count`` (>= 2) worker processes; the exit status."""
@@ -417,8 +438,8 @@ def run_workers(startup_file: str | None, running_file: str | None, startup: Sta
                 log_event("worker.config_failed", "error", file=err.file, line=err.line,
                           key=err.path, error=err.message)
             return 2
-        app = App(startup, running, startup_file=startup_file, running_file=running_file,
-                  worker=slot)
+        app = App(per_worker(startup, slot.index), running, startup_file=startup_file,
+                  running_file=running_file, worker=slot)
         try:
             uvloop.run(app.run())
         except KeyboardInterrupt:

@@ -213,14 +213,17 @@ def ferrymail_proc(tmp_path: Path) -> Iterator[Callable[..., FerrymailProc]]:
 
 
 def startup_yaml(workdir: Path, servers: list[dict[str, Any]], *, level: str = "info",
-                 fsync: bool = True, spool: Path | None = None) -> str:
-    """A startup file for ``servers`` with spool and pidfile inside ``workdir``."""
+                 fsync: bool = True, spool: Path | None = None,
+                 metrics: str | bool = False) -> str:
+    """A startup file for ``servers`` with spool and pidfile inside ``workdir``; the metrics
+    listener is off unless ``metrics`` names an ``ADDRESS:PORT`` (tests run side by side)."""
     doc = {
         "environment": {"hostname": "mx.ferrymail.test",
                         "pidfile": str(workdir / "ferrymail.pid"),
                         "logging": {"level": level}},
         "servers": servers,
         "spool": {"path": str(spool or workdir / "spool"), "fsync": fsync},
+        "metrics": {"listen": metrics},
     }
     return yaml.safe_dump(doc, sort_keys=False)
 

@@ -92,6 +92,17 @@ def test_reload_reaches_every_worker_and_queue_list_sees_every_shard(ferrymail_p
     assert f"{len(ids0) + len(ids1)} message(s)" in out.stdout
     listed = re.findall(r"^([0-9a-f]{16}) ", out.stdout, re.M)
     assert sorted(listed) == sorted(ids0 + ids1)
+    # an action reaches the worker that holds the message (each serves NAME.wK.sock)
+    assert (tmp_path / "ferrymail.w1.sock").exists()
+    gone = ids1[0]
+    out = run_cli("queue", "delete", "--id", gone, "--startup", str(proc.startup_path),
+                  cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.startswith("1 message(s) deleted"), out
+    shown = run_cli("queue", "show", ids1[-1] if len(ids1) > 1 else ids0[0], "--startup",
+                    str(proc.startup_path), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    ids1 = [m.queue_id for m in spool_messages(spool / "shard-1")]
+    assert gone not in ids1
     assert proc.stop() == 0
     assert not (tmp_path / "ferrymail.pid").exists()
 

@@ -895,7 +895,7 @@ def test_check_files_classifies_and_reports(tmp_path):
     assert [str(e) for e in errors] == [
         f"{running}:3: servers[0].transport: unknown transport 't' (no transports are defined)",
         f"{env}:2: queues: unknown key 'queues' (expected one of: environment, servers, spool, "
-        "cluster)",
+        "cluster, admin, metrics)",
     ]
     assert check_files([str(tmp_path / "none.yaml")])[0].message.startswith("cannot read")
     syntax = write(tmp_path, "syntax.yaml", "a: [\n")

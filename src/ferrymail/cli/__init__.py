@@ -4,8 +4,9 @@
                                                      serve (no options: embedded defaults;
                                                      one worker process per CPU)
 ``ferrymail config check FILE…``                     validate configuration files
-``ferrymail reload [--startup FILE]``                 SIGHUP the running instance (pidfile)
-``ferrymail queue list [--startup FILE]``             pending messages in the spool
+``ferrymail reload [--startup FILE]``                 reload; prints the daemon's verdict
+``ferrymail queue list|show|summary|retry|hold|release|delete|bounce``  queue control
+``ferrymail top [--startup FILE]``                    live view of the running daemon
 ``ferrymail suspend add|list|remove``                hold deliveries on a key (shaping)
 ``ferrymail dkim keygen DOMAIN SELECTOR``           a DKIM key file and its DNS record
 ``ferrymail auth hash USER``                       a user:hash line for AUTH (password on stdin)
@@ -19,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from ferrymail import __version__
-from ferrymail.cli import auth, dkim, queue, run, suspend
+from ferrymail.cli import auth, dkim, queue, run, suspend, top
 from ferrymail.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAIL", "EXIT_OK", "build_parser", "main"]
@@ -28,6 +29,7 @@ __all__ = ["EXIT_CONFIG", "EXIT_FAIL", "EXIT_OK", "build_parser", "main"]
 FAMILIES = [
     run.register,
     queue.register,
+    top.register,
     suspend.register,
     dkim.register,
     auth.register,

@@ -1,15 +1,29 @@
-"""``ferrymail queue …``: inspect the spool."""
+"""``ferrymail queue …``: list, show, summary, retry, hold, release, delete, bounce.
+
+Every subcommand goes through the daemon's admin API when it runs, so changes are applied by
+the daemon and never race a delivery in progress. ``list``, ``show`` and ``summary`` fall back
+to reading the spool (read-only, beside nothing or a stopped daemon) when no daemon answers;
+the changing ones then refuse. Filters (all must match; actions apply to whole messages):
+``--id`` (repeatable), ``--from`` and ``--to`` (address or domain), ``--transport``,
+``--state queued|deferred|held|in-flight``, ``--older-than DURATION``, ``--last-error REGEX``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ferrymail.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, print_config_error
-from ferrymail.config import ConfigError, load_startup
+from ferrymail.config import ConfigError, StartupConfig, load_startup
+
+READ_ONLY = ("list", "show", "summary")
+ACTIONS = ("retry", "hold", "release", "delete", "bounce")
+STATES = ("queued", "deferred", "held", "in-flight")
 
 
 def _age(seconds: float) -> str:
@@ -42,70 +56,301 @@ def cluster_line(spool_dir: Path) -> str:
             f"instance {st.get('instance')}, since {since}")
 
 
-def cmd_queue_list(args: argparse.Namespace) -> int:
-    from ferrymail.spool import SpoolError, SqliteSpool
+def _filter(args: argparse.Namespace) -> Any:
+    from ferrymail.admin.queue import QueueFilter
+    from ferrymail.config import parse_duration
+
+    older = None if args.older_than is None else parse_duration(args.older_than)
+    return QueueFilter(ids=tuple(args.id or ()), sender=args.sender, recipient=args.to,
+                       transport=args.transport, state=args.state, older_than=older,
+                       last_error=args.last_error)
+
+
+def _spool_fallback(startup: StartupConfig, what: str, args: argparse.Namespace,
+                    flt: Any, paths: list[Path] | None = None) -> Any:
+    """Answer a read-only command from the spool itself (no daemon runs)."""
+    from ferrymail.admin.queue import collect_views, message_content, message_view, summarize
+    from ferrymail.spool import SqliteSpool
     from ferrymail.supervisor import shard_paths
 
+    if not Path(startup.spool.path).exists():
+        raise FileNotFoundError(f"no spool at {startup.spool.path}")
+
+    async def one(path: Path) -> Any:
+        spool = SqliteSpool(path, readonly=True)  # works beside a running daemon
+        await spool.start()
+        try:
+            now = time.time()
+            if what == "show":
+                msg = await spool.get(args.queue_id)
+                if msg is None:
+                    return None
+                view = message_view(msg, now=now)
+                view.update(message_content(await spool.read(args.queue_id), args.body))
+                return view
+            return await collect_views(spool, flt, now=now, limit=args.limit)
+        finally:
+            await spool.close()
+
+    async def run() -> Any:
+        # every worker's shard (supervisor.py); ids are time-ordered across shards
+        views: list[dict[str, Any]] = []
+        for path in paths if paths is not None else shard_paths(startup.spool.path):
+            if not (path / "spool.db").exists():
+                continue
+            found = await one(path)
+            if what == "show":
+                if found is not None:
+                    return found
+                continue
+            views += found
+        if what == "show":
+            return None
+        views.sort(key=lambda v: v["id"])
+        views = views[:args.limit]
+        if what == "summary":
+            return {"queues": summarize(views, now=time.time()), "hold": None}
+        return {"messages": views}
+
+    return asyncio.run(run())
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from ferrymail.admin.client import AdminClient, AdminError, AdminUnavailable, other_workers
+    from ferrymail.spool import SpoolError
+
+    what = args.queue_command
+    prog = f"ferrymail queue {what}"
     try:
         startup = load_startup(args.startup)
     except ConfigError as exc:
         print_config_error(exc)
         return EXIT_CONFIG
-
-    async def listing() -> list:
-        # every worker's shard (supervisor.py), read-only: works beside a running daemon
-        found: list = []
-        for path in shard_paths(startup.spool.path):
-            if not (path / "spool.db").exists():
-                continue
-            spool = SqliteSpool(path, readonly=True)
-            await spool.start()
-            try:
-                found += await spool.list(args.limit)
-            finally:
-                await spool.close()
-        found.sort(key=lambda m: m.queue_id)  # ids are time-ordered across shards
-        return found[:args.limit]
-
-    if not Path(startup.spool.path).exists():
-        print(f"ferrymail queue list: no spool at {startup.spool.path}", file=sys.stderr)
+    try:
+        flt = _filter(args) if what != "show" else None
+    except ValueError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    if what in ACTIONS and flt.empty and not args.all:
+        print(f"{prog}: give a filter (e.g. --id, --to, --state) or --all", file=sys.stderr)
         return EXIT_FAIL
     try:
-        messages = asyncio.run(listing())
-    except SpoolError as exc:
-        print(f"ferrymail queue list: {exc}", file=sys.stderr)
+        client = AdminClient.for_startup(startup)
+    except OSError as exc:
+        print(f"{prog}: cannot read the admin token: {exc}", file=sys.stderr)
         return EXIT_FAIL
-    now = time.time()
-    cluster = cluster_line(Path(startup.spool.path))
-    if cluster:
-        print(cluster)
-    for msg in messages:
-        env = msg.envelope
-        print(f"{msg.queue_id}  {_age(now - env.received_at):>4}  <{env.sender}>  "
-              f"client={env.client_ip}  size={env.size}  server={env.server_id}")
-        for rcpt in msg.recipients:
-            extra = f"  attempts={rcpt.attempts}" if rcpt.attempts else ""
-            reply = f'  last="{rcpt.last_reply}"' if rcpt.last_reply else ""
-            print(f"    <{rcpt.address}>  {rcpt.state.value}{extra}{reply}")
-    from ferrymail.delivery.scheduler import destination_lines
-
-    shards = shard_paths(startup.spool.path)
-    for shard in shards:  # written by each worker's scheduler
-        lines = destination_lines(shard, now)
-        if lines and len(shards) > 1:
-            lines[0] = f"{lines[0]} [{shard}]"
-        for line in lines:
-            print(line)
-    print(f"{len(messages)} message(s)" + (" (limit reached)" if len(messages) >= args.limit
-                                         else ""))
+    source = "daemon"
+    try:
+        if client is None:
+            raise AdminUnavailable("the admin API is switched off (admin.socket: false)")
+        clients = [client, *other_workers(startup)]
+        result = _ask_workers(clients, what, args, flt)
+        if what in ("list", "summary"):
+            result = _with_unserved_shards(startup, result, len(clients), what, args, flt)
+    except AdminError as exc:
+        if what == "show" and exc.status == 404:
+            print(f"{prog}: no message {args.queue_id} in the queue", file=sys.stderr)
+        else:
+            print(f"{prog}: the daemon refused: {exc.message}", file=sys.stderr)
+        return EXIT_FAIL
+    except AdminUnavailable as exc:
+        if what not in READ_ONLY:
+            print(f"{prog}: {exc}; changes are made by the running daemon: start it "
+                  "(`ferrymail run`) and try again", file=sys.stderr)
+            return EXIT_FAIL
+        source = "spool"
+        try:
+            result = _spool_fallback(startup, what, args, flt)
+        except (OSError, SpoolError) as err:
+            print(f"{prog}: {err}", file=sys.stderr)
+            return EXIT_FAIL
+        if result is None:
+            print(f"{prog}: no message {args.queue_id} in the queue", file=sys.stderr)
+            return EXIT_FAIL
+    if args.json:
+        if isinstance(result, dict):
+            result = {**result, "source": source}
+        print(json.dumps(result, indent=1))
+        return EXIT_OK
+    _print(what, result, args, source, Path(startup.spool.path))
     return EXIT_OK
 
 
+def _with_unserved_shards(startup: StartupConfig, result: dict[str, Any], served: int,
+                          what: str, args: argparse.Namespace, flt: Any) -> dict[str, Any]:
+    """Add what lies in shards no running worker serves (left by a larger ``--workers``),
+    read from the spool, so ``list`` and ``summary`` never hide a queued message."""
+    from ferrymail.supervisor import shard_paths
+
+    root = Path(startup.spool.path)
+    extra = [p for p in shard_paths(root)
+             if p != root and int(p.name.rsplit("-", 1)[1]) >= served]
+    if not extra:
+        return result
+    found = _spool_fallback(startup, "list", args, flt, paths=extra)["messages"]
+    if what == "list":
+        msgs = sorted([*result["messages"], *found], key=lambda m: m["id"])
+        return {**result, "messages": msgs[:args.limit]}
+    from ferrymail.admin.queue import summarize
+
+    return {**result, "queues": [*result["queues"], *summarize(found, now=time.time())]}
+
+
+def _ask_workers(clients: list[Any], what: str, args: argparse.Namespace, flt: Any) -> Any:
+    """One command to every worker (each holds its own spool shard), answers combined:
+    ``show`` from the worker that has the message, lists concatenated in id order, action
+    counts added up. Raises the first worker's AdminUnavailable / AdminError."""
+    from ferrymail.admin.client import AdminError
+
+    if what == "show":
+        for i, client in enumerate(clients):
+            try:
+                return client.get(f"/v1/queue/{args.queue_id}",
+                                  [("body", "1")] if args.body else None)
+            except AdminError as exc:
+                if exc.status != 404 or i == len(clients) - 1:
+                    raise
+    answers: list[dict[str, Any]] = []
+    for client in clients:
+        if what == "list":
+            answers.append(client.get("/v1/queue",
+                                      [*flt.to_query(), ("limit", str(args.limit))]))
+        elif what == "summary":
+            answers.append(client.get("/v1/queue/summary", flt.to_query()))
+        else:
+            body: dict[str, Any] = {"filter": dict(_grouped(flt.to_query()))}
+            if args.all:
+                body["all"] = True
+            if what == "bounce":
+                body["reason"] = args.reason
+            answers.append(client.post(f"/v1/queue/{what}", body))
+    if len(answers) == 1:
+        return answers[0]
+    if what == "list":
+        msgs = sorted((m for a in answers for m in a["messages"]), key=lambda m: m["id"])
+        return {**answers[0], "messages": msgs[:args.limit]}
+    if what == "summary":
+        return {**answers[0], "queues": [q for a in answers for q in a["queues"]]}
+    total = dict(answers[0])
+    for a in answers[1:]:
+        for key, value in a.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                total[key] = int(total.get(key, 0)) + value
+    return total
+
+
+def _grouped(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for key, value in pairs:
+        out.setdefault(key, []).append(value)
+    return out
+
+
+def _print(what: str, result: dict[str, Any], args: argparse.Namespace, source: str,
+           spool_dir: Path) -> None:
+    if what == "list":
+        from ferrymail.delivery.scheduler import destination_lines
+
+        msgs = result["messages"]
+        cluster = cluster_line(spool_dir)
+        if cluster:
+            print(cluster)
+        for m in msgs:
+            print(f"{m['id']}  {_age(m['age_s']):>4}  <{m['sender']}>  "
+                  f"client={m['client_ip']}  size={m['size']}  server={m['server']}  "
+                  f"{m['state']}")
+            for r in m["recipients"]:
+                extra = f"  attempts={r['attempts']}" if r["attempts"] else ""
+                reply = f'  last="{r["last_reply"]}"' if r["last_reply"] else ""
+                print(f"    <{r['address']}>  {r['state']}{extra}{reply}")
+        from ferrymail.supervisor import shard_paths
+
+        shards = shard_paths(spool_dir)
+        for shard in shards:  # written by each worker's scheduler
+            lines = destination_lines(shard, time.time())
+            if lines and len(shards) > 1:
+                lines[0] = f"{lines[0]} [{shard}]"
+            for line in lines:
+                print(line)
+        print(f"{len(msgs)} message(s)" + (" (limit reached)" if len(msgs) >= args.limit
+                                           else ""))
+    elif what == "show":
+        m = result
+        print(f"queue id:  {m['id']}  ({m['state']})")
+        print(f"received:  {m['received_at']}  ({_age(m['age_s'])} ago) from "
+              f"{m['client_ip']} helo={m['helo']} server={m['server']} tls={m['tls'] or 'no'}")
+        print(f"sender:    <{m['sender']}>  size={m['size']}")
+        for r in m["recipients"]:
+            when = f"  next={r['next_attempt']}" if r["next_attempt"] else ""
+            print(f"recipient: <{r['address']}>  {r['state']}  transport={r['transport']}  "
+                  f"attempts={r['attempts']}{when}")
+            if r["last_reply"]:
+                print(f"           last reply: {r['last_reply']}")
+        if m.get("pending_actions"):
+            print(f"pending:   {', '.join(m['pending_actions'])} (when the attempt ends)")
+        print("headers:")
+        for h in m["headers"]:
+            print(f"  {h}")
+        if "message" in m:
+            print("message:")
+            sys.stdout.write(m["message"])
+    elif what == "summary":
+        rows = result["queues"]
+        print(f"{'TRANSPORT':<14} {'DOMAIN':<24} {'SOURCE':<14} {'MSGS':>5} {'RCPTS':>5} "
+              f"{'OLDEST':>6}  WHY / LAST ERROR")
+        for g in rows:
+            print(f"{g['transport']:<14} {g['domain']:<24} {g['source']:<14} "
+                  f"{g['messages']:>5} {g['recipients']:>5} {_age(g['oldest_s']):>6}  "
+                  f"{'; '.join(g['why']) or '-'}")
+            if g["last_error"]:
+                print(f"{'':>73}last: {g['last_error']}")
+        if result.get("hold"):
+            print("queues.hold is on: no delivery starts")
+        if source == "spool":
+            print("(read from the spool: no daemon answers; wait reasons need the daemon)")
+    else:
+        verb = {"retry": "made due now", "hold": "held", "release": "released",
+                "delete": "deleted", "bounce": "bounced"}[what]
+        print(f"{result['changed']} message(s) {verb}; {result['matched']} matched; "
+              f"{result['in_flight']} in flight ({what} applies when the attempt ends); "
+              f"{result['gone']} gone meanwhile")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``queue list`` to the ``ferrymail`` subparsers."""
-    q = sub.add_parser("queue", help="inspect the spool")
+    """Add ``queue list|show|summary|retry|hold|release|delete|bounce``."""
+    q = sub.add_parser("queue", help="inspect and control the queue",
+                       description="inspect and control the queue (through the daemon)")
     q_sub = q.add_subparsers(dest="queue_command", metavar="SUBCOMMAND", required=True)
-    p = q_sub.add_parser("list", help="list pending messages", description="list pending messages")
-    p.set_defaults(func=cmd_queue_list)
-    p.add_argument("--startup", metavar="FILE", help="startup configuration (for the spool)")
-    p.add_argument("--limit", type=int, default=1000, help="show at most this many")
+    helps = {
+        "list": "list messages with their recipients' states",
+        "show": "one message: envelope, recipients, attempts, last reply, headers",
+        "summary": "per transport x domain x source: counts, oldest, why it waits",
+        "retry": "make deferred mail due now (postqueue -f / -s)",
+        "hold": "keep messages from delivery until released",
+        "release": "release held messages (due now)",
+        "delete": "remove messages without notice",
+        "bounce": "fail messages with a DSN to the sender (RFC 3464)",
+    }
+    for name, text in helps.items():
+        p = q_sub.add_parser(name, help=text, description=text)
+        p.set_defaults(func=cmd_queue)
+        p.add_argument("--startup", metavar="FILE", help="startup configuration (spool, socket)")
+        p.add_argument("--json", action="store_true", help="print the JSON answer")
+        if name == "show":
+            p.add_argument("queue_id", metavar="ID")
+            p.add_argument("--body", action="store_true", help="print the whole message")
+            continue
+        p.add_argument("--id", action="append", metavar="ID", help="this queue id (repeatable)")
+        p.add_argument("--from", dest="sender", metavar="ADDR|DOMAIN", help="sender")
+        p.add_argument("--to", metavar="ADDR|DOMAIN", help="a pending recipient")
+        p.add_argument("--transport", metavar="ID", help="a pending recipient's transport")
+        p.add_argument("--state", choices=STATES, help="a pending recipient's state")
+        p.add_argument("--older-than", metavar="DURATION", help="received longer ago (1h, 2d)")
+        p.add_argument("--last-error", metavar="REGEX", help="a pending recipient's last reply")
+        if name in ACTIONS:
+            p.add_argument("--all", action="store_true", help="every message (no filter)")
+        else:
+            p.add_argument("--limit", type=int, default=1000, help="show at most this many")
+        if name == "bounce":
+            p.add_argument("--reason", default="bounced by the administrator",
+                           help="text for the DSN's diagnostic")

@@ -29,7 +29,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print_config_error(exc)
         return EXIT_CONFIG
-    log.configure(app.startup.environment.logging.level)
+    lg = app.startup.environment.logging
+    try:
+        log.configure(lg.level, format=lg.format, destination=lg.destination, file=lg.file,
+                      syslog_socket=lg.syslog_socket, syslog_facility=lg.syslog_facility)
+    except OSError as exc:
+        print(f"ferrymail run: cannot open the log file {lg.file}: {exc.strerror}",
+              file=sys.stderr)
+        return EXIT_FAIL
     # Whatever the daemon creates (spool files, SQLite's WAL and shared-memory files) is
     # for its own user only.
     os.umask(0o077)
@@ -87,6 +94,10 @@ def _print_warnings(name: str) -> None:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the daemon to reload through the admin API and report its verdict: exit 0 when
+    the new running config is in force, 2 with ``FILE:LINE: KEYPATH: MESSAGE`` lines when it
+    was refused. Without an admin API answering, SIGHUP (pidfile) and say no verdict came."""
+    from ferrymail.admin.client import AdminClient, AdminError, AdminUnavailable, other_workers
     from ferrymail.app import read_pidfile
 
     try:
@@ -94,6 +105,32 @@ def cmd_reload(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print_config_error(exc)
         return EXIT_CONFIG
+    why = "the admin API is switched off"
+    try:
+        client = AdminClient.for_startup(startup, timeout=args.timeout)
+        if client is not None:
+            # every worker of `run --workers N` reloads on its own; the first refusal stops
+            for worker in [client, *other_workers(startup, timeout=args.timeout)]:
+                answer = worker.post("/v1/reload")
+            try:
+                pid = read_pidfile(Path(startup.environment.pidfile))
+            except (OSError, ValueError):
+                pid = answer.get("pid")
+            print(f"reloaded ferrymail (pid {pid}): {answer.get('file')} is in force")
+            return EXIT_OK
+    except AdminError as exc:
+        errors = exc.body.get("errors") if isinstance(exc.body, dict) else None
+        if exc.status == 422 and errors:
+            print("ferrymail reload: the daemon refused the new running configuration and "
+                  "keeps the previous one:", file=sys.stderr)
+            for err in errors:
+                print(err.get("detail") or f"{err.get('file')}:{err.get('line')}: "
+                      f"{err.get('key')}: {err.get('message')}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(f"ferrymail reload: the daemon answered {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except (AdminUnavailable, OSError) as exc:
+        why = str(exc)
     pidfile = Path(startup.environment.pidfile)
     try:
         pid = read_pidfile(pidfile)
@@ -108,7 +145,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     except PermissionError as exc:
         print(f"ferrymail reload: cannot signal process {pid}: {exc}", file=sys.stderr)
         return EXIT_FAIL
-    print(f"sent SIGHUP to ferrymail (pid {pid})")
+    print(f"sent SIGHUP to ferrymail (pid {pid}); no verdict: {why} (see the daemon's log "
+          "for config.reloaded or config.reload_failed)")
     return EXIT_OK
 
 
@@ -130,7 +168,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--startup", metavar="FILE", help="startup configuration (YAML)")
     p.add_argument("--running", metavar="FILE", help="running configuration (YAML)")
     p.add_argument("--workers", metavar="N", type=_positive,
-                   help="worker processes (default: environment.workers, else one per CPU)")
+                   help="worker processes (default: environment.workers, else 1)")
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
@@ -142,4 +180,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reload", help="make the running instance re-read its running config",
                        description="make the running instance re-read its running config")
     p.set_defaults(func=cmd_reload)
-    p.add_argument("--startup", metavar="FILE", help="startup configuration (for the pidfile)")
+    p.add_argument("--startup", metavar="FILE",
+                   help="startup configuration (for the admin socket and pidfile)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for the daemon's verdict")

@@ -390,11 +390,11 @@ def parse_running(text: str, file: str = "<string>") -> RunningConfig:
 
 
 def is_startup_data(data: Any) -> bool:
-    """A file is a startup file if it has ``spool``, ``environment``, ``cluster`` or a server with
-    ``listeners``; anything else is a running file."""
+    """A file is a startup file if it has ``spool``, ``environment``, ``cluster``, ``admin``,
+    ``metrics``, or a server with ``listeners``; anything else is a running file."""
     if not isinstance(data, dict):
         return False
-    if "spool" in data or "environment" in data or "cluster" in data:
+    if any(key in data for key in ("spool", "environment", "cluster", "admin", "metrics")):
         return True
     servers = data.get("servers")
     return isinstance(servers, list) and any(

@@ -36,6 +36,7 @@ from .accounts import GroupName, UserName
 from .auth import ServerAuth
 from .dkim import Dkim, dkim_problems
 from .inbound import InboundPolicy
+from .operations import Admin, Metrics
 from .policies import Cluster, Grouping, Policy, shaping_problems
 from .types import (
     DomainPattern,
@@ -105,6 +106,19 @@ DEFAULT_TRUSTED_PROXIES = (
 
 class Logging(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # operations (observe/log.py): line format and where lines go
+    format: Literal["logfmt", "json"] = "logfmt"
+    destination: Literal["stderr", "file", "syslog"] = "stderr"
+    file: Annotated[str, Field(min_length=1, strict=True)] | None = None  # reopened on SIGUSR1
+    syslog_socket: Annotated[str, Field(min_length=1, strict=True)] = "/dev/log"
+    syslog_facility: Literal["mail", "daemon", "local0", "local1", "local2", "local3",
+                             "local4", "local5", "local6", "local7"] = "mail"
+
+    @model_validator(mode="after")
+    def _file_needed(self) -> Logging:
+        if self.destination == "file" and self.file is None:
+            raise ValueError("logging.destination file needs logging.file (the log's path)")
+        return self
 
 
 class Environment(_Model):
@@ -114,7 +128,7 @@ class Environment(_Model):
     # privileges dropped after binding, before the spool opens (privileges.py)
     user: UserName | None = None
     group: GroupName | None = None
-    # worker processes of `ferrymail run` (supervisor.py); None: one per CPU
+    # worker processes of `ferrymail run` (supervisor.py); None: 1
     workers: PositiveInt | None = None
 
 
@@ -197,6 +211,8 @@ class StartupConfig(_Model):
     servers: tuple[StartupServer, ...] = ()
     spool: Spool = Field(default_factory=Spool)
     cluster: Cluster | None = None  # shaping shared through Redis (orchestrator)
+    admin: Admin = Field(default_factory=Admin)
+    metrics: Metrics = Field(default_factory=Metrics)
 
     _source: str | None = PrivateAttr(default=None)
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)

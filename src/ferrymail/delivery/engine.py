@@ -51,6 +51,7 @@ from ferrymail.delivery.routing import (
 from ferrymail.delivery.scheduler import Job, Scheduler, plan_retry
 from ferrymail.dkim import DkimError, DkimSigner, PrefixedBody
 from ferrymail.hooks import HookContext, HookDecision, HookError, PredeliveryHook
+from ferrymail.observe import metrics
 from ferrymail.observe.log import log_event
 from ferrymail.orchestrator.limiter import Denied, Lease, Limiter
 from ferrymail.orchestrator.local import LocalLimiter
@@ -921,6 +922,7 @@ class DeliveryEngine:
             return False
         log_event("dsn.queued", qid=msg.queue_id, dsn_qid=qid, action=action, rcpts=rcpts,
                   to=env.sender, transport=dsn_transport)
+        metrics.DSN.labels(action).inc()
         self.scheduler.wake()
         return True
 
@@ -989,6 +991,23 @@ class DeliveryEngine:
             fields["results"] = ",".join(f"{x.record.address}:{names.get(x.state, '?')}"
                                          for x in results)
         log_event(event, level, **fields)
+        metrics.delivery_attempt(
+            job.destination.transport or "?",
+            (src.address_id or src.address or "os") if src else "-",
+            (str(src.proxy) if src.proxy else "direct") if src else "-", result,
+            _failure_kind(outcome),
+            ["deleted" if result == "deleted" else names.get(x.state, "deferred")
+             for x in results], time.monotonic() - started,
+            str(fields.get("reply") or fields.get("error") or "") or None)
+
+
+def _failure_kind(outcome: Outcome) -> str:
+    """The class of what went wrong, for metrics: smtp, network, dns, ... or hook."""
+    if outcome.replies:
+        return "smtp"
+    if outcome.hook is not None or outcome.hook_error is not None:
+        return "hook"
+    return outcome.error.kind if outcome.error is not None else "none"
 
 
 def _sooner(a: Denied | None, b: Denied) -> Denied:

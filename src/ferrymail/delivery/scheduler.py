@@ -261,6 +261,8 @@ class Scheduler:
         self._unproven_full = False  # the unproven share is full (since it last had room)
         self._unproven_logged = -UNPROVEN_LOG_EVERY  # monotonic time of the last log line
         self.unproven_share_hits = 0  # times the unproven share filled up (counted bound)
+        # called with a queue id once its last running attempt ended (admin queue actions)
+        self.on_released: list[Callable[[str], None]] = []
 
     # -- lifecycle
 
@@ -313,6 +315,22 @@ class Scheduler:
         start the next job now. Its queue id stays in flight until ``run_job`` returns."""
         if self._free_slot(job) and not self._stopping:
             self._dispatch()
+
+    # -- queue control (admin): a claimed queue id is kept out of fetches like one in flight
+
+    def claim(self, queue_id: str) -> bool:
+        """Keep ``queue_id`` from being fetched until `unclaim`; False if an attempt runs."""
+        if queue_id in self._in_flight:
+            return False
+        self._in_flight[queue_id] = 0  # no job: nothing but `unclaim` removes it
+        return True
+
+    def unclaim(self, queue_id: str) -> None:
+        """End a `claim` and look at the whole spool at once (e.g. the message is due now)."""
+        if self._in_flight.get(queue_id) == 0:
+            del self._in_flight[queue_id]
+        self._full_at = 0.0
+        self._wake.set()
 
     def parked(self) -> frozenset[str]:
         """Queue ids left in the spool because a destination of theirs had a full queue."""
@@ -527,22 +545,32 @@ class Scheduler:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            # Nothing was recorded; without a pause the message would be due again at once.
-            self._cooldown[job.queue_id] = time.monotonic() + COOLDOWN
-            heapq.heappush(self._wakeups, self.clock() + COOLDOWN)
-            log_event("scheduler.job_error", "error", qid=job.queue_id,
-                      destination=str(job.destination), error=f"{type(e).__name__}: {e}",
-                      retry_in_s=COOLDOWN)
+            self._job_failed(job, e)
         finally:
             self._fed.discard(id(job))
             self._free_slot(job)
             self._job_done(job)
+
+    def _job_failed(self, job: Job, e: Exception) -> None:
+        """A job raised: nothing was recorded, so without a pause the message would be due
+        again at once; it waits ``COOLDOWN`` seconds, logged."""
+        self._cooldown[job.queue_id] = time.monotonic() + COOLDOWN
+        heapq.heappush(self._wakeups, self.clock() + COOLDOWN)
+        log_event("scheduler.job_error", "error", qid=job.queue_id,
+                  destination=str(job.destination), error=f"{type(e).__name__}: {e}",
+                  retry_in_s=COOLDOWN)
 
     def _job_done(self, job: Job) -> None:
         """``job`` is over (run or deferred): its message leaves flight after its last job."""
         left = self._in_flight.get(job.queue_id, 1) - 1
         if left <= 0:
             self._in_flight.pop(job.queue_id, None)
+            for callback in self.on_released:
+                try:
+                    callback(job.queue_id)
+                except Exception as e:  # a bug there must not stop the scheduling below
+                    log_event("scheduler.callback_error", "error", qid=job.queue_id,
+                              error=f"{type(e).__name__}: {e}")
         else:
             self._in_flight[job.queue_id] = left
         if not self._stopping:
@@ -737,11 +765,7 @@ class Scheduler:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            self._cooldown[job.queue_id] = time.monotonic() + COOLDOWN
-            heapq.heappush(self._wakeups, self.clock() + COOLDOWN)
-            log_event("scheduler.job_error", "error", qid=job.queue_id,
-                      destination=str(job.destination), error=f"{type(e).__name__}: {e}",
-                      retry_in_s=COOLDOWN)
+            self._job_failed(job, e)
         finally:
             self._job_done(job)
 

@@ -1,12 +1,21 @@
-"""Structured logging: one logfmt line per event on stderr.
+"""Structured logging: one logfmt (or JSON) line per event, on stderr, a file or syslog.
 
 ``log_event("smtp.transaction", client="1.2.3.4:5", qid="…")`` writes
-``ts=2024-05-01T12:00:00.123Z level=info event=smtp.transaction client=1.2.3.4:5 qid=…``.
+``ts=2024-05-01T12:00:00.123Z level=info event=smtp.transaction client=1.2.3.4:5 qid=…``,
+or with ``environment.logging.format: json`` the same as one JSON object per line.
 No ``logging`` module on the hot path: formatting is a few string operations and one write.
+
+Destinations (``environment.logging.destination``): ``stderr``; ``file`` (appended to,
+reopened by `reopen`, which the daemon calls on SIGUSR1 after logrotate moved it); ``syslog``
+(one datagram per line to ``/dev/log`` or the configured socket, RFC 3164 framing
+``<PRI>ferrymail[PID]: LINE``, severity from the level).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import sys
 import time
 from typing import TextIO
@@ -18,21 +27,64 @@ _threshold = LEVELS["info"]
 _stream: TextIO | None = None  # None: whatever sys.stderr is at write time (pytest swaps it)
 _ts_cache: tuple[int, str] = (-1, "")
 _end = "\n"  # what ends every line: set_context() puts its fields before the newline
+_context: dict[str, object] = {}  # the same fields, for JSON lines
+_json = False
+_file_path: str | None = None
+_syslog: tuple[socket.socket, str, int] | None = None  # socket, address, facility code
+
+SYSLOG_FACILITIES = {"daemon": 3, "mail": 2, **{f"local{i}": 16 + i for i in range(8)}}
+_SEVERITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 
 
-def configure(level: str = "info", stream: TextIO | None = None) -> None:
-    """Set the minimum level (``debug``/``info``/``warning``/``error``) and the output stream."""
-    global _threshold, _stream
+def configure(level: str = "info", stream: TextIO | None = None, *, format: str = "logfmt",
+              destination: str = "stderr", file: str | None = None,
+              syslog_socket: str = "/dev/log", syslog_facility: str = "mail") -> None:
+    """Set the minimum level (``debug``/``info``/``warning``/``error``), the line format
+    (``logfmt``/``json``) and where lines go: ``stream`` (None: stderr), a ``file`` (OSError
+    if it cannot be opened) or ``syslog``."""
+    global _threshold, _stream, _json, _file_path, _syslog
     _threshold = LEVELS[normalise_level(level)]
-    _stream = stream
+    if format not in ("logfmt", "json"):
+        raise ValueError(f"unknown log format {format!r} (logfmt or json)")
+    _json = format == "json"
+    _close_destination()
+    _stream, _file_path, _syslog = stream, None, None
+    if destination == "file":
+        if file is None:
+            raise ValueError("the file destination needs a file name")
+        _file_path = file
+        _stream = open(file, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+    elif destination == "syslog":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        _syslog = (sock, syslog_socket, SYSLOG_FACILITIES[syslog_facility])
+    elif destination != "stderr":
+        raise ValueError(f"unknown log destination {destination!r}")
+
+
+def reopen() -> None:
+    """Reopen the log file (a no-op for other destinations): logrotate's ``postrotate``."""
+    global _stream
+    if _file_path is None:
+        return
+    new = open(_file_path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+    old, _stream = _stream, new
+    if old is not None:
+        old.close()
+
+
+def _close_destination() -> None:
+    if _file_path is not None and _stream is not None:
+        _stream.close()
+    if _syslog is not None:
+        _syslog[0].close()
 
 
 def set_context(**fields: object) -> None:
     """Fields added to every line from now on (e.g. ``worker=1`` in a worker process, so
     the lines of N workers sharing one log can be told apart); none: clear them."""
-    global _end
-    extra = "".join(f" {key}={quote(value)}" for key, value in fields.items()
-                    if value is not None)
+    global _end, _context
+    _context = {key: value for key, value in fields.items() if value is not None}
+    extra = "".join(f" {key}={quote(value)}" for key, value in _context.items())
     _end = extra + "\n"
 
 
@@ -95,11 +147,63 @@ def format_event(event: str, level: str = "info", **fields: object) -> str:
     return " ".join(parts)
 
 
+def format_json(event: str, level: str, fields: dict[str, object]) -> str:
+    """The event as one JSON object (without newline); ``None`` values left out."""
+    doc: dict[str, object] = {"ts": _timestamp(), "level": level, "event": event}
+    for key, value in fields.items():
+        if value is not None:
+            doc[key] = value if isinstance(value, (int, float, bool, str)) else str(value)
+    return json.dumps(doc, ensure_ascii=False, default=str)
+
+
+def parse_logfmt(text: str) -> dict[str, str]:
+    """``key=value`` pairs as `quote` writes them (bare or double-quoted with escapes)."""
+    out: dict[str, str] = {}
+    i, n = 0, len(text)
+    escapes = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\"}
+    while i < n:
+        while i < n and text[i] == " ":
+            i += 1
+        eq = text.find("=", i)
+        if eq < 0:
+            break
+        key = text[i:eq]
+        i = eq + 1
+        if i < n and text[i] == '"':
+            i += 1
+            buf = []
+            while i < n and text[i] != '"':
+                c = text[i]
+                if c == "\\" and i + 1 < n:
+                    nxt = text[i + 1]
+                    if nxt in "xuU":
+                        width = {"x": 2, "u": 4, "U": 8}[nxt]
+                        buf.append(chr(int(text[i + 2:i + 2 + width], 16)))
+                        i += 2 + width
+                        continue
+                    buf.append(escapes.get(nxt, nxt))
+                    i += 2
+                    continue
+                buf.append(c)
+                i += 1
+            i += 1
+            out[key] = "".join(buf)
+        else:
+            end = text.find(" ", i)
+            end = n if end < 0 else end
+            out[key] = text[i:end]
+            i = end
+    return out
+
+
 def log_event(event: str, level: str = "info", **fields: object) -> None:
-    """Write one event line to stderr if ``level`` passes the configured threshold."""
+    """Write one event line if ``level`` passes the configured threshold."""
     if LEVELS.get(level, 20) < _threshold:
         return
-    _write(format_event(event, level, **fields) + _end)
+    if _json:
+        _write(format_json(event, level, {**fields, **_context}) + "\n", level)
+    else:
+        _write(format_event(event, level, **fields) + _end, level)
 
 
 def log_formatted(event: str, level: str, fields: str) -> None:
@@ -107,10 +211,22 @@ def log_formatted(event: str, level: str, fields: str) -> None:
     ``key=value`` pairs, space-separated, each value already passed through ``quote``."""
     if LEVELS.get(level, 20) < _threshold:
         return
-    _write(f"ts={_timestamp()} level={level} event={quote(event)} {fields}{_end}")
+    if _json:
+        _write(format_json(event, level, {**parse_logfmt(fields), **_context}) + "\n", level)
+    else:
+        _write(f"ts={_timestamp()} level={level} event={quote(event)} {fields}{_end}", level)
 
 
-def _write(line: str) -> None:
+def _write(line: str, level: str = "info") -> None:
+    if _syslog is not None:
+        sock, address, facility = _syslog
+        pri = facility * 8 + _SEVERITY.get(level, 6)
+        try:
+            sock.sendto(f"<{pri}>ferrymail[{os.getpid()}]: {line.rstrip()}".encode(
+                "utf-8", "backslashreplace"), address)
+        except OSError:
+            pass  # syslog away: nothing to write to (a full buffer drops the line)
+        return
     stream = _stream or sys.stderr
     try:
         stream.write(line)

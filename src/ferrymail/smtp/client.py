@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -42,6 +43,9 @@ _EOF_VIA_PROXY = "the proxy could not bind the source IP or reach the MX"
 
 TLSContextFactory = Callable[[bool], ssl.SSLContext]
 
+
+# Every client made, held weakly: the metrics' open-connections gauge counts the open ones.
+LIVE_CLIENTS: weakref.WeakSet[SMTPClient] = weakref.WeakSet()
 
 class TLSMode(StrEnum):
     """STARTTLS policy (Halon's ``session.tls.mode`` values)."""
@@ -391,6 +395,7 @@ class SMTPClient:
         self._local_ip = local_ip
         self._transport = transport
         self._conn = conn
+        LIVE_CLIENTS.add(self)  # for the open-connections gauge (observe/metrics.py)
         self._tls_factory = tls_context_factory or default_tls_context
         self._banner: Reply | None = None
         self._ehlo_reply: Reply | None = None
@@ -486,6 +491,11 @@ class SMTPClient:
     @property
     def proxied(self) -> bool:
         return self._source.proxy is not None
+
+    @property
+    def is_open(self) -> bool:
+        """The TCP connection is up (in use, or idle in the pool)."""
+        return not (self._conn.closed or self._transport.is_closing())
 
     @property
     def usable(self) -> bool:

@@ -29,6 +29,7 @@ from ferrymail import auth as authlib
 from ferrymail.config import RunningConfig, StartupServer
 from ferrymail.config.auth import ServerAuth
 from ferrymail.observe.log import enabled, log_event, log_formatted, quote
+from ferrymail.observe.metrics import PROXY_HEADER_ERRORS
 from ferrymail.proxy import ProxyDecoder, ProxyError, ProxyHeader
 from ferrymail.smtp import auth as smtp_auth
 from ferrymail.smtp.connlimit import ConnectionLimiter, LimitLog
@@ -477,6 +478,7 @@ class InboundConnection(asyncio.Protocol):
             self._begin(self.peer_ip, self.peer_port)
             return
         if not self.server.trusts(self.peer_ip):
+            PROXY_HEADER_ERRORS.labels(self.server.id, "untrusted").inc()
             log_event("smtp.proxy.untrusted", "warning", server=self.server.id,
                       listener=self.listener.name, peer=format_addr(self.peer_ip, self.peer_port),
                       error="peer is not in trusted_proxies; closed before banner")
@@ -533,6 +535,7 @@ class InboundConnection(asyncio.Protocol):
             self.claimed = None
         if was == _PROXY and self.close_reason is None:
             if self.decoder is not None and self.decoder.buffered:
+                PROXY_HEADER_ERRORS.labels(self.server.id, "truncated").inc()
                 log_event("smtp.proxy.error", "warning", server=self.server.id,
                           listener=self.listener.name,
                           peer=format_addr(self.peer_ip, self.peer_port),
@@ -570,6 +573,7 @@ class InboundConnection(asyncio.Protocol):
         try:
             header = self.decoder.feed(data)
         except ProxyError as exc:
+            PROXY_HEADER_ERRORS.labels(self.server.id, "malformed").inc()
             log_event("smtp.proxy.error", "warning", server=self.server.id,
                       listener=self.listener.name, peer=format_addr(self.peer_ip, self.peer_port),
                       error=str(exc))
@@ -605,6 +609,7 @@ class InboundConnection(asyncio.Protocol):
         if self.state != _PROXY:
             return
         got = len(self.decoder.buffered) if self.decoder else 0
+        PROXY_HEADER_ERRORS.labels(self.server.id, "timeout").inc()
         log_event("smtp.proxy.timeout", "warning", server=self.server.id,
                   listener=self.listener.name, peer=format_addr(self.peer_ip, self.peer_port),
                   error=f"no complete PROXY header within {self.server.timeouts.proxy:g}s "

@@ -1,9 +1,11 @@
 """The durable spool: nothing is acknowledged before it is here and on disk."""
 
 from .base import (
+    HELD_AT,
     Envelope,
     MessageNotFound,
     ProxyInfo,
+    QueueControl,
     QueuedMessage,
     QueueIdGenerator,
     RecipientRecord,
@@ -13,16 +15,19 @@ from .base import (
     SpoolError,
     SpoolFull,
     format_queue_id,
+    is_held,
     parse_queue_id,
 )
 from .body import BodyWriter, SpooledBody, body_bytes
 from .sqlite import SqliteSpool
 
 __all__ = [
+    "HELD_AT",
     "BodyWriter",
     "Envelope",
     "MessageNotFound",
     "ProxyInfo",
+    "QueueControl",
     "QueueIdGenerator",
     "QueuedMessage",
     "RecipientRecord",
@@ -35,5 +40,6 @@ __all__ = [
     "SqliteSpool",
     "body_bytes",
     "format_queue_id",
+    "is_held",
     "parse_queue_id",
 ]

@@ -205,3 +205,40 @@ class Spool(Protocol):
 
     async def list(self, limit: int = 100) -> builtins.list[QueuedMessage]:
         """Pending messages, oldest first."""
+
+
+# -- queue control (admin API and `ferrymail queue`) -------------------------------------------
+
+# A held recipient is pending with its next attempt put this far away (about year 31,700,000):
+# `due()` never returns it and no schema change is needed. `release` makes it due at once.
+HELD_AT = 1e15
+
+
+def is_held(record: RecipientRecord) -> bool:
+    """Whether a pending recipient is on hold (``queue hold``)."""
+    return record.state.pending and record.next_attempt >= HELD_AT
+
+
+class QueueControl(Protocol):
+    """What the queue commands need beyond `Spool`: paging and per-message rescheduling.
+
+    Each ``reschedule`` touches only the message's pending recipients and returns how many it
+    changed; MessageNotFound when the message is not in the spool.
+    """
+
+    async def scan(self, after: str | None = None,
+                   limit: int = 500) -> builtins.list[QueuedMessage]:
+        """Messages in queue-id order (oldest first) after ``after`` (None: from the start)."""
+
+    async def hold(self, queue_id: str) -> int:
+        """Put the pending recipients on hold (next_attempt = HELD_AT)."""
+
+    async def release(self, queue_id: str, now: float) -> int:
+        """Make held recipients due at ``now``."""
+
+    async def retry(self, queue_id: str, now: float) -> int:
+        """Make pending, not held recipients due at ``now`` (Postfix ``postqueue -i``)."""
+
+    async def queue_stats(self) -> dict[str, tuple[int, int, float | None]]:
+        """Per pending state (queued, deferred, held): messages, recipients, oldest
+        received_at."""

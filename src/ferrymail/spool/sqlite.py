@@ -53,6 +53,7 @@ from .base import (
 )
 from .body import BODIES_DIR, PART_SUFFIX, BodyWriter, SpooledBody
 from .reserve import RESERVE_NAME, SpaceReserve
+from .sqlite_control import SqliteQueueControl
 
 DB_NAME = "spool.db"
 APPLICATION_ID = 0x46455259  # "FERY", marks the file as a ferrymail spool
@@ -148,6 +149,18 @@ def envelope_from_json(text: str) -> Envelope:
         received_at=doc["received_at"],
         auth=doc.get("auth"),  # absent in envelopes stored before AUTH existed
     )
+
+
+def _check_envelope(envelope: object) -> None:
+    """What ``store()`` refuses before writing: TypeError for a non-Envelope, ValueError for
+    no recipients or a recipient that is not valid text."""
+    if not isinstance(envelope, Envelope):
+        raise TypeError(f"store() needs an Envelope, not {type(envelope).__name__}")
+    if not envelope.recipients:
+        raise ValueError("cannot store a message without recipients")
+    for address in envelope.recipients:
+        if not isinstance(address, str) or not _is_utf8(address):
+            raise ValueError(f"recipient {address!r} is not valid text")
 
 
 def _is_utf8(text: str) -> bool:
@@ -310,7 +323,7 @@ def _resolve(results: list[_Result]) -> None:
 # -- the spool -------------------------------------------------------------------------------
 
 
-class SqliteSpool(Spool):
+class SqliteSpool(SqliteQueueControl, Spool):
     """The `Spool` kept in `path/spool.db` (SQLite, WAL), with group commit.
 
     `fsync=False` (benchmarks only) turns commits into plain writes.
@@ -456,13 +469,7 @@ class SqliteSpool(Spool):
             msg_id = self._ids.next_int()
         elif (msg_id := parse_queue_id(queue_id)) is None:  # type: ignore[assignment]
             raise ValueError(f"malformed queue id {queue_id!r}")
-        if not isinstance(envelope, Envelope):
-            raise TypeError(f"store() needs an Envelope, not {type(envelope).__name__}")
-        if not envelope.recipients:
-            raise ValueError("cannot store a message without recipients")
-        for address in envelope.recipients:
-            if not isinstance(address, str) or not _is_utf8(address):
-                raise ValueError(f"recipient {address!r} is not valid text")
+        _check_envelope(envelope)
         if not isinstance(data, bytes):
             data = bytes(data)  # a copy: the caller may reuse its buffer
         return await self._write(lambda fut: _Store(fut, msg_id, envelope, data))
@@ -472,13 +479,7 @@ class SqliteSpool(Spool):
         try:
             if msg_id is None:
                 raise ValueError(f"malformed queue id {body.queue_id!r}")
-            if not isinstance(envelope, Envelope):
-                raise TypeError(f"store() needs an Envelope, not {type(envelope).__name__}")
-            if not envelope.recipients:
-                raise ValueError("cannot store a message without recipients")
-            for address in envelope.recipients:
-                if not isinstance(address, str) or not _is_utf8(address):
-                    raise ValueError(f"recipient {address!r} is not valid text")
+            _check_envelope(envelope)
             if self._state != _OPEN or self.readonly:
                 raise SpoolError(f"spool {self.path} is not open for writing")
             if body.error is not None:

@@ -1,0 +1,119 @@
+"""``ferrymail top``: a live terminal view of a running daemon (``rich``), refreshed each second.
+
+Reads ``GET /v1/stats`` every ``interval`` seconds (rates are the difference of two readings)
+and ``GET /v1/queue/summary`` every SUMMARY_EVERY seconds (it scans the queue). Shows: rates
+in and out, queue by state, top destinations with why they wait, per transport x source x proxy
+attempts per second and results, proxy health, and the errors of the last minute.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from ferrymail.admin.client import AdminClient
+
+SUMMARY_EVERY = 5.0
+TOP_DESTINATIONS = 10
+
+
+def _rate(now: dict[str, Any], before: dict[str, Any] | None, key: str) -> float:
+    if before is None:
+        return 0.0
+    dt = now["time"] - before["time"]
+    return max(0.0, (now[key] - before[key]) / dt) if dt > 0 else 0.0
+
+
+def render(stats: dict[str, Any], before: dict[str, Any] | None,
+           summary: list[dict[str, Any]]) -> Group:
+    """One frame from a /v1/stats reading, the previous one (for rates) and a summary."""
+    head = Table.grid(padding=(0, 3))
+    for _ in range(6):
+        head.add_column()
+    head.add_row(
+        Text.assemble(("in ", "bold"), f"{_rate(stats, before, 'received'):.1f}/s"),
+        Text.assemble(("delivered ", "bold green"), f"{_rate(stats, before, 'delivered'):.1f}/s"),
+        Text.assemble(("deferred ", "bold yellow"), f"{_rate(stats, before, 'deferred'):.1f}/s"),
+        Text.assemble(("bounced ", "bold red"), f"{_rate(stats, before, 'failed'):.1f}/s"),
+        f"conns in {stats['connections_in']} out {stats['connections_out']}",
+        time.strftime("%H:%M:%S", time.localtime(stats["time"])),
+    )
+    head.add_row(f"received {stats['received']:.0f}", f"delivered {stats['delivered']:.0f}",
+                 f"deferred {stats['deferred']:.0f}", f"bounced {stats['failed']:.0f}", "", "")
+
+    queue = Table(title="queue", title_justify="left", expand=False)
+    for state in ("queued", "deferred", "held", "in-flight"):
+        queue.add_column(state, justify="right")
+    queue.add_row(*(str(stats["queue"].get(s, 0)) for s in ("queued", "deferred", "held",
+                                                            "in-flight")))
+
+    dest = Table(title="top destinations", title_justify="left")
+    for col in ("transport", "domain", "source", "rcpts", "oldest", "why"):
+        dest.add_column(col, justify="right" if col in ("rcpts", "oldest") else "left")
+    for g in summary[:TOP_DESTINATIONS]:
+        dest.add_row(g["transport"], g["domain"], g["source"], str(g["recipients"]),
+                     f"{g['oldest_s']:.0f}s", "; ".join(g["why"]) or "-")
+
+    src = Table(title="sources", title_justify="left")
+    for col in ("transport", "source", "proxy", "out/s", "delivered", "deferred", "bounced"):
+        src.add_column(col, justify="left" if col in ("transport", "source", "proxy")
+                       else "right")
+    up = {p["proxy"]: p["up"] for p in stats["proxies"]}
+    earlier = {(r["transport"], r["source"], r["proxy"]): r
+               for r in (before or {}).get("by_source", [])}
+    dt = stats["time"] - before["time"] if before else 0.0
+    for r in stats["by_source"]:
+        proxy = r["proxy"]
+        if proxy in up:
+            proxy = f"{proxy} [{'green]up' if up[proxy] else 'red]down'}[/]"
+        prev = earlier.get((r["transport"], r["source"], r["proxy"]))
+        done = sum(r[k] for k in ("delivered", "deferred", "failed"))
+        rate = 0.0
+        if prev is not None and dt > 0:
+            rate = max(0.0, done - sum(prev[k] for k in ("delivered", "deferred", "failed")))
+            rate /= dt
+        src.add_row(r["transport"], r["source"], proxy, f"{rate:.1f}", f"{r['delivered']:.0f}",
+                    f"{r['deferred']:.0f}", f"{r['failed']:.0f}")
+
+    errors = Table(title="errors (last minute)", title_justify="left")
+    for col in ("time", "transport", "kind", "error"):
+        errors.add_column(col, overflow="fold")
+    for e in stats["errors"][-8:]:
+        errors.add_row(time.strftime("%H:%M:%S", time.localtime(e["at"])), e["transport"],
+                       e["kind"], e["error"])
+    return Group(head, queue, dest, errors, src)
+
+
+def run(client: AdminClient, *, interval: float = 1.0, once: bool = False,
+        console: Console | None = None, iterations: int | None = None) -> None:
+    """Show the view until Ctrl-C (``once``: print one frame; ``iterations``: stop after)."""
+    console = console or Console()
+    before = None
+    summary: list[dict[str, Any]] = []
+    summary_at = 0.0
+
+    def frame() -> Group:
+        nonlocal before, summary, summary_at
+        stats = client.get("/v1/stats")
+        if time.monotonic() - summary_at >= SUMMARY_EVERY:
+            summary = client.get("/v1/queue/summary")["queues"]
+            summary_at = time.monotonic()
+        out = render(stats, before, summary)
+        before = stats
+        return out
+
+    if once:
+        console.print(frame())
+        return
+    count = 0
+    with Live(frame(), console=console, refresh_per_second=4, screen=False,
+              vertical_overflow="visible") as live:
+        while iterations is None or count < iterations:
+            time.sleep(interval)
+            live.update(frame())
+            count += 1
