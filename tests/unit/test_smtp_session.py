@@ -496,3 +496,44 @@ def test_line_at_the_length_limit_in_one_read():
     s.receive(b"NOOP\r\nNOOP\r\n")  # two lines in one read
     assert codes(s) == [250, 500, 250, 250]
     assert s.commands == 3
+
+
+def test_junk_commands_past_the_limit_count_as_errors_and_close():
+    """NOOP/RSET/VRFY/HELP cost nothing: past limits.junk_commands each is still answered but
+    counts toward limits.errors (Postfix smtpd_junk_command_limit), so a client cannot hold
+    its slot forever with them."""
+    s = make(junk_commands=3, errors=2)
+    event = s.receive(b"EHLO c\r\nNOOP\r\nRSET\r\nVRFY x\r\nHELP\r\n")
+    assert codes(s) == [250, 250, 250, 252, 214]
+    assert s.errors == 1 and not isinstance(event, Close)
+    event = s.receive(b"NOOP\r\nNOOP\r\n")
+    assert isinstance(event, Close) and event.reason == "too many errors"
+    assert codes(s) == [250, 421]
+
+
+@pytest.mark.parametrize("queued", [True, False])
+def test_junk_count_restarts_after_each_message_sent(queued):
+    """A client whose every message is refused at its end (452: spool full) and who sends
+    RSET after each, as smtplib does, is working, not idling."""
+    s = make(junk_commands=2, errors=1)
+    reply = b"250 2.0.0 OK\r\n" if queued else b"452 4.3.1 insufficient system storage\r\n"
+    for _ in range(3):  # one RSET per message, 3 in all: past the limit without the restart
+        s.receive(b"EHLO c\r\nRSET\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\n"
+                  b"DATA\r\n")
+        event = s.receive(b"Subject: t\r\n\r\nhi\r\n.\r\n")
+        assert isinstance(event, Deliver)
+        s.finish_delivery(reply, queued=queued)
+        assert codes(s)[-1] == int(reply[:3])
+    assert s.errors == 0
+
+
+@pytest.mark.parametrize(("starttls", "tls", "listed"),
+                         [(True, False, True), (False, False, False), (True, True, False)])
+def test_help_lists_starttls_only_where_ehlo_offers_it(starttls, tls, listed):
+    settings_ = SessionSettings("mx.test", SessionLimits(), starttls=starttls)
+    s = ServerSession(settings_, policy, "192.0.2.7", tls=tls)
+    s.take_output()  # banner
+    s.receive(b"EHLO c\r\nHELP\r\n")
+    ehlo, help_ = replies(s)
+    assert ("STARTTLS" in ehlo.lines) == listed
+    assert help_.code == 214 and ("STARTTLS" in help_.lines[0].split()) == listed

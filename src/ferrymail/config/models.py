@@ -149,6 +149,8 @@ class Limits(_Model):
     recipients: PositiveInt = 1000
     errors: PositiveInt = 10
     messages: NonNegativeInt = 0
+    # NOOP/RSET/VRFY/HELP per session before each counts as an error; 0 = unlimited
+    junk_commands: NonNegativeInt = 100
     # simultaneous connections to the server / from one client address (the PROXY-reported
     # one on a proxied listener); 0 = unlimited
     connections: NonNegativeInt = 1000

@@ -10,8 +10,9 @@ tried twice at once.
 Starting jobs (`_dispatch`): destinations take turns while the total is under
 ``queues.total_concurrency``. Each may run what its health allows (`destinations.py`: slow
 start from ``initial_concurrency``, halved on a connection failure, KumoMTA's ready-count
-curve, 0 while dead, 1 while probing); destinations without a recent success together hold
-at most ``unproven_share`` of the total, so tarpits and silent MXs never take every slot.
+curve, 0 while dead, 1 while probing, the others waiting for the probe's verdict);
+destinations without a recent success together hold at most ``unproven_share`` of the
+total, so tarpits and silent MXs never take every slot.
 The engine reports each attempt's verdict on the destination (`feedback`); a destination
 marked dead has its waiting jobs, and any fetched later, deferred at once through
 ``defer_job`` (no connection) until the parking period ends and one probe goes out.
@@ -488,11 +489,11 @@ class Scheduler:
                 active = self._active.get(dest, 0)
                 health = self._health_of(dest, per_dest)
                 self._note(dest, health.tick(mono), health, per_dest)
-                if health.state is HealthState.DEAD or (
-                        health.state is HealthState.PROBING and (active or len(queue) > 1)):
-                    # parked: no attempt while dead; one probe at a time while probing
-                    keep = 0 if health.state is HealthState.DEAD or active else 1
-                    while len(queue) > keep:
+                if health.state is HealthState.DEAD:
+                    # parked: no attempt while dead. While probing, the others wait (at most
+                    # UNPROVEN_READY) for the probe's verdict: deferring them for a whole
+                    # backoff would hold mail for a destination that answered the probe.
+                    while queue:
                         self._waiting -= 1
                         self._defer(queue.pop(), health, mono)
                 if not queue:

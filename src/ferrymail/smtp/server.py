@@ -210,6 +210,7 @@ class SMTPServer:
                 errors=limits.errors,
                 # 0 in the config means "no limit"
                 messages=limits.messages or (1 << 62),
+                junk_commands=limits.junk_commands or (1 << 62),
             ),
             starttls=config.tls.enabled,
             policy=SessionPolicy(
@@ -276,8 +277,10 @@ class SMTPServer:
             for sock in srv.sockets:
                 addr = sock.getsockname()
                 self.listeners.append((addr[0], addr[1]))
+            # STARTTLS is offered only with a certificate: without one, say so
             log_event("smtp.listening", server=self.id, listener=name,
-                      proxyprotocol=lst.proxyprotocol, tls=lst.tls)
+                      proxyprotocol=lst.proxyprotocol,
+                      tls=lst.tls if self.ssl_context is not None else "off")
         self._check_descriptors()
 
     def _check_descriptors(self) -> None:

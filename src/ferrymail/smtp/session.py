@@ -65,7 +65,9 @@ R_RCPT_OK = _r("250 2.1.5 recipient OK")
 R_DATA = _r("354 end data with <CR><LF>.<CR><LF>")
 R_BYE = _r("221 2.0.0 bye")
 R_VRFY = _r("252 2.5.0 cannot VRFY user, but will accept message and attempt delivery")
-R_HELP = _r("214 2.0.0 commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS")
+R_HELP = _r("214 2.0.0 commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP")
+R_HELP_STARTTLS = _r(
+    "214 2.0.0 commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS")
 R_TLS_GO = _r("220 2.0.0 ready to start TLS")
 R_UNKNOWN = _r("500 5.5.2 command not recognized")
 R_LINE_TOO_LONG = _r("500 5.5.2 line too long")
@@ -107,6 +109,10 @@ class SessionLimits:
     recipients: int = 100
     errors: int = 10
     messages: int = 100
+    # NOOP, RSET, VRFY and HELP past this many (since the last message sent) each count
+    # as an error (Postfix smtpd_junk_command_limit): they cost nothing, so without it a
+    # client could hold its connection slot forever
+    junk_commands: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +226,7 @@ class ServerSession:
         "_bdat_chunks", "_bdat_discard", "_bdat_held", "_bdat_last", "_bdat_left", "_buf",
         "_closed", "_decoder", "_mode", "_out", "_pending", "_skipping", "_spill", "_spill_at",
         "auth", "auth_required", "auth_user",
-        "client_ip", "commands", "errors", "esmtp", "helo", "internal_error", "may_relay",
+        "client_ip", "commands", "errors", "esmtp", "helo", "internal_error", "junk", "may_relay",
         "messages", "policy", "settings", "tls", "txn",
     )
 
@@ -245,6 +251,7 @@ class ServerSession:
         self.esmtp = False
         self.txn: Transaction | None = None
         self.errors = 0
+        self.junk = 0
         self.messages = 0
         self.commands = 0
         self._buf = bytearray()
@@ -407,6 +414,7 @@ class ServerSession:
         self._out.append(reply)
         self._pending = None
         self.txn = None
+        self.junk = 0  # a client that sends messages is not idling, even if they fail
         if queued:
             self.messages += 1
 
@@ -459,10 +467,21 @@ class ServerSession:
 
     def _error(self, reply: bytes) -> None:
         self._out.append(reply)
+        self._count_error()
+
+    def _count_error(self) -> None:
         self.errors += 1
         if self.errors >= self.settings.limits.errors:
             self._out.append(R_TOO_MANY_ERRORS)
             self._close("too many errors")
+
+    def _junk(self, reply: bytes) -> None:
+        """Answer a command that does nothing (NOOP, RSET, VRFY, HELP); past
+        ``limits.junk_commands`` of them, each also counts toward ``limits.errors``."""
+        self._out.append(reply)
+        self.junk += 1
+        if self.junk > self.settings.limits.junk_commands:
+            self._count_error()
 
     def _close(self, reason: str) -> None:
         self._closed = True
@@ -772,10 +791,10 @@ class ServerSession:
 
     def _rset(self, arg: str) -> None:
         self._end_txn()
-        self._out.append(OK)
+        self._junk(OK)
 
     def _noop(self, arg: str) -> None:
-        self._out.append(OK)
+        self._junk(OK)
 
     def _quit(self, arg: str) -> None:
         self._out.append(R_BYE)
@@ -785,10 +804,11 @@ class ServerSession:
         if not arg:
             self._error(_r("501 5.5.4 VRFY needs an argument"))
             return
-        self._out.append(R_VRFY)
+        self._junk(R_VRFY)
 
     def _help(self, arg: str) -> None:
-        self._out.append(R_HELP)
+        # STARTTLS only where EHLO offers it (a certificate, not yet under TLS)
+        self._junk(R_HELP_STARTTLS if self.settings.starttls and not self.tls else R_HELP)
 
     def _not_implemented(self, arg: str) -> None:
         self._error(R_NOT_IMPL)
