@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import os
 import platform
 import re
@@ -26,13 +25,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # bench/ is not a package: found via sys.path
+import sidebyside
 from peers import BenchError, Peer
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -318,21 +318,7 @@ RATIOS = [
 
 def ratios_table(results: list[Result], sizes: list[int]) -> str:
     rate = {(r.variant, r.size): r.rate for r in results if not r.error and r.rates}
-    rows = []
-    for a, b in RATIOS:
-        cells = []
-        for s in sizes:
-            if (a, s) in rate and rate.get((b, s)):
-                cells.append(f"{rate[(a, s)] / rate[(b, s)]:.2f}")
-            else:
-                cells.append("-")
-        if any(c != "-" for c in cells):
-            rows.append(f"| {a} / {b} | " + " | ".join(cells) + " |")
-    if not rows:
-        return ""
-    head = "| ratio (msg/s) | " + " | ".join(fmt_size(s) for s in sizes) + " |"
-    sep = "|---|" + "---:|" * len(sizes)
-    return "\n".join([head, sep, *rows])
+    return sidebyside.ratios_table(rate, [(a, b, None) for a, b in RATIOS], sizes, fmt_size)
 
 
 def _version(cmd: list[str], pattern: str) -> str:
@@ -392,13 +378,8 @@ def report(results: list[Result], plan: Plan, env: dict[str, str], command: str)
         "the CPU that everything else on the machine used meanwhile (from /proc/stat, in "
         "cores: noise); \"stored\" is what the server had stored afterwards against all "
         "that smtp-source sent to it.",
-        "",
-        results_table(results),
     ]
-    ratios = ratios_table(results, plan.sizes)
-    if ratios:
-        out += ["", ratios]
-    return "\n".join(out)
+    return sidebyside.join_report(out, results_table(results), ratios_table(results, plan.sizes))
 
 
 NOTES = """\
@@ -463,12 +444,7 @@ def signals_as_interrupt() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    except ValueError:
-        raise SystemExit(f"--sizes wants comma-separated byte counts, got {args.sizes!r}") from None
-    if not sizes or min(sizes) <= 0:
-        raise SystemExit("--sizes needs at least one positive size")
+    sizes = sidebyside.parse_sizes(args.sizes)
     plan = Plan(
         sizes=sizes,
         sessions=args.sessions,
@@ -478,10 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         max_messages=2_000 if args.quick else 100_000,
     )
     variants = select(args.only)
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
+    log = sidebyside.log
     env = environment()
     command = peers.command_line("bench/inbound.py", argv)
     results: list[Result] = []
@@ -496,19 +469,10 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     log(f"done in {time.monotonic() - t0:.0f} s")
 
-    body = report(results, plan, env, command)
-    print(body)
-    if args.json:
-        args.json.write_text(json.dumps({"environment": env, "plan": asdict(plan),
-                                         "results": [asdict(r) for r in results]}, indent=2))
-    failed = [r.variant for r in results if r.error]
-    if args.write_results and failed:
-        log(f"not writing {RESULTS.name}: {', '.join(sorted(set(failed)))} failed")
-    elif args.write_results:
-        write_results(body + "\n\n" + NOTES)
-        log(f"wrote {RESULTS}")
-    return 1 if failed else 0
-
+    return sidebyside.publish(
+        report(results, plan, env, command), results, plan, env, args.json,
+        (lambda body: write_results(body + "\n\n" + NOTES)) if args.write_results else None,
+        RESULTS, log)
 
 if __name__ == "__main__":
     sys.exit(main())

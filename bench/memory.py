@@ -47,12 +47,18 @@ def message(size: int, tag: int) -> bytes:
 
 
 def vm(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of process `pid`, in bytes, from /proc/PID/status."""
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
             out[key] = int(value.split()[0]) * 1024
     return out
+
+
+def reset_peak(pid: int) -> None:
+    """Set process `pid`'s VmHWM to its VmRSS (Linux >= 4.0; root or the same user)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 @contextlib.contextmanager
@@ -106,7 +112,7 @@ def measure(size: int, concurrency: int, host: str) -> dict[str, float]:
         send_all(host, port, [message(size, -1)])  # warm-up: the same path once
         time.sleep(0.2)
         before = vm(proc.pid)["VmRSS"]
-        Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+        reset_peak(proc.pid)
         messages = [message(size, i) for i in range(concurrency)]
         seconds = send_all(host, port, messages)
         peak = vm(proc.pid)["VmHWM"]

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import re
-import resource
 import sqlite3
 import statistics
 import sys
@@ -34,7 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # bench/ is not a package: found via sys.path
-from inbound import environment, fmt_size, signals_as_interrupt
+import sidebyside
+from inbound import environment, fmt_size
 from peers import BenchError, Peer
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -56,9 +55,7 @@ class Plan:
     reuse: int  # messages per delivery session
 
 
-def messages_for(plan: Plan, size: int) -> int:
-    """N for one cycle: the 2 KB count, scaled down for larger messages (about 1/5 at 100 KB)."""
-    return max(plan.sessions, int(plan.messages * min(1.0, (2048 / size) ** 0.4)))
+messages_for = sidebyside.messages_for
 
 
 class MTA:
@@ -295,11 +292,6 @@ class Cycle:
         return max(0.0, self.busy - mine) / self.drain if self.drain > 0 else 0.0
 
 
-def _self_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def run_cycle(mta: MTA, shared: Shared, n: int, size: int, plan: Plan) -> Cycle:
     sink = shared.sink
     dump = Path(str(sink.extra["dump"]))
@@ -319,7 +311,7 @@ def run_cycle(mta: MTA, shared: Shared, n: int, size: int, plan: Plan) -> Cycle:
     log_offset = mta.log_size()
     roots = [mta.peer, shared.proxy, sink]
     cpu0 = [p.cpu() if p else 0.0 for p in roots]
-    self0, busy0 = _self_cpu(), peers.machine_busy_seconds()
+    self0, busy0 = sidebyside.self_cpu(), peers.machine_busy_seconds()
     timeout = 30 + n / 20
     t0 = time.perf_counter()
     mta.release()
@@ -335,7 +327,7 @@ def run_cycle(mta: MTA, shared: Shared, n: int, size: int, plan: Plan) -> Cycle:
                              f"{mta.stuck()}")
         time.sleep(POLL)
     cpu1 = [p.cpu() if p else 0.0 for p in roots]
-    self1, busy1 = _self_cpu(), peers.machine_busy_seconds()
+    self1, busy1 = sidebyside.self_cpu(), peers.machine_busy_seconds()
     check = verify_delivery(mta, dump, n, log_offset,
                             sink_received=lambda: peers.sink_counter(sink) - base)
     mta_cpu, proxy_cpu, sink_cpu = (b - a for a, b in zip(cpu0, cpu1, strict=True))
@@ -404,7 +396,9 @@ def verify_delivery(mta: MTA, dump: Path, n: int, log_offset: int,
 # --- running ----------------------------------------------------------------------------------
 
 @dataclass
-class Result:
+class Result(sidebyside.CycleStats):
+    SPAN = "drain"
+
     variant: str
     label: str
     size: int
@@ -412,82 +406,26 @@ class Result:
     cycles: list[Cycle] = field(default_factory=list)
     error: str | None = None
 
-    @property
-    def rate(self) -> float:
-        return statistics.median(c.rate for c in self.cycles) if self.cycles else 0.0
-
-    def per_1k(self, attr: str) -> float:
-        total = sum(c.messages for c in self.cycles)
-        return sum(getattr(c, attr) for c in self.cycles) * 1000 / total if total else 0.0
-
-    @property
-    def cores(self) -> float:
-        wall = sum(c.drain for c in self.cycles)
-        return sum(c.mta_cpu for c in self.cycles) / wall if wall else 0.0
-
-    @property
-    def other(self) -> float:
-        return statistics.median(c.other_cores for c in self.cycles) if self.cycles else 0.0
-
 
 def run_all(variants: list[Variant], plan: Plan, shared: Shared, stack: contextlib.ExitStack,
             log: Callable[[str], None]) -> list[Result]:
-    """Start every variant's MTA (and warm it up), then run the timed cycles interleaved: per
-    size and repetition one cycle of each variant in turn, so that drift in the machine's
-    state spreads over all variants instead of favouring whichever ran first.
-
-    A variant that fails is stopped at once (its queue must not trickle into the shared sink
-    during another variant's cycle) and its rows say why.
-    """
+    """Start every variant's MTA (and warm it up), then run the timed cycles interleaved
+    (`sidebyside.run_interleaved`); a variant that fails is stopped and its rows say why."""
     results = {(v.key, s): Result(v.key, v.label, s, v.proxy_version is not None)
                for v in variants for s in plan.sizes}
-    live: dict[str, tuple[Variant, MTA, contextlib.ExitStack, Path]] = {}
-
-    def fail(v: Variant, own: contextlib.ExitStack, d: Path, e: BenchError) -> None:
-        log(f"  {v.key}: FAILED: {e}")
-        _show_logs(d, log)
-        own.close()
-        live.pop(v.key, None)
-        for s in plan.sizes:
-            results[(v.key, s)].error = str(e).splitlines()[0] if str(e) else type(e).__name__
-
-    for v in variants:
-        log(f"{v.key}: {v.label}")
-        own = contextlib.ExitStack()
-        stack.callback(own.close)  # closed before the shared peers (a stack unwinds LIFO)
-        d = own.enter_context(peers.workdir(f"bench-out-{v.key}-"))
-        try:
-            mta = start_mta(v, own, d, shared, plan)
-            warm = run_cycle(mta, shared, plan.warmup, min(plan.sizes), plan)
-        except BenchError as e:
-            fail(v, own, d, e)
-            continue
-        live[v.key] = (v, mta, own, d)
-        log(f"  {v.key:21} warm-up {warm.messages:>6} msgs {warm.drain:6.2f} s "
-            f"{warm.rate:8.0f} msg/s")
-    for size in plan.sizes:
-        n = messages_for(plan, size)
-        for _ in range(plan.repeat):
-            for v, mta, own, d in list(live.values()):
-                try:
-                    c = run_cycle(mta, shared, n, size, plan)
-                except BenchError as e:
-                    fail(v, own, d, e)
-                    continue
-                results[(v.key, size)].cycles.append(c)
-                log(f"  {v.key:21} {size:>7} B {c.messages:>6} msgs "
-                    f"(pre-load {c.preload_rate:6.0f} msg/s) drain {c.drain:6.2f} s "
-                    f"{c.rate:8.0f} msg/s  cpu {c.mta_cpu:5.2f} s "
-                    f"(poller {c.bench_cpu:4.2f} s, other {c.other_cores:4.2f} cores)")
-    return [results[(v.key, s)] for v in variants for s in plan.sizes]
-
-
-def _show_logs(d: Path, log: Callable[[str], None]) -> None:
-    for path in sorted(d.glob("*.log")) + sorted(d.glob("maillog")):
-        text = peers.tail(path, 12)
-        if text.strip():
-            log(f"  --- last lines of {path.name}:\n"
-                + "\n".join(f"  | {ln}" for ln in text.splitlines()))
+    return sidebyside.run_interleaved(
+        variants, plan.sizes, plan.repeat, plan.warmup, results, stack, log,
+        prefix="bench-out-", describe=lambda v: v.label,
+        start=lambda v, own, d: start_mta(v, own, d, shared, plan),
+        cycle=lambda mta, n, size: run_cycle(mta, shared, n, size, plan),
+        count=lambda size: messages_for(plan, size),
+        warm_line=lambda v, warm: (f"  {v.key:21} warm-up {warm.messages:>6} msgs "
+                                   f"{warm.drain:6.2f} s {warm.rate:8.0f} msg/s"),
+        cycle_line=lambda v, size, c: (
+            f"  {v.key:21} {size:>7} B {c.messages:>6} msgs "
+            f"(pre-load {c.preload_rate:6.0f} msg/s) drain {c.drain:6.2f} s "
+            f"{c.rate:8.0f} msg/s  cpu {c.mta_cpu:5.2f} s "
+            f"(poller {c.bench_cpu:4.2f} s, other {c.other_cores:4.2f} cores)"))
 
 
 # --- reporting --------------------------------------------------------------------------------
@@ -499,15 +437,12 @@ def results_table(results: list[Result]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         if r.error or not r.cycles:
-            rows.append(f"| {r.label} | {fmt_size(r.size)} | | FAILED | | | | | | | "
-                        f"| {r.error or 'not run'} |")
+            rows.append(r.failed_row(fmt_size, 12))
             continue
-        rates = [c.rate for c in r.cycles]
         proxy = f"{r.per_1k('proxy_cpu'):.3f}" if r.proxied else "-"
         rows.append(
-            f"| {r.label} | {fmt_size(r.size)} | {r.cycles[0].messages:,} | {r.rate:,.0f} | "
-            f"{min(rates):,.0f}-{max(rates):,.0f} | "
-            f"{statistics.median(c.drain for c in r.cycles):.2f} | "
+            r.row_head(fmt_size)
+            + f"{statistics.median(c.drain for c in r.cycles):.2f} | "
             f"{r.per_1k('mta_cpu'):.3f} | {r.cores:.2f} | {proxy} | "
             f"{r.per_1k('sink_cpu'):.3f} | {r.other:.2f} | {r.cycles[-1].check} |")
     return "\n".join(rows)
@@ -522,29 +457,13 @@ RATIOS = [
 
 
 def ratios_table(results: list[Result], sizes: list[int]) -> str:
-    rate = {(r.variant, r.size): r.rate for r in results if not r.error and r.cycles}
-    rows = []
-    for a, b, note in RATIOS:
-        cells = [f"{rate[(a, s)] / rate[(b, s)]:.2f}" if (a, s) in rate and rate.get((b, s))
-                 else "-" for s in sizes]
-        if any(c != "-" for c in cells):
-            rows.append(f"| {a} / {b} | " + " | ".join(cells) + f" | {note} |")
-    if not rows:
-        return ""
-    head = "| ratio (msg/s) | " + " | ".join(fmt_size(s) for s in sizes) + " | |"
-    return "\n".join([head, "|---|" + "---:|" * len(sizes) + "---|", *rows])
+    return sidebyside.cycle_ratios_table(results, RATIOS, sizes, fmt_size)
 
 
 def report(results: list[Result], plan: Plan, env: dict[str, str], command: str) -> str:
     counts = ", ".join(f"{messages_for(plan, s):,} at {fmt_size(s)}" for s in plan.sizes)
     out = [
-        f"Measured {env['date']} on {env['machine']}; load average before the run "
-        f"{env['loadavg']}.",
-        f"Python {env['python']}, ferrymail {env['ferrymail']}, uvloop {env['uvloop']}, "
-        f"HAProxy {env['haproxy']}, Postfix {env['postfix']}.",
-        "",
-        f"Command: `{command}`",
-        "",
+        *sidebyside.report_head(env, ["HAProxy", "Postfix"], command),
         f"Method: per cycle the MTA is pre-loaded with N messages ({counts}) by "
         f"`smtp-source -s {plan.sessions} -d -m N -l SIZE` while its delivery is held, then "
         "delivery is released and timed until its queue is empty and the sink has counted N "
@@ -559,13 +478,8 @@ def report(results: list[Result], plan: Plan, env: dict[str, str], command: str)
         "the sink's dump held after each cycle: N messages, N distinct queue ids of the "
         "MTA, all from the variant's source address, and exactly the N deliveries the MTA "
         "logged, each via the variant's path (direct, the HAProxy, the relayhost).",
-        "",
-        results_table(results),
     ]
-    ratios = ratios_table(results, plan.sizes)
-    if ratios:
-        out += ["", ratios]
-    return "\n".join(out)
+    return sidebyside.join_report(out, results_table(results), ratios_table(results, plan.sizes))
 
 
 NOTES = """\
@@ -598,19 +512,10 @@ def write_results(section_body: str, path: Path = RESULTS) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny cycles, for a smoke test")
-    p.add_argument("--sizes", default="2048,102400", help="message payload sizes in bytes")
-    p.add_argument("--only", help="comma-separated variants: " + ", ".join(
-        [v.key for v in VARIANTS] + list(ALIASES)))
-    p.add_argument("--messages", type=int,
-                   help="messages per cycle at 2 KB (default 8000; quick 200)")
-    p.add_argument("--repeat", type=int, help="timed cycles per size (default 3; quick 1)")
-    p.add_argument("--concurrency", type=int, default=20, help="delivery sessions")
-    p.add_argument("--reuse", type=int, default=100, help="messages per delivery session")
-    p.add_argument("--sessions", type=int, default=20, help="smtp-source sessions (pre-load)")
-    p.add_argument("--write-results", action="store_true",
-                   help=f"rewrite the Outbound section of {RESULTS.name}")
-    p.add_argument("--json", type=Path, help="also write the raw results here")
+    sidebyside.add_cycle_args(p, [v.key for v in VARIANTS] + list(ALIASES),
+                              "messages per cycle at 2 KB (default 8000; quick 200)")
+    sidebyside.add_delivery_args(p, sessions="smtp-source sessions (pre-load)", section="Outbound",
+                                 results_name=RESULTS.name)
     return p.parse_args(argv)
 
 
@@ -620,12 +525,7 @@ def select(only: str | None) -> list[Variant]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    except ValueError:
-        raise SystemExit(f"--sizes wants comma-separated byte counts, got {args.sizes!r}") from None
-    if not sizes or min(sizes) <= 0:
-        raise SystemExit("--sizes needs at least one positive size")
+    sizes = sidebyside.parse_sizes(args.sizes)
     plan = Plan(
         sizes=sizes,
         messages=args.messages or (200 if args.quick else 8_000),
@@ -638,44 +538,27 @@ def main(argv: list[str] | None = None) -> int:
     if min(plan.messages, plan.repeat, plan.concurrency, plan.reuse, plan.sessions) < 1:
         raise SystemExit("--messages, --repeat, --concurrency, --reuse and --sessions must be >= 1")
     variants = select(args.only)
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
+    log = sidebyside.log
     env = environment()
     command = peers.command_line("bench/outbound.py", argv)
-    results: list[Result] = []
     t0 = time.monotonic()
-    with signals_as_interrupt():
-        try:
-            with peers.workdir("bench-out-shared-") as d, contextlib.ExitStack() as stack:
-                try:
-                    shared = Shared(stack.enter_context(peers.dumping_sink(d, SINK_HOST)))
-                    if any(v.proxy_version for v in variants):
-                        shared.proxy = stack.enter_context(peers.outbound_haproxy(d))
-                except BenchError as e:
-                    log(f"cannot start the shared peers: {e}")
-                    return 1
-                results = run_all(variants, plan, shared, stack, log)
-        except KeyboardInterrupt:
-            log("interrupted: peers stopped")
-            return 130
+
+    def start_shared(d: Path, stack: contextlib.ExitStack) -> Shared:
+        shared = Shared(stack.enter_context(peers.dumping_sink(d, SINK_HOST)))
+        if any(v.proxy_version for v in variants):
+            shared.proxy = stack.enter_context(peers.outbound_haproxy(d))
+        return shared
+
+    results = sidebyside.run_with_shared_peers(
+        "bench-out-shared-", "the shared peers", start_shared,
+        lambda shared, stack: run_all(variants, plan, shared, stack, log), log)
+    if isinstance(results, int):
+        return results
     log(f"done in {time.monotonic() - t0:.0f} s")
-
-    body = report(results, plan, env, command)
-    print(body)
-    if args.json:
-        args.json.write_text(json.dumps(
-            {"environment": env, "plan": asdict(plan),
-             "results": [{**asdict(r), "rate": r.rate} for r in results]}, indent=2))
-    failed = [r.variant for r in results if r.error]
-    if args.write_results and failed:
-        log(f"not writing {RESULTS.name}: {', '.join(sorted(set(failed)))} failed")
-    elif args.write_results:
-        write_results(body + "\n\n" + NOTES)
-        log(f"wrote {RESULTS}")
-    return 1 if failed else 0
-
+    return sidebyside.publish(
+        report(results, plan, env, command), results, plan, env, args.json,
+        (lambda body: write_results(body + "\n\n" + NOTES)) if args.write_results else None,
+        RESULTS, log, row=lambda r: {**asdict(r), "rate": r.rate})
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -32,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import outbound  # bench/ is not a package: found via sys.path
 import peers
-from inbound import environment, fmt_size, signals_as_interrupt
+import sidebyside
+from inbound import environment, fmt_size
 from peers import BenchError
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -52,9 +52,7 @@ class Plan:
     workers: int  # ferrymail's worker count in the "N workers" variant
 
 
-def messages_for(plan: Plan, size: int) -> int:
-    """N for one cycle: the 2 KB count, scaled down for larger messages (about 1/5 at 100 KB)."""
-    return max(plan.sessions, int(plan.messages * min(1.0, (2048 / size) ** 0.4)))
+messages_for = sidebyside.messages_for
 
 
 @dataclass(frozen=True)
@@ -135,13 +133,6 @@ class Cycle:
         return max(0.0, self.busy - mine) / self.wall if self.wall > 0 else 0.0
 
 
-def _self_cpu() -> float:
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def run_cycle(mta: outbound.MTA, sink: peers.Peer, n: int, size: int, plan: Plan) -> Cycle:
     dump = Path(str(sink.extra["dump"]))
     if dump.exists():
@@ -149,7 +140,7 @@ def run_cycle(mta: outbound.MTA, sink: peers.Peer, n: int, size: int, plan: Plan
     base = peers.sink_counter(sink)
     log_offset = mta.log_size()
     cpu0 = [mta.peer.cpu(), sink.cpu()]
-    self0, busy0 = _self_cpu(), peers.machine_busy_seconds()
+    self0, busy0 = sidebyside.self_cpu(), peers.machine_busy_seconds()
     t0 = time.perf_counter()
     src = peers.run_smtp_source(mta.peer.host, mta.peer.port, n, size, plan.sessions,
                                 timeout=60 + n / 20)
@@ -162,7 +153,7 @@ def run_cycle(mta: outbound.MTA, sink: peers.Peer, n: int, size: int, plan: Plan
         time.sleep(POLL)
     wall = time.perf_counter() - t0
     cpu1 = [mta.peer.cpu(), sink.cpu()]
-    self1, busy1 = _self_cpu(), peers.machine_busy_seconds()
+    self1, busy1 = sidebyside.self_cpu(), peers.machine_busy_seconds()
     check = outbound.verify_delivery(mta, dump, n, log_offset,
                                      sink_received=lambda: peers.sink_counter(sink) - base)
     return Cycle(n, size, wall, src.wall, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1],
@@ -170,76 +161,35 @@ def run_cycle(mta: outbound.MTA, sink: peers.Peer, n: int, size: int, plan: Plan
 
 
 @dataclass
-class Result:
+class Result(sidebyside.CycleStats):
+    SPAN = "wall"
+
     variant: str
     label: str
     size: int
     cycles: list[Cycle] = field(default_factory=list)
     error: str | None = None
 
-    @property
-    def rate(self) -> float:
-        return statistics.median(c.rate for c in self.cycles) if self.cycles else 0.0
-
-    def ms_per_msg(self, attr: str) -> float:
-        total = sum(c.messages for c in self.cycles)
-        return sum(getattr(c, attr) for c in self.cycles) * 1000 / total if total else 0.0
-
-    @property
-    def cores(self) -> float:
-        wall = sum(c.wall for c in self.cycles)
-        return sum(c.mta_cpu for c in self.cycles) / wall if wall else 0.0
-
-    @property
-    def other(self) -> float:
-        return statistics.median(c.other_cores for c in self.cycles) if self.cycles else 0.0
-
 
 def run_all(variants: list[Variant], plan: Plan, sink: peers.Peer,
             stack: contextlib.ExitStack, log: Callable[[str], None]) -> list[Result]:
     """Start every variant's MTA (with a warm-up cycle), then run the timed cycles
-    interleaved: per size and repetition one cycle of each variant in turn. A variant that
-    fails is stopped at once and its rows say why."""
+    interleaved (`sidebyside.run_interleaved`); a variant that fails is stopped at once and
+    its rows say why."""
     results = {(v.key, s): Result(v.key, label(v, plan), s) for v in variants
                for s in plan.sizes}
-    live: dict[str, tuple[Variant, outbound.MTA, contextlib.ExitStack, Path]] = {}
-
-    def fail(v: Variant, own: contextlib.ExitStack, d: Path, e: BenchError) -> None:
-        log(f"  {v.key}: FAILED: {e}")
-        outbound._show_logs(d, log)
-        own.close()
-        live.pop(v.key, None)
-        for s in plan.sizes:
-            results[(v.key, s)].error = str(e).splitlines()[0] if str(e) else type(e).__name__
-
-    for v in variants:
-        log(f"{v.key}: {label(v, plan)}")
-        own = contextlib.ExitStack()
-        stack.callback(own.close)
-        d = own.enter_context(peers.workdir(f"bench-relay-{v.key}-"))
-        try:
-            mta = start_mta(v, own, d, sink, plan)
-            warm = run_cycle(mta, sink, plan.warmup, min(plan.sizes), plan)
-        except BenchError as e:
-            fail(v, own, d, e)
-            continue
-        live[v.key] = (v, mta, own, d)
-        log(f"  {v.key:12} warm-up {warm.messages:>6} msgs {warm.wall:6.2f} s "
-            f"{warm.rate:8.0f} msg/s")
-    for size in plan.sizes:
-        n = messages_for(plan, size)
-        for _ in range(plan.repeat):
-            for v, mta, own, d in list(live.values()):
-                try:
-                    c = run_cycle(mta, sink, n, size, plan)
-                except BenchError as e:
-                    fail(v, own, d, e)
-                    continue
-                results[(v.key, size)].cycles.append(c)
-                log(f"  {v.key:12} {size:>7} B {c.messages:>6} msgs {c.wall:6.2f} s "
-                    f"{c.rate:8.0f} msg/s  mta cpu {c.mta_cpu:5.2f} s "
-                    f"({c.mta_cpu / c.wall:4.2f} cores, other {c.other_cores:4.2f})")
-    return [results[(v.key, s)] for v in variants for s in plan.sizes]
+    return sidebyside.run_interleaved(
+        variants, plan.sizes, plan.repeat, plan.warmup, results, stack, log,
+        prefix="bench-relay-", describe=lambda v: label(v, plan),
+        start=lambda v, own, d: start_mta(v, own, d, sink, plan),
+        cycle=lambda mta, n, size: run_cycle(mta, sink, n, size, plan),
+        count=lambda size: messages_for(plan, size),
+        warm_line=lambda v, warm: (f"  {v.key:12} warm-up {warm.messages:>6} msgs "
+                                   f"{warm.wall:6.2f} s {warm.rate:8.0f} msg/s"),
+        cycle_line=lambda v, size, c: (
+            f"  {v.key:12} {size:>7} B {c.messages:>6} msgs {c.wall:6.2f} s "
+            f"{c.rate:8.0f} msg/s  mta cpu {c.mta_cpu:5.2f} s "
+            f"({c.mta_cpu / c.wall:4.2f} cores, other {c.other_cores:4.2f})"))
 
 
 # --- reporting --------------------------------------------------------------------------------
@@ -251,17 +201,14 @@ def results_table(results: list[Result]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         if r.error or not r.cycles:
-            rows.append(f"| {r.label} | {fmt_size(r.size)} | | FAILED | | | | | | | | "
-                        f"| {r.error or 'not run'} |")
+            rows.append(r.failed_row(fmt_size, 13))
             continue
-        rates = [c.rate for c in r.cycles]
         rows.append(
-            f"| {r.label} | {fmt_size(r.size)} | {r.cycles[0].messages:,} | {r.rate:,.0f} | "
-            f"{min(rates):,.0f}-{max(rates):,.0f} | "
-            f"{statistics.median(c.accept_wall for c in r.cycles):.2f} | "
+            r.row_head(fmt_size)
+            + f"{statistics.median(c.accept_wall for c in r.cycles):.2f} | "
             f"{statistics.median(c.wall for c in r.cycles):.2f} | "
-            f"{r.ms_per_msg('mta_cpu'):.3f} | {r.cores:.2f} | {r.ms_per_msg('sink_cpu'):.3f} | "
-            f"{r.ms_per_msg('source_cpu'):.3f} | {r.other:.2f} | {r.cycles[-1].check} |")
+            f"{r.per_1k('mta_cpu'):.3f} | {r.cores:.2f} | {r.per_1k('sink_cpu'):.3f} | "
+            f"{r.per_1k('source_cpu'):.3f} | {r.other:.2f} | {r.cycles[-1].check} |")
     return "\n".join(rows)
 
 
@@ -273,29 +220,13 @@ RATIOS = [
 
 
 def ratios_table(results: list[Result], sizes: list[int]) -> str:
-    rate = {(r.variant, r.size): r.rate for r in results if not r.error and r.cycles}
-    rows = []
-    for a, b, note in RATIOS:
-        cells = [f"{rate[(a, s)] / rate[(b, s)]:.2f}" if (a, s) in rate and rate.get((b, s))
-                 else "-" for s in sizes]
-        if any(c != "-" for c in cells):
-            rows.append(f"| {a} / {b} | " + " | ".join(cells) + f" | {note} |")
-    if not rows:
-        return ""
-    head = "| ratio (msg/s) | " + " | ".join(fmt_size(s) for s in sizes) + " | |"
-    return "\n".join([head, "|---|" + "---:|" * len(sizes) + "---|", *rows])
+    return sidebyside.cycle_ratios_table(results, RATIOS, sizes, fmt_size)
 
 
 def report(results: list[Result], plan: Plan, env: dict[str, str], command: str) -> str:
     counts = ", ".join(f"{messages_for(plan, s):,} at {fmt_size(s)}" for s in plan.sizes)
     out = [
-        f"Measured {env['date']} on {env['machine']}; load average before the run "
-        f"{env['loadavg']}.",
-        f"Python {env['python']}, ferrymail {env['ferrymail']}, uvloop {env['uvloop']}, "
-        f"Postfix {env['postfix']}.",
-        "",
-        f"Command: `{command}`",
-        "",
+        *sidebyside.report_head(env, ["Postfix"], command),
         f"Method: per cycle `smtp-source -s {plan.sessions} -d -m N -l SIZE` sends N messages "
         f"({counts}) into the MTA, which relays them meanwhile to one smtp-sink on 127.0.0.1 "
         f"over up to {plan.concurrency} sessions, {plan.reuse} messages per session; the "
@@ -309,13 +240,8 @@ def report(results: list[Result], plan: Plan, env: dict[str, str], command: str)
         "/proc/stat, in cores); \"relayed\" is what the sink's dump held after the cycle: "
         "N messages, N distinct queue ids of the MTA, all from the variant's source address, "
         "and exactly the N deliveries the MTA logged.",
-        "",
-        results_table(results),
     ]
-    ratios = ratios_table(results, plan.sizes)
-    if ratios:
-        out += ["", ratios]
-    return "\n".join(out)
+    return sidebyside.join_report(out, results_table(results), ratios_table(results, plan.sizes))
 
 
 def write_results(section_body: str, path: Path = RESULTS) -> None:
@@ -327,32 +253,18 @@ def write_results(section_body: str, path: Path = RESULTS) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny cycles, for a smoke test")
-    p.add_argument("--sizes", default="2048,102400", help="message payload sizes in bytes")
-    p.add_argument("--only", help="comma-separated variants: " + ", ".join(
-        [v.key for v in VARIANTS] + list(ALIASES)))
-    p.add_argument("--messages", type=int,
-                   help="messages per cycle at 2 KB (default 6000; quick 100)")
-    p.add_argument("--repeat", type=int, help="timed cycles per size (default 3; quick 1)")
+    sidebyside.add_cycle_args(p, [v.key for v in VARIANTS] + list(ALIASES),
+                              "messages per cycle at 2 KB (default 6000; quick 100)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="ferrymail workers in the ferrymail-n variant (default: CPU count)")
-    p.add_argument("--concurrency", type=int, default=20, help="delivery sessions")
-    p.add_argument("--reuse", type=int, default=100, help="messages per delivery session")
-    p.add_argument("--sessions", type=int, default=20, help="smtp-source sessions")
-    p.add_argument("--write-results", action="store_true",
-                   help=f"rewrite the Relay section of {RESULTS.name}")
-    p.add_argument("--json", type=Path, help="also write the raw results here")
+    sidebyside.add_delivery_args(p, sessions="smtp-source sessions", section="Relay",
+                                 results_name=RESULTS.name)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    except ValueError:
-        raise SystemExit(f"--sizes wants comma-separated byte counts, got {args.sizes!r}") from None
-    if not sizes or min(sizes) <= 0:
-        raise SystemExit("--sizes needs at least one positive size")
+    sizes = sidebyside.parse_sizes(args.sizes)
     plan = Plan(
         sizes=sizes,
         messages=args.messages or (100 if args.quick else 6_000),
@@ -368,41 +280,22 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--messages, --repeat, --concurrency, --reuse, --sessions and "
                          "--workers must be >= 1")
     variants = peers.select_variants(VARIANTS, ALIASES, args.only)
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
+    log = sidebyside.log
     env = environment()
     command = peers.command_line("bench/relay.py", argv)
-    results: list[Result] = []
     t0 = time.monotonic()
-    with signals_as_interrupt():
-        try:
-            with peers.workdir("bench-relay-shared-") as d, contextlib.ExitStack() as stack:
-                try:
-                    sink = stack.enter_context(peers.dumping_sink(d))
-                except BenchError as e:
-                    log(f"cannot start the sink: {e}")
-                    return 1
-                results = run_all(variants, plan, sink, stack, log)
-        except KeyboardInterrupt:
-            log("interrupted: peers stopped")
-            return 130
-    log(f"done in {time.monotonic() - t0:.0f} s")
 
-    body = report(results, plan, env, command)
-    print(body)
-    if args.json:
-        args.json.write_text(json.dumps(
-            {"environment": env, "plan": asdict(plan),
-             "results": [{**asdict(r), "rate": r.rate} for r in results]}, indent=2))
-    failed = [r.variant for r in results if r.error]
-    if args.write_results and failed:
-        log(f"not writing {RESULTS.name}: {', '.join(sorted(set(failed)))} failed")
-    elif args.write_results:
-        write_results(body + "\n\n" + NOTES)
-        log(f"wrote {RESULTS}")
-    return 1 if failed else 0
+    results = sidebyside.run_with_shared_peers(
+        "bench-relay-shared-", "the sink",
+        lambda d, stack: stack.enter_context(peers.dumping_sink(d)),
+        lambda sink, stack: run_all(variants, plan, sink, stack, log), log)
+    if isinstance(results, int):
+        return results
+    log(f"done in {time.monotonic() - t0:.0f} s")
+    return sidebyside.publish(
+        report(results, plan, env, command), results, plan, env, args.json,
+        (lambda body: write_results(body + "\n\n" + NOTES)) if args.write_results else None,
+        RESULTS, log, row=lambda r: {**asdict(r), "rate": r.rate})
 
 
 NOTES = """\

@@ -209,14 +209,49 @@ def ferrymail_proc(tmp_path: Path) -> Iterator[Callable[..., FerrymailProc]]:
         handle.kill()
 
 
+class ClientThreads:
+    """``count`` daemon threads, started at once, each running
+    ``target(port, n, results, lock, stop)`` (n = 0 .. count-1): clients that record what they
+    got in the shared ``results`` under ``lock`` and end when ``stop`` is set (or on error)."""
+
+    def __init__(self, target: Callable[..., None], port: int, results: Any,
+                 count: int = 4) -> None:
+        self.results = results
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=target,
+                                         args=(port, n, results, self.lock, self.stop_event),
+                                         daemon=True) for n in range(count)]
+        for t in self.threads:
+            t.start()
+
+    def wait_until(self, cond: Callable[[Any], bool], timeout: float) -> bool:
+        """Poll ``cond(results)`` under the lock every 50 ms for up to ``timeout`` seconds;
+        whether it became true."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if cond(self.results):
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self, timeout: float) -> None:
+        """Tell every client to stop and wait up to ``timeout`` seconds for each."""
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(timeout)
+
+
 # --------------------------------------------------------------------------- config builders
 
 
 def startup_yaml(workdir: Path, servers: list[dict[str, Any]], *, level: str = "info",
                  fsync: bool = True, spool: Path | None = None,
-                 metrics: str | bool = False) -> str:
+                 metrics: str | bool = False, min_free: str | None = None) -> str:
     """A startup file for ``servers`` with spool and pidfile inside ``workdir``; the metrics
-    listener is off unless ``metrics`` names an ``ADDRESS:PORT`` (tests run side by side)."""
+    listener is off unless ``metrics`` names an ``ADDRESS:PORT`` (tests run side by side);
+    ``min_free`` sets ``spool.min_free`` (e.g. ``"1MiB"``)."""
     doc = {
         "environment": {"hostname": "mx.ferrymail.test",
                         "pidfile": str(workdir / "ferrymail.pid"),
@@ -225,6 +260,8 @@ def startup_yaml(workdir: Path, servers: list[dict[str, Any]], *, level: str = "
         "spool": {"path": str(spool or workdir / "spool"), "fsync": fsync},
         "metrics": {"listen": metrics},
     }
+    if min_free is not None:
+        doc["spool"]["min_free"] = min_free
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -244,6 +281,17 @@ def running_yaml(server_ids: Sequence[str], *, domains: Sequence[str] = ("exampl
     if hold:
         doc["queues"] = {"hold": True}
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+def sink_running_yaml(sink_port: int, server_id: str = "in", *,
+                      domains: Sequence[str] = ("example.com",)) -> str:
+    """A running file in which server ``server_id`` accepts ``domains`` and delivers all of
+    it, undelayed, to the smtp-sink on 127.0.0.1:``sink_port``."""
+    return yaml.safe_dump({
+        "servers": [{"id": server_id, "transport": "sink", "domains": list(domains)}],
+        "transportgroups": [{"id": "default", "transports": [{
+            "id": "sink", "connection": {"server": "127.0.0.1", "port": sink_port}}]}],
+    })
 
 
 def server(sid: str, listeners: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

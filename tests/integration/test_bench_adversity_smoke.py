@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.integration.benchrun import run_bench
 from tests.realpeers import require
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_tiny_run_prints_rates_and_ratios_for_both_mtas() -> None:
@@ -22,12 +18,8 @@ def test_tiny_run_prints_rates_and_ratios_for_both_mtas() -> None:
         require(name)
     if os.geteuid() != 0:
         pytest.skip("the Postfix peer needs root (mail_owner)")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "adversity.py"), "--live", "6", "--domains", "3",
-         "--rows", "a,b", "--timeout", "30", "--repeat", "1"],
-        capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    out = run_bench("adversity.py", "--live", "6", "--domains", "3", "--rows", "a,b",
+                    "--timeout", "30", "--repeat", "1", timeout=120)
     assert "| Row | ferrymail msg/s | postfix msg/s | ferrymail/postfix |" in out
     for title in ("(a) live only", "(b) live + dead half"):
         cell = r"\d+ \(\d+-\d+\)"

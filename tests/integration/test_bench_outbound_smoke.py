@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -20,14 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.benchrun import BENCH, REPO, assert_checked_rows, rewrite_section, run_bench
 from tests.realpeers import require
 
-REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / "bench"
-sys.path.insert(0, str(BENCH))
-
-import outbound  # noqa: E402  (bench/ is not a package)
-import peers  # noqa: E402
+# isort: split
+import outbound  # bench/ is not a package: on sys.path through benchrun
+import peers
 
 
 def require_peers() -> None:
@@ -39,18 +36,9 @@ def require_peers() -> None:
 
 def test_quick_run_prints_a_table_with_every_variant() -> None:
     require_peers()
-    proc = subprocess.run([sys.executable, str(BENCH / "outbound.py"), "--quick"],
-                          capture_output=True, text=True, timeout=90, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    out = run_bench("outbound.py", "--quick", timeout=90)
     assert "| variant | size | msgs/cycle | msg/s (median) |" in out
-    for v in outbound.VARIANTS:
-        for size in ("2 KB", "100 KB"):
-            check = rf"(\d+)/\2, distinct, all from {re.escape(v.source)}, as logged"
-            row = re.search(rf"^\| {re.escape(v.label)} \| {size} \| [\d,]+ \| ([\d,]+) \|.*"
-                            rf"\| {check} \|$", out, re.M)
-            assert row, f"no row for {v.key} {size} in:\n{out}"
-            assert int(row.group(1).replace(",", "")) > 0
+    assert_checked_rows(out, [(v.label, v.source) for v in outbound.VARIANTS])
     assert "| ferrymail-haproxy-v1 / ferrymail-direct |" in out
     assert "| ferrymail-direct / postfix |" in out
 
@@ -189,11 +177,10 @@ def test_interrupt_stops_every_peer(scratch: Path) -> None:
 
 
 def test_write_results_replaces_only_the_outbound_section(tmp_path: Path) -> None:
-    path = tmp_path / "RESULTS.md"
-    path.write_text("# Benchmark results\n\n## Inbound\n\ninbound figures\n\n"
-                    "## Outbound\n\nold\n\n## Later\n\nkept\n")
-    outbound.write_results("new figures", path)
-    assert path.read_text() == ("# Benchmark results\n\n## Inbound\n\ninbound figures\n\n"
+    text = rewrite_section(outbound.write_results, tmp_path / "RESULTS.md",
+                           "# Benchmark results\n\n## Inbound\n\ninbound figures\n\n"
+                           "## Outbound\n\nold\n\n## Later\n\nkept\n", "new figures")
+    assert text == ("# Benchmark results\n\n## Inbound\n\ninbound figures\n\n"
                                 "## Outbound\n\nnew figures\n\n## Later\n\nkept\n")
     last = tmp_path / "last.md"
     last.write_text("# Benchmark results\n\n## Inbound\n\nin\n\n## Outbound\n\nNot measured yet.\n")

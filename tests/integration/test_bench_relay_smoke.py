@@ -8,20 +8,15 @@ No timing assertions: only that the harness works end to end.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.integration.benchrun import assert_checked_rows, rewrite_section, run_bench
 from tests.realpeers import require
 
-REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / "bench"
-sys.path.insert(0, str(BENCH))
-
-import relay  # noqa: E402  (bench/ is not a package)
+# isort: split
+import relay  # bench/ is not a package: on sys.path through benchrun
 
 
 def test_quick_run_relays_and_checks_every_message() -> None:
@@ -29,32 +24,19 @@ def test_quick_run_relays_and_checks_every_message() -> None:
         require(name)
     if os.geteuid() != 0:
         pytest.skip("Postfix (mail_owner) needs root")
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "relay.py"), "--quick", "--messages", "60",
-         "--workers", "2"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    out = run_bench("relay.py", "--quick", "--messages", "60", "--workers", "2", timeout=120)
     assert "| variant | size | msgs/cycle | msg/s (median) |" in out
-    for v in relay.VARIANTS:
-        label = "ferrymail, 2 workers" if v.many else v.label
-        for size in ("2 KB", "100 KB"):
-            check = rf"(?P<n>\d+)/(?P=n), distinct, all from {re.escape(v.source)}, as logged"
-            row = re.search(rf"^\| {re.escape(label)} \| {size} \| [\d,]+ \| ([\d,]+) \|.*"
-                            rf"\| {check} \|$", out, re.M)
-            assert row, f"no row for {v.key} {size} in:\n{out}"
-            assert int(row.group(1).replace(",", "")) > 0
+    assert_checked_rows(out, [("ferrymail, 2 workers" if v.many else v.label, v.source)
+                              for v in relay.VARIANTS])
     assert "| ferrymail-1 / postfix |" in out
     assert "| ferrymail-n / ferrymail-1 |" in out
 
 
 def test_write_results_replaces_only_the_relay_section(tmp_path: Path) -> None:
-    path = tmp_path / "RESULTS.md"
-    path.write_text("# Benchmark results\n\n## Inbound\n\nin\n\n## Relay\n\nold\n\n"
-                    "## Outbound\n\nout\n")
-    relay.write_results("new", path)
-    assert path.read_text() == ("# Benchmark results\n\n## Inbound\n\nin\n\n## Relay\n\nnew\n\n"
+    text = rewrite_section(relay.write_results, tmp_path / "RESULTS.md",
+                           "# Benchmark results\n\n## Inbound\n\nin\n\n## Relay\n\nold\n\n"
+                           "## Outbound\n\nout\n", "new")
+    assert text == ("# Benchmark results\n\n## Inbound\n\nin\n\n## Relay\n\nnew\n\n"
                                 "## Outbound\n\nout\n")
 
 

@@ -7,20 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.integration.benchrun import rewrite_section, run_bench
 from tests.realpeers import require
 
-REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / "bench"
-sys.path.insert(0, str(BENCH))
-
-import inbound  # noqa: E402  (bench/ is not a package)
-import peers  # noqa: E402
+# isort: split
+import inbound  # bench/ is not a package: on sys.path through benchrun
+import peers
 
 VARIANTS = ["smtp-sink", "aiosmtpd-discard", "ferrymail-direct", "ferrymail-proxied"]
 
@@ -29,12 +25,7 @@ def test_quick_run_prints_a_table_with_every_variant() -> None:
     require("smtp-source")
     require("smtp-sink")
     require("haproxy")
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "inbound.py"), "--quick", "--only", ",".join(VARIANTS)],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    out = run_bench("inbound.py", "--quick", "--only", ",".join(VARIANTS), timeout=60)
     assert "| variant | size | msg/s (median) |" in out
     labels = {v.key: v.label for v in inbound.VARIANTS}
     for key in VARIANTS:
@@ -74,11 +65,10 @@ def test_smtp_source_failure_is_an_error() -> None:
 
 
 def test_write_results_replaces_only_the_inbound_section(tmp_path: Path) -> None:
-    path = tmp_path / "RESULTS.md"
-    path.write_text("# Benchmark results\n\nintro\n\n## Inbound\n\nold figures\n\n"
-                    "## Outbound\n\nkept as is\n")
-    inbound.write_results("new figures", path)
-    assert path.read_text() == ("# Benchmark results\n\nintro\n\n## Inbound\n\nnew figures\n\n"
+    text = rewrite_section(inbound.write_results, tmp_path / "RESULTS.md",
+                           "# Benchmark results\n\nintro\n\n## Inbound\n\nold figures\n\n"
+                           "## Outbound\n\nkept as is\n", "new figures")
+    assert text == ("# Benchmark results\n\nintro\n\n## Inbound\n\nnew figures\n\n"
                                 "## Outbound\n\nkept as is\n")
     fresh = tmp_path / "new.md"
     inbound.write_results("first", fresh)

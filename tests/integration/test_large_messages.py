@@ -10,20 +10,22 @@ import re
 import smtplib
 import socket
 import threading
-import time
-from pathlib import Path
 
-import yaml
-
+from tests.integration.benchrun import BENCH  # noqa: F401  (puts bench/ on sys.path)
 from tests.integration.conftest import (
+    ClientThreads,
     listener,
     running_yaml,
     server,
+    sink_running_yaml,
     spool_get,
     spool_messages,
     startup_yaml,
 )
 from tests.realpeers import free_port, smtp_sink
+
+# isort: split
+from memory import reset_peak, vm  # bench/memory.py: the same measurement as the bench
 
 MIB = 1024 * 1024
 SIZE = 8 * MIB
@@ -44,20 +46,6 @@ def body_of(size: int, tag: bytes) -> bytes:
         total += len(line)
         i += 1
     return b"Subject: " + tag + b"\r\n\r\n" + b"".join(lines)
-
-
-def status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak) of a process, in bytes."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def reset_peak(pid: int) -> None:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
 
 
 def send_bdat(port: int, body: bytes, chunk: int = 1 * MIB) -> bytes:
@@ -100,21 +88,15 @@ def test_large_messages_stream_in_and_out_with_bounded_memory(tmp_path, ferrymai
     data_body = body_of(SIZE, b"data")
     bdat_body = body_of(SIZE, b"bdat")
     with smtp_sink() as sink:
-        doc = yaml.safe_load(startup_yaml(tmp_path, [server(
-            "in", [listener(port)], limits={"message_size": 64 * MIB})]))
-        doc["spool"]["min_free"] = "1MiB"
-        running = yaml.safe_dump({
-            "servers": [{"id": "in", "transport": "sink", "domains": ["example.com"]}],
-            "transportgroups": [{"id": "default", "transports": [{
-                "id": "sink", "connection": {"server": "127.0.0.1", "port": sink.port}}]}],
-        })
-        fm = ferrymail_proc(yaml.safe_dump(doc), running, wait=[("127.0.0.1", port)])
+        startup = startup_yaml(tmp_path, [server(
+            "in", [listener(port)], limits={"message_size": 64 * MIB})], min_free="1MiB")
+        fm = ferrymail_proc(startup, sink_running_yaml(sink.port), wait=[("127.0.0.1", port)])
         # warm-up: the same paths once, with a smaller message (thread pools, buffers)
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
             c.sendmail("a@example.org", ["warm@example.com"], body_of(MIB, b"warm"))
         sink.wait_dumps(1)
         fm.wait_log(r"event=delivery\.attempt .*result=delivered")
-        before = status(fm.pid)["VmRSS"]
+        before = vm(fm.pid)["VmRSS"]
         reset_peak(fm.pid)
         with smtplib.SMTP("127.0.0.1", port, timeout=60) as c:
             c.sendmail("a@example.org", ["data@example.com"], data_body)
@@ -122,7 +104,7 @@ def test_large_messages_stream_in_and_out_with_bounded_memory(tmp_path, ferrymai
         sink.wait_dumps(3, timeout=60)
         fm.wait_log(r"event=delivery\.attempt .*result=delivered", count=3, timeout=60)
         dumps = sink.dumps()  # read again: smtp-sink has answered, so its files are whole
-        peak = status(fm.pid)["VmHWM"]
+        peak = vm(fm.pid)["VmHWM"]
         fm.stop()
     growth = peak - before
     print(f"peak RSS growth {growth / MIB:.2f} MiB for 2 x {SIZE // MIB} MiB"
@@ -178,23 +160,12 @@ def test_sigkill_while_large_bodies_arrive_keeps_every_acknowledged_one(
     startup = startup_yaml(tmp_path, [server("s", [listener(port)])])
     proc = ferrymail_proc(startup, running_yaml(["s"]), wait=[("127.0.0.1", port)])
     acked: dict[str, bytes] = {}
-    lock = threading.Lock()
-    stop = threading.Event()
-    threads = [threading.Thread(target=large_client, args=(port, n, acked, lock, stop),
-                                daemon=True) for n in range(4)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:  # at least a few acknowledged, bodies mid-flight
-        time.sleep(0.05)
-        with lock:
-            if len(acked) >= 6:
-                break
+    clients = ClientThreads(large_client, port, acked)
+    # at least a few acknowledged, bodies mid-flight
+    clients.wait_until(lambda acked: len(acked) >= 6, 5)
     proc.kill()
-    stop.set()
-    for t in threads:
-        t.join(15)
-    with lock:
+    clients.stop(15)
+    with clients.lock:
         recorded = dict(acked)
     assert recorded, "nothing was acknowledged before the kill"
     bodies = tmp_path / "spool" / "bodies"

@@ -20,7 +20,15 @@ import pytest
 import yaml
 
 from ferrymail.spool import RecipientState, RecipientUpdate, SpoolError, SpoolFull, SqliteSpool
-from tests.integration.conftest import listener, running_yaml, server, spool_count, startup_yaml
+from tests.integration.conftest import (
+    ClientThreads,
+    listener,
+    running_yaml,
+    server,
+    sink_running_yaml,
+    spool_count,
+    startup_yaml,
+)
 from tests.integration.test_spool_faults import ENV, payload, tmpfs
 from tests.realpeers import free_port, smtp_sink
 
@@ -191,22 +199,11 @@ def test_a_full_spool_file_system_under_load_loses_no_delivery_result(tmp_path, 
     reserve, `min_free: 0`, this run logs `delivery.record_failed` with SQLITE_FULL.)"""
     with tmpfs(tmp_path / "mnt", "8m") as mnt, smtp_sink() as sink:
         port = free_port()
-        doc = yaml.safe_load(startup_yaml(tmp_path, [server("in", [listener(port)])],
-                                          spool=mnt / "spool"))
-        doc["spool"]["min_free"] = "1MiB"
-        running = yaml.safe_dump({
-            "servers": [{"id": "in", "transport": "sink", "domains": ["example.com"]}],
-            "transportgroups": [{"id": "default", "transports": [{
-                "id": "sink", "connection": {"server": "127.0.0.1", "port": sink.port}}]}],
-        })
-        fm = ferrymail_proc(yaml.safe_dump(doc), running, wait=[("127.0.0.1", port)])
+        startup = startup_yaml(tmp_path, [server("in", [listener(port)])],
+                               spool=mnt / "spool", min_free="1MiB")
+        fm = ferrymail_proc(startup, sink_running_yaml(sink.port), wait=[("127.0.0.1", port)])
         results: dict[str, list] = {}
-        lock = threading.Lock()
-        stop = threading.Event()
-        threads = [threading.Thread(target=sender, args=(port, n, results, lock, stop),
-                                    daemon=True) for n in range(4)]
-        for t in threads:
-            t.start()
+        clients = ClientThreads(sender, port, results)
         # someone else takes what is left while mail comes in and goes out, just after the
         # WAL was checkpointed down to nothing (as SQLite does when it resets the WAL): the
         # next results need new blocks
@@ -214,15 +211,8 @@ def test_a_full_spool_file_system_under_load_loses_no_delivery_result(tmp_path, 
         wal_checkpoint_truncate(mnt / "spool" / "spool.db", expect_empty=False)
         filler = mnt / "someone-elses-file"
         fill_to_the_last_block(filler)
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline:
-            with lock:
-                if len(results.get("452", [])) >= 20:
-                    break
-            time.sleep(0.05)
-        stop.set()
-        for t in threads:
-            t.join(30)
+        clients.wait_until(lambda results: len(results.get("452", [])) >= 20, 8)
+        clients.stop(30)
         filler.unlink()
         accepted = len(results.get("accepted", []))
         assert accepted and results.get("452"), {k: len(v) for k, v in results.items()}
