@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import signal
@@ -155,6 +156,7 @@ class App:
         self.metrics = MetricsServer(self)
         self.components.append(self.metrics)
         self.admin.routes.add("GET", "/v1/stats", self._stats)
+        self.admin.routes.add("GET", "/v1/proxies", self._proxies)
         self.ready = False  # all components started and not stopping (metrics /ready)
         self._reload_callbacks: list[Callable[[RunningConfig], None]] = [
             self.delivery.config_changed]
@@ -317,6 +319,12 @@ class App:
 
     async def _stats(self, req: object) -> dict[str, object]:
         return metrics_stats(self)
+
+    async def _proxies(self, req: object) -> dict[str, object]:
+        """``GET /v1/proxies``: this instance's proxy and (proxy, source) health entries
+        (``delivery/health.py``; states as ``ferrymail proxy status`` shows them)."""
+        book = self.delivery.rotation.health
+        return {"entries": [dataclasses.asdict(e) for e in book.entries(time.time())]}
 
     def _on_stop_signal(self, sig: int) -> None:
         log_event("app.stopping", signal=signal.Signals(sig).name)

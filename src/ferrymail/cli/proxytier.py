@@ -79,11 +79,26 @@ def cmd_proxy_status(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print_config_error(exc)
         return EXIT_CONFIG
-    if startup.cluster is None:
-        print("ferrymail proxy status: needs cluster.redis in the startup config (the health "
-              "store); a single instance keeps its proxy health in memory and the admin API "
-              "that would expose it is not built yet", file=sys.stderr)
-        return EXIT_FAIL
+    if startup.cluster is None:  # health lives in the daemon: ask it (every worker)
+        from ferrymail.admin.client import AdminClient, AdminError, AdminUnavailable, other_workers
+
+        try:
+            client = AdminClient.for_startup(startup)
+            if client is None:
+                raise AdminUnavailable("the admin API is switched off (admin.socket: false)")
+            found: dict[tuple[str, str | None], HealthEntry] = {}
+            for worker in [client, *other_workers(startup)]:
+                for d in worker.get("/v1/proxies")["entries"]:
+                    e = HealthEntry(**d)
+                    if e.key not in found or e.state != "up":  # a worker that saw it fail
+                        found[e.key] = e
+        except (AdminUnavailable, AdminError, OSError) as exc:
+            print(f"ferrymail proxy status: {exc} (without cluster.redis the proxy health "
+                  "lives in the running daemon)", file=sys.stderr)
+            return EXIT_FAIL
+        now = time.time()
+        sys.stdout.write(status_table(status_rows(running, found.values(), now), now))
+        return EXIT_OK
     c = startup.cluster
 
     async def read() -> list[HealthEntry]:
