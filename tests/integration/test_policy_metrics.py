@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from tests.integration.conftest import listener, run_cli, server, startup_yaml
-from tests.integration.test_metrics import samples, scrape, total
+from tests.integration.test_metrics import DASHBOARD, samples, scrape, total
 from tests.realpeers import free_port, redis_server, require, smtp_sink
 
 HOST = "127.0.0.1"
@@ -79,7 +79,8 @@ def test_waits_and_suspensions_in_metrics_and_summary(ferrymail_proc, tmp_path: 
         assert startup is not None
         before = samples(scrape(mport)[1])
         assert total(before, "ferrymail_suspensions_active") == 0
-        assert total(before, "ferrymail_cluster_state") == 0  # no cluster section: no gauge
+        assert total(before, "ferrymail_cluster_state") == 0  # no cluster section: all 0
+        assert ("ferrymail_policy_waits_total", (("kind", "suspension"),)) in before
 
         # A binding rate: 6 messages at 2/s, the later ones wait in memory, all delivered.
         send(port, "u@fast.test", N_FAST)
@@ -142,6 +143,13 @@ def test_cluster_state_gauge_follows_a_stopped_redis(ferrymail_proc, tmp_path: P
         wait_for(lambda: state() == {"shared": 1, "split": 0, "local": 0, "closed": 0},
                  "the shared state")
         shared_before = moved("shared")
+        # The dashboard's shaping panels query names this daemon exposes (test_metrics checks
+        # the whole dashboard against a daemon without a cluster).
+        exposed = {n for n, _ in samples(scrape(mport)[1])}
+        dashboard = DASHBOARD.read_text()
+        for name in ("ferrymail_policy_waits_total", "ferrymail_suspensions_active",
+                     "ferrymail_cluster_state", "ferrymail_cluster_transitions_total"):
+            assert name in dashboard and name in exposed, name
         send(port, "u@dead.test")  # stays deferred: a group for the summary to explain
         proc.wait_log(r"event=delivery\.\S+ .*result=deferred", timeout=20)
 

@@ -20,7 +20,7 @@ Names (all ``ferrymail_`` prefixed; the full list with meanings is in docs/opera
   ``connectinterval``, ``suspension``, ``closed`` (cluster fallback ``closed``), ``other``
 - ``suspensions_active``: suspensions in force now (manual and from replies)
 - ``cluster_state{state}`` (1 for the current one of ``shared``, ``split``, ``local``,
-  ``closed``; only with a ``cluster`` section) and ``cluster_transitions_total{state}``
+  ``closed``; all 0 without a ``cluster`` section) and ``cluster_transitions_total{state}``
 
 Label values are bounded: servers, transports, sources and proxies come from the config;
 results and kinds are fixed sets; domains are never labels.
@@ -83,6 +83,10 @@ CLUSTER_STATES = ("shared", "split", "local", "closed")
 CLUSTER_TRANSITIONS = Counter("ferrymail_cluster_transitions_total",
                               "Changes of the cluster state, by the state entered", ["state"],
                               registry=REGISTRY)
+for _kind in POLICY_WAIT_KINDS:  # exposed at 0 from the start, so rate() sees the first one
+    POLICY_WAITS.labels(_kind)
+for _state in CLUSTER_STATES:
+    CLUSTER_TRANSITIONS.labels(_state)
 PROXY_HEADER_ERRORS = Counter("ferrymail_proxy_header_errors_total",
                               "Inbound connections refused over their PROXY header",
                               ["server", "kind"], registry=REGISTRY)
@@ -230,13 +234,12 @@ class _LiveCollector(Collector):
                                 "Suspensions in force now (manual and from replies)",
                                 value=len(limiter.active_suspensions(now)))
         mode = getattr(limiter, "mode", None)
-        if mode is not None:
-            state = GaugeMetricFamily("ferrymail_cluster_state",
-                                      "Cluster state: 1 for the current one", labels=["state"])
-            current = mode()
-            for name in CLUSTER_STATES:
-                state.add_metric([name], 1 if name == current else 0)
-            yield state
+        current = mode() if mode is not None else None  # None: no cluster section, all 0
+        state = GaugeMetricFamily("ferrymail_cluster_state",
+                                  "Cluster state: 1 for the current one", labels=["state"])
+        for name in CLUSTER_STATES:
+            state.add_metric([name], 1 if name == current else 0)
+        yield state
 
 
 def _configured_proxies(app: App) -> list[Any]:
