@@ -544,16 +544,20 @@ class Scheduler:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            # Nothing was recorded; without a pause the message would be due again at once.
-            self._cooldown[job.queue_id] = time.monotonic() + COOLDOWN
-            heapq.heappush(self._wakeups, self.clock() + COOLDOWN)
-            log_event("scheduler.job_error", "error", qid=job.queue_id,
-                      destination=str(job.destination), error=f"{type(e).__name__}: {e}",
-                      retry_in_s=COOLDOWN)
+            self._job_failed(job, e)
         finally:
             self._fed.discard(id(job))
             self._free_slot(job)
             self._job_done(job)
+
+    def _job_failed(self, job: Job, e: Exception) -> None:
+        """A job raised: nothing was recorded, so without a pause the message would be due
+        again at once; it waits ``COOLDOWN`` seconds, logged."""
+        self._cooldown[job.queue_id] = time.monotonic() + COOLDOWN
+        heapq.heappush(self._wakeups, self.clock() + COOLDOWN)
+        log_event("scheduler.job_error", "error", qid=job.queue_id,
+                  destination=str(job.destination), error=f"{type(e).__name__}: {e}",
+                  retry_in_s=COOLDOWN)
 
     def _job_done(self, job: Job) -> None:
         """``job`` is over (run or deferred): its message leaves flight after its last job."""
@@ -760,11 +764,7 @@ class Scheduler:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            self._cooldown[job.queue_id] = time.monotonic() + COOLDOWN
-            heapq.heappush(self._wakeups, self.clock() + COOLDOWN)
-            log_event("scheduler.job_error", "error", qid=job.queue_id,
-                      destination=str(job.destination), error=f"{type(e).__name__}: {e}",
-                      retry_in_s=COOLDOWN)
+            self._job_failed(job, e)
         finally:
             self._job_done(job)
 

@@ -151,6 +151,18 @@ def envelope_from_json(text: str) -> Envelope:
     )
 
 
+def _check_envelope(envelope: object) -> None:
+    """What ``store()`` refuses before writing: TypeError for a non-Envelope, ValueError for
+    no recipients or a recipient that is not valid text."""
+    if not isinstance(envelope, Envelope):
+        raise TypeError(f"store() needs an Envelope, not {type(envelope).__name__}")
+    if not envelope.recipients:
+        raise ValueError("cannot store a message without recipients")
+    for address in envelope.recipients:
+        if not isinstance(address, str) or not _is_utf8(address):
+            raise ValueError(f"recipient {address!r} is not valid text")
+
+
 def _is_utf8(text: str) -> bool:
     """Whether SQLite can take `text` (no lone surrogates, e.g. from "surrogateescape")."""
     try:
@@ -457,13 +469,7 @@ class SqliteSpool(SqliteQueueControl, Spool):
             msg_id = self._ids.next_int()
         elif (msg_id := parse_queue_id(queue_id)) is None:  # type: ignore[assignment]
             raise ValueError(f"malformed queue id {queue_id!r}")
-        if not isinstance(envelope, Envelope):
-            raise TypeError(f"store() needs an Envelope, not {type(envelope).__name__}")
-        if not envelope.recipients:
-            raise ValueError("cannot store a message without recipients")
-        for address in envelope.recipients:
-            if not isinstance(address, str) or not _is_utf8(address):
-                raise ValueError(f"recipient {address!r} is not valid text")
+        _check_envelope(envelope)
         if not isinstance(data, bytes):
             data = bytes(data)  # a copy: the caller may reuse its buffer
         return await self._write(lambda fut: _Store(fut, msg_id, envelope, data))
@@ -473,13 +479,7 @@ class SqliteSpool(SqliteQueueControl, Spool):
         try:
             if msg_id is None:
                 raise ValueError(f"malformed queue id {body.queue_id!r}")
-            if not isinstance(envelope, Envelope):
-                raise TypeError(f"store() needs an Envelope, not {type(envelope).__name__}")
-            if not envelope.recipients:
-                raise ValueError("cannot store a message without recipients")
-            for address in envelope.recipients:
-                if not isinstance(address, str) or not _is_utf8(address):
-                    raise ValueError(f"recipient {address!r} is not valid text")
+            _check_envelope(envelope)
             if self._state != _OPEN or self.readonly:
                 raise SpoolError(f"spool {self.path} is not open for writing")
             if body.error is not None:
