@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ferrymail.haproxy import outbound_listen
+from ferrymail.proxytier.haproxy import outbound_listen
 
 
 def free_port(host: str = "127.0.0.1") -> int:

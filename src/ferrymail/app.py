@@ -35,6 +35,7 @@ from ferrymail.config import (
 )
 from ferrymail.config.models import DEFAULT_TRUSTED_PROXIES
 from ferrymail.delivery.engine import DeliveryEngine
+from ferrymail.delivery.health import health_store_for
 from ferrymail.delivery.loops import OwnListeners
 from ferrymail.delivery.scheduler import DESTINATIONS_FILE
 from ferrymail.observe import log
@@ -129,7 +130,8 @@ class App:
             own_listeners=OwnListeners.of((lst.address, lst.port) for s in startup.servers
                                           for lst in s.listeners),
             state_path=self.spool.path / DESTINATIONS_FILE,  # a worker: in its shard
-            limiter=make_limiter(startup, worker))
+            limiter=make_limiter(startup, worker),
+            health_store=health_store_for(startup))
         metrics_set_enabled(startup.metrics.listen is not None)
         inbound_spool = self.delivery.notifying(self.spool)
         if startup.metrics.listen is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from ferrymail.haproxy import outbound_listen
+from ferrymail.proxytier.haproxy import outbound_listen
 from tests.realpeers import require
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ferrymail.config import parse_running
 from ferrymail.delivery.connect import ProxyRoute, Source
 from ferrymail.delivery.errors import DeliveryError
 from ferrymail.delivery.routing import (
     HookSource,
-    ProxyHealth,
     SourceRotation,
     recipient_domain,
     sources_from_hook,
@@ -188,24 +189,28 @@ def test_round_robin_rotates_start() -> None:
     assert rr.order("other", [S1, S2], 0.0)[0] == S1  # keys rotate independently
 
 
+def _down(rr: SourceRotation, src: Source, now: float) -> None:
+    rr.health.failure(src, "connect", "refused", now)
+
+
 def test_round_robin_skips_downed_proxy_while_another_is_up() -> None:
     rr = SourceRotation()
-    rr.health.mark_failed(P1, now=100.0)
+    _down(rr, S1, now=100.0)
     for _ in range(4):
         assert rr.order("k", [S1, S2], 110.0) == [S2]
-    assert S1 in rr.order("k", [S1, S2], 131.0)  # back-off of 30 s over
+    assert S1 in rr.order("k", [S1, S2], 131.0)  # suspension of 30 s over: S1 may probe
 
 
 def test_all_down_still_tries_everything() -> None:
     rr = SourceRotation()
-    rr.health.mark_failed(P1, 0.0)
-    rr.health.mark_failed(P2, 0.0)
+    _down(rr, S1, 0.0)
+    _down(rr, S2, 0.0)
     assert set(rr.order("k", [S1, S2], 1.0)) == {S1, S2}
 
 
 def test_direct_sources_are_always_up_and_duplicates_weight() -> None:
     rr = SourceRotation()
-    rr.health.mark_failed(P1, 0.0)
+    _down(rr, S1, 0.0)
     assert rr.order("k", [S1, S3], 1.0) == [S3]
     weighted = [S3, S3, S2]
     firsts = [rr.order("w", weighted, 1.0)[0] for _ in range(6)]
@@ -219,21 +224,22 @@ def test_fixed_order_when_not_rotating() -> None:
         assert rr.order("k", [S1, S2, S3], 0.0, rotate=False) == [S1, S2, S3]
 
 
-def test_health_backoff_doubles_to_maximum_and_resets() -> None:
-    h = ProxyHealth()
-    now, backoffs = 0.0, []
-    for _ in range(6):  # each failure right when the previous back-off ran out
-        backoffs.append(h.mark_failed(P1, now))
-        now += backoffs[-1]
-    assert backoffs == [30, 60, 120, 240, 300, 300]
-    t = now - 300
-    assert not h.is_up(P1, t + 299.0) and h.is_up(P1, t + 300.0)
-    assert h.mark_failed(P1, t + 10) == 290  # failing again while down: no escalation
-    assert h.is_up(P2, 0.0) and h.is_up(None, 0.0)
-    assert h.down(t) == [("127.0.0.10", 2525, 300.0)]
-    h.mark_ok(P1)
-    assert h.is_up(P1, t)
-    assert h.mark_failed(P1, t) == 30
+def test_per_message_split_is_even_with_two_sources() -> None:
+    rr = SourceRotation()
+    a = Source("127.0.0.2", "a.test", "a", P1)
+    b = Source("127.0.0.3", "b.test", "b", P1)
+    firsts = [rr.order("k", [a, b], 0.0)[0] for _ in range(1000)]
+    assert firsts.count(a) == 500 and firsts.count(b) == 500
+
+
+def test_suspended_pair_is_skipped_but_its_proxy_keeps_sending() -> None:
+    rr = SourceRotation()
+    a = Source("127.0.0.2", "a.test", "a", P1)
+    b = Source("127.0.0.3", "b.test", "b", P1)
+    for _ in range(2):  # bind threshold: 2 in 60 s
+        rr.health.failure(a, "bind", "EOF before banner", 5.0)
+    assert {rr.order("k", [a, b], 6.0)[0] for _ in range(10)} == {b}
+    assert rr.health.state(str(P1), None, 6.0) == "up"
 
 
 # -- transport choice and jobs -----------------------------------------------------------------
@@ -284,3 +290,27 @@ def test_split_jobs_per_destination_only_due_pending() -> None:
     gone = QueuedMessage("0000000000000002", envelope(server="gone"), recs[1:2])
     (job,) = split_jobs(gone, CFG, 10.0)
     assert job.destination == Destination("", "other.test")  # the engine reports it
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=8),
+       st.integers(min_value=1, max_value=5), st.sets(st.sampled_from(["a", "b", "c", "d"])))
+def test_property_weighted_choice_per_message(names: list[str], turns: int,
+                                              down: set[str]) -> None:
+    """Over whole turns every usable entry is chosen exactly as often as it is listed; a
+    source whose proxy is suspended is never chosen while another is usable."""
+    proxies = {n: ProxyRoute(f"127.0.0.{10 + i}", 2525) for i, n in enumerate("abcd")}
+    srcs = {n: Source(f"127.0.1.{i}", f"{n}.test", n, proxies[n]) for i, n in enumerate("abcd")}
+    rr = SourceRotation()
+    for n in down:
+        rr.health.failure(srcs[n], "connect", "refused", 0.0)
+    listed = [srcs[n] for n in names]
+    usable = [s for s in listed if s.address_id not in down]
+    picks = [rr.order("k", listed, 1.0)[0] for _ in range(turns * len(listed))]
+    if not usable:
+        assert set(picks) <= set(listed)  # all down: still tried
+        return
+    assert all(p.address_id not in down for p in picks)
+    if len(usable) == len(listed):
+        for s in set(listed):
+            assert picks.count(s) == turns * listed.count(s)

@@ -11,6 +11,8 @@
 ``ferrymail dkim keygen DOMAIN SELECTOR``           a DKIM key file and its DNS record
 ``ferrymail auth hash USER``                       a user:hash line for AUTH (password on stdin)
 ``ferrymail send …``                                  one message now, without queuing
+``ferrymail haproxy-config|keepalived-config …``      the proxy tier's configs
+``ferrymail proxy status``                            proxy and (proxy, source) health
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from ferrymail import __version__
-from ferrymail.cli import auth, dkim, queue, run, suspend, top
+from ferrymail.cli import auth, dkim, proxytier, queue, run, suspend, top
 from ferrymail.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAIL", "EXIT_OK", "build_parser", "main"]
@@ -33,6 +35,7 @@ FAMILIES = [
     suspend.register,
     dkim.register,
     auth.register,
+    proxytier.register,
 ]
 
 

@@ -38,6 +38,7 @@ from .dkim import Dkim, dkim_problems
 from .inbound import InboundPolicy
 from .operations import Admin, Metrics
 from .policies import Cluster, Grouping, Policy, shaping_problems
+from .proxyha import ProxyCheck, ProxyHealthPolicy
 from .types import (
     DomainPattern,
     Duration,
@@ -208,7 +209,7 @@ class StartupConfig(_Model):
     environment: Environment = Field(default_factory=Environment)
     servers: tuple[StartupServer, ...] = ()
     spool: Spool = Field(default_factory=Spool)
-    cluster: Cluster | None = None  # shaping shared through Redis (orchestrator)
+    cluster: Cluster | None = None  # instances sharing state through Redis (shaping, proxy health)
     admin: Admin = Field(default_factory=Admin)
     metrics: Metrics = Field(default_factory=Metrics)
 
@@ -294,6 +295,7 @@ class ProxyProtocol(_Model):
     server: Host
     port: Port
     version: ProxyVersion = 1
+    check: ProxyCheck | None = None
 
 
 ProxyOrFalse = _tagged(
@@ -565,6 +567,7 @@ class RunningConfig(_Model):
     hop_limit: Annotated[int, Field(ge=1, le=1000, strict=True)] = 50
     policies: tuple[Policy, ...] = ()  # delivery shaping (orchestrator), reloadable
     groupings: tuple[Grouping, ...] = ()
+    proxyhealth: ProxyHealthPolicy = Field(default_factory=ProxyHealthPolicy)
 
     _source: str | None = PrivateAttr(default=None)
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)

@@ -18,7 +18,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from ferrymail.delivery.errors import DeliveryError, ErrorKind
+from ferrymail.delivery.errors import DeliveryError, ErrorKind, ProxyConnectError
 from ferrymail.proxy import ProxyError, encode_v1, encode_v2
 
 # Linux: defer the source port choice to connect(), so a source IP can hold more than ~28k
@@ -140,7 +140,13 @@ async def open_socket(source: Source, dest_ip: str, dest_port: int, timeouts: Ti
     the MX in error messages.
     """
     if source.proxy is not None:
-        return await _open_proxied(source, source.proxy, dest_ip, dest_port, timeouts, mx_host)
+        try:
+            return await _open_proxied(source, source.proxy, dest_ip, dest_port, timeouts,
+                                       mx_host)
+        except DeliveryError as e:
+            if e.kind != "proxy" or isinstance(e, ProxyConnectError):
+                raise
+            raise ProxyConnectError(e.message) from None
     return await _open_direct(source, dest_ip, dest_port, timeouts, mx_host)
 
 

@@ -26,6 +26,7 @@ schedule's interval for that one step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import re
@@ -38,6 +39,16 @@ from ferrymail.config.models import Connection, ResolvedTransport, Retry, Runnin
 from ferrymail.delivery import dsn as dsnlib
 from ferrymail.delivery.connect import ProxyRoute, Source, Timeouts
 from ferrymail.delivery.errors import DeliveryError, SMTPReplyError
+from ferrymail.delivery.health import (
+    CheckTarget,
+    HealthBook,
+    HealthChecker,
+    HealthEntry,
+    HealthStore,
+    LocalHealthStore,
+    classify,
+    log_transition,
+)
 from ferrymail.delivery.loops import LOOP_STATUS, OwnListeners, hop_limit_error
 from ferrymail.delivery.mx import MXHost, Resolver
 from ferrymail.delivery.pool import ConnectionPool, PoolKey
@@ -45,6 +56,7 @@ from ferrymail.delivery.routing import (
     HookSource,
     SourcePlan,
     SourceRotation,
+    check_targets,
     sources_from_hook,
     transport_sources,
 )
@@ -77,6 +89,7 @@ PARK_AFTER = 2.0  # a parked job's next look when no time is known (a concurrenc
 PARK_MAX = 30.0  # ... and at the latest (a suspension may be removed before it ends)
 MAX_MX_ADDRESSES = 10  # MX addresses tried in one attempt (Postfix's smtp_mx_address_limit: 5)
 STOP_GRACE = 10.0
+PROXY_WAIT_MAX = 10.0  # longest a job waits for an actively checked proxy to come back
 
 # Enhanced status for permanent failures that carry no SMTP reply.
 _LOCAL_STATUS = {
@@ -205,6 +218,7 @@ class DeliveryEngine:
         tls_context_factory: TLSContextFactory | None = None,
         stop_grace: float = STOP_GRACE,
         enabled: bool = True,
+        health_store: HealthStore | None = None,
         own_listeners: OwnListeners | None = None,
         state_path: Path | None = None,
         limiter: Limiter | None = None,
@@ -225,7 +239,11 @@ class DeliveryEngine:
         # Shaping (orchestrator): in-process unless the App passes a cluster-wide one.
         self.limiter: Limiter = limiter if limiter is not None else LocalLimiter()
         self._leases: dict[int, Lease] = {}  # id(client) -> the slots its connection holds
-        self.rotation = SourceRotation()
+        self.health_store: HealthStore = health_store or LocalHealthStore()
+        self.rotation = SourceRotation(HealthBook(running().proxyhealth,
+                                                  on_transition=self._health_changed))
+        self.checker = HealthChecker(self.rotation.health, self._check_targets, clock=clock)
+        self._targets: tuple[RunningConfig | None, list[CheckTarget]] = (None, [])
         self._resolver: Resolver | None = None
         self._resolver_key: object = None
         self._hook: PredeliveryHook | None = None
@@ -233,6 +251,7 @@ class DeliveryEngine:
         self._hook_cfg: RunningConfig | None = None
         self._signer: DkimSigner | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._proxy_up: asyncio.Event | None = None  # set (and replaced) when a proxy is up
 
     # -- lifecycle
 
@@ -249,6 +268,8 @@ class DeliveryEngine:
                 spec, timeout=cfg.scripting.hooks.timeout, base_dir=self.hook_base_dir)
         self._hook_cfg = cfg
         await self.limiter.start()
+        await self.health_store.start(self._health_remote)
+        self.checker.start()
         self.pool.start()
         self.scheduler.start()
         log_event("delivery.started", hostname=self.hostname,
@@ -257,10 +278,12 @@ class DeliveryEngine:
 
     async def stop(self) -> None:
         await self.scheduler.stop(self.stop_grace)
+        await self.checker.stop()
         await self.pool.close()
         await self.limiter.stop()
         if self._background:
             await asyncio.wait(set(self._background), timeout=5)
+        await self.health_store.close()
 
     def wake(self, queue_id: str | None = None) -> None:
         """Mail was stored: look at the spool now."""
@@ -273,7 +296,70 @@ class DeliveryEngine:
     def config_changed(self, cfg: RunningConfig) -> None:
         """Reload hook: load the pre-delivery hook again (a broken one keeps the old)."""
         self._refresh_hook(cfg)
+        self.rotation.health.policy = cfg.proxyhealth
         self.scheduler.wake()  # e.g. queues.hold was lifted
+
+    # -- proxy health
+
+    def _health_changed(self, entry: HealthEntry) -> None:
+        log_transition(entry)
+        self._notify_up(entry)
+        task = asyncio.get_running_loop().create_task(self.health_store.publish(entry))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _health_remote(self, entry: HealthEntry) -> None:
+        if self.rotation.health.apply(entry):
+            log_transition(entry)
+            self._notify_up(entry)
+
+    def _proxy_at_fault(self, outcome: Outcome) -> bool:
+        """Whether a failed attempt is the proxy tier's doing: a proxy failure (refused,
+        EOF before banner), or a session through a proxy that broke while that proxy is
+        suspended or being found out (e.g. it died under the session)."""
+        err, src = outcome.error, outcome.route.source
+        if err is None or src is None or src.proxy is None:
+            return False
+        if err.kind == "proxy":
+            return True
+        return err.kind == "network" and self.rotation.health.blocked(src, self.clock())
+
+    def _notify_up(self, entry: HealthEntry) -> None:
+        if entry.state == "up" and self._proxy_up is not None:
+            self._proxy_up.set()  # waiters hold this one; later ones get a fresh event
+            self._proxy_up = asyncio.Event()
+
+    async def _wait_for_proxy(self, job: Job, sources: list[Source]) -> None:
+        """When every source is blocked by a proxy that has active checks (active/passive:
+        the one proxy is down, e.g. during a VRRP failover), wait for a proxy to come back
+        (up to one check interval + timeout, at most PROXY_WAIT_MAX) instead of failing a
+        connection per message; then try anyway. Without checks nothing would lift the
+        suspension early, so there is no wait: the message itself probes."""
+        health, now = self.rotation.health, self.clock()
+        if not sources or not all(health.blocked(s, now, job) for s in sources):
+            return
+        checks = {str(t.proxy): t.check for t in self._check_targets()}
+        waits = []
+        for src in sources:
+            check = checks.get(str(src.proxy)) if src.proxy is not None else None
+            if check is None:
+                return
+            waits.append(check.interval + check.timeout)
+        if self._proxy_up is None:
+            self._proxy_up = asyncio.Event()
+        event, bound = self._proxy_up, min(max(waits), PROXY_WAIT_MAX)
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), bound)
+        log_event("delivery.proxy_wait", "debug", qid=job.queue_id,
+                  proxies=",".join(sorted({str(s.proxy) for s in sources})),
+                  waited_ms=int((time.monotonic() - started) * 1000), lifted=event.is_set())
+
+    def _check_targets(self) -> list[CheckTarget]:
+        cfg = self.running()
+        if self._targets[0] is not cfg:
+            self._targets = (cfg, check_targets(cfg, self.hostname))
+        return self._targets[1]
 
     # -- helpers over the current config
 
@@ -337,7 +423,7 @@ class DeliveryEngine:
             outcome, data = decided
         # The connection is back in the pool: let the next job use the slot while the results
         # are recorded (the queue id stays in flight until they are durable).
-        self.scheduler.feedback(job, *destination_feedback(outcome))
+        self.scheduler.feedback(job, *destination_feedback(outcome, self._proxy_at_fault))
         self.scheduler.release(job)
         return await self._record(job, cfg, transport, outcome, data, now, started)
 
@@ -560,18 +646,21 @@ class DeliveryEngine:
         env = msg.envelope
         waited_since = time.monotonic()
         deadline = waited_since + SLOT_WAIT
+        health = self.rotation.health
+        await self._wait_for_proxy(job, sources)
+        waited_for: Denied | None = None  # the refusal this job last waited on, if any
         while True:
             last: DeliveryError | None = None
             refused: Denied | None = None
             pooled: tuple[Source, SMTPClient] | None = None
-            for src in sources:
-                client = self.pool.take(PoolKey(src, ip, port, tls.value))
-                if client is not None:
-                    pooled = (src, client)
-                    break
-            order = sources if pooled is None else [pooled[0], *[s for s in sources
-                                                                  if s != pooled[0]]]
-            for src in order:
+            # The message's source is sources[0] (chosen per message); only ITS sessions are
+            # reused, so connection reuse does not pin a stream to one source IP.
+            client, dead = self.pool.take_or_dead(PoolKey(sources[0], ip, port, tls.value))
+            if client is not None:
+                pooled = (sources[0], client)
+            if dead:  # its proxy may have gone: this job reconnects, others go elsewhere
+                health.suspect(sources[0], self.clock(), job)
+            for n, src in enumerate(sources):
                 route.source = src
                 client = None
                 reused = False
@@ -584,6 +673,9 @@ class DeliveryEngine:
                     pooled = None
                 for _ in range(2):  # a reused session the peer dropped gets one fresh one
                     if client is None:
+                        if (src.proxy is not None and n + 1 < len(sources)
+                                and health.blocked(src, self.clock(), job)):
+                            break  # its proxy is down, or another job is finding out
                         slot = await self._connect_slot(attempt, limits)
                         if isinstance(slot, Denied):
                             refused = _sooner(refused, slot)
@@ -600,13 +692,16 @@ class DeliveryEngine:
                         except DeliveryError as e:
                             self.limiter.release(slot)
                             last = e
-                            if e.kind == "proxy" and src.proxy is not None:
-                                down_for = self.rotation.health.mark_failed(src.proxy,
-                                                                            self.clock())
+                            failure = classify(e) if src.proxy is not None else None
+                            if failure is not None:
+                                health.failure(src, failure, e.message, self.clock())
                                 self._log_connect_failure(job, src, host, ip, e, "next source",
-                                                          proxy_down_s=down_for)
+                                                          failure_class=failure)
                                 break
-                            if e.kind == "config":  # this source cannot be used (bind, family)
+                            if e.kind == "config" or (e.kind == "network" and src.proxy):
+                                # config: this source cannot be used (bind, family); network
+                                # via a proxy: the session broke during setup (e.g. the proxy
+                                # died under it), another source may carry the message now
                                 self._log_connect_failure(job, src, host, ip, e, "next source")
                                 break
                             self._log_connect_failure(job, src, host, ip, e, "next MX address")
@@ -614,9 +709,11 @@ class DeliveryEngine:
                         except BaseException:
                             self.limiter.release(slot)
                             raise
+                        finally:
+                            health.resolved(src, job)
                         self._leases[id(client)] = slot
                         if src.proxy is not None:
-                            self.rotation.health.mark_ok(src.proxy)
+                            health.success(src, self.clock())
                     denied = await self._message_slot(attempt, limits, client, deadline, route)
                     if denied is not None:
                         if denied.kind == "lost":
@@ -631,9 +728,10 @@ class DeliveryEngine:
                     route.local_ip = client.local_ip
                     route.tls = client.tls_started
                     route.tls_fallback = client.tls_fallback
-                    if refused is not None:
+                    wait_on = refused or waited_for
+                    if wait_on is not None:
                         route.waited = time.monotonic() - waited_since
-                        route.wait_reason, route.wait_kind = refused.reason, refused.kind
+                        route.wait_reason, route.wait_kind = wait_on.reason, wait_on.kind
                     extra = None
                     if "DSN" in client.extensions:
                         extra = {k.upper(): v for k, v in env.mail_params
@@ -650,6 +748,7 @@ class DeliveryEngine:
                             self._drop(client)
                         if reused and e.temporary and e.kind in ("network", "protocol"):
                             client, reused = None, False
+                            health.suspect(src, self.clock(), job)
                             continue
                         return Outcome(error=e, route=route)
                     self.pool.put(PoolKey(src, ip, port, tls.value), client,
@@ -671,6 +770,7 @@ class DeliveryEngine:
                 route.waited = time.monotonic() - waited_since
                 route.wait_reason, route.wait_kind = refused.reason, refused.kind
                 return Waiting(refused)
+            waited_for = refused
             if refused.kind == "concurrency" and refused.key and self.pool.close_idle(
                     lambda c, key=refused.key: key in self._lease_keys(c)):
                 # An idle session of ours holds the slot: once it is closed, the slot is free.
@@ -1024,13 +1124,17 @@ def _sooner(a: Denied | None, b: Denied) -> Denied:
     return b if wait_b < wait_a else a
 
 
-def destination_feedback(outcome: Outcome) -> tuple[bool | None, str]:
+def destination_feedback(outcome: Outcome,
+                         proxy_at_fault: Callable[[Outcome], bool] | None = None
+                         ) -> tuple[bool | None, str]:
     """What an attempt says about its destination (see `Scheduler.feedback`).
 
     A session that gave replies is a success, unless every reply is the session's refusal
     (421, or the banner's or EHLO's refusal kept as the recipients' reply); a temporary
     network, proxy, TLS, protocol or DNS error is a failure; config, loop and hook outcomes
-    and permanent errors say nothing about the peer.
+    and permanent errors say nothing about the peer. Neither does a failure the proxy tier
+    caused (``proxy_at_fault``): it counts against the proxy (`ferrymail.delivery.health`),
+    so a proxy failover does not mark the MX dead.
     """
     if outcome.replies:
         reply = next(iter(outcome.replies.values()))
@@ -1039,6 +1143,8 @@ def destination_feedback(outcome: Outcome) -> tuple[bool | None, str]:
         return True, ""
     err = outcome.error
     if err is None or not err.temporary:
+        return None, ""
+    if proxy_at_fault is not None and proxy_at_fault(outcome):
         return None, ""
     if err.kind in ("network", "proxy", "tls", "protocol", "dns"):
         return False, f"{err.kind}: {err.message}"[:200]

@@ -72,3 +72,12 @@ class SMTPReplyError(DeliveryError):
         super().__init__("smtp", message or f"{state}: {reply}", temporary=reply.code < 500)
         self.reply = reply
         self.state = state
+
+
+class ProxyConnectError(DeliveryError):
+    """The proxy itself could not be reached: TCP connect refused or timed out, or the PROXY
+    header could not be written (kind ``proxy``). Unlike EOF before the banner, this says the
+    proxy is down, not that one of its source IPs is unusable (`ferrymail.delivery.health`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("proxy", message, temporary=True)

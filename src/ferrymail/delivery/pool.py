@@ -78,8 +78,14 @@ class ConnectionPool:
 
     def take(self, key: PoolKey) -> SMTPClient | None:
         """A usable parked session for ``key`` (most recently parked first), or None."""
+        return self.take_or_dead(key)[0]
+
+    def take_or_dead(self, key: PoolKey) -> tuple[SMTPClient | None, bool]:
+        """`take`, and whether a parked session of ``key`` was found closed by the peer
+        before its idle time ran out (a sign the path, e.g. its proxy, went away)."""
         entries = self._idle.get(key)
         now = self.clock()
+        dead = False
         while entries:
             parked = entries.pop()
             self._order.pop(id(parked.client), None)
@@ -87,10 +93,11 @@ class ConnectionPool:
                 if not entries:
                     del self._idle[key]
                 self.reused += 1
-                return parked.client
+                return parked.client, dead
+            dead = dead or parked.expires > now
             self._quit(parked.client)
         self._idle.pop(key, None)
-        return None
+        return None, dead
 
     def put(self, key: PoolKey, client: SMTPClient, *, idle: float, max_messages: int) -> bool:
         """Park ``client`` if it can take another message; else QUIT it. True if parked."""

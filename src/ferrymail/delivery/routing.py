@@ -5,8 +5,8 @@ the address's own ``proxyprotocol`` > the transport's > the transport group's (t
 already merges group into transport); none anywhere means the socket binds the source IP
 directly. A pre-delivery hook may replace the sources and the proxy (`sources_from_hook`).
 
-Source choice is round robin per (transport, family) and health-aware: a proxy that failed is
-marked down for a back-off period (`ProxyHealth`) and skipped while another candidate is up.
+Source choice is per message: weighted round robin per (transport, family), skipping sources
+whose proxy or (proxy, source) pair is suspended (`ferrymail.delivery.health.HealthBook`).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 from ferrymail.config.models import Address, ResolvedTransport, RunningConfig
 from ferrymail.config.models import ProxyProtocol as ConfigProxy
+from ferrymail.config.proxyha import ProxyCheck
 from ferrymail.delivery.connect import ProxyRoute, Source
 from ferrymail.delivery.errors import DeliveryError
+from ferrymail.delivery.health import CheckTarget, HealthBook
 from ferrymail.spool import Envelope, RecipientRecord
 
-PROXY_BACKOFF_START = 30.0
-PROXY_BACKOFF_MAX = 300.0
 MAX_ROTATION_KEYS = 10000
 
 
@@ -183,65 +183,24 @@ def _version(address: str) -> int:
     return ipaddress.ip_address(address).version
 
 
-# -- health and rotation ------------------------------------------------------------------------
-
-
-@dataclass
-class _Down:
-    until: float
-    backoff: float
-
-
-@dataclass
-class ProxyHealth:
-    """Proxies known to have failed, each down until a back-off time (30 s doubling to 5 min)."""
-
-    start: float = PROXY_BACKOFF_START
-    maximum: float = PROXY_BACKOFF_MAX
-    _down: dict[tuple[str, int], _Down] = field(default_factory=dict)
-
-    @staticmethod
-    def _key(proxy: ProxyRoute) -> tuple[str, int]:
-        return (proxy.server, proxy.port)
-
-    def mark_failed(self, proxy: ProxyRoute, now: float) -> float:
-        """Record a failure; returns how long the proxy is now considered down (seconds).
-
-        A failure while already down (concurrent attempts, or a try because nothing else was
-        up) does not lengthen the back-off; one after it expired doubles it.
-        """
-        key = self._key(proxy)
-        prev = self._down.get(key)
-        if prev is not None and prev.until > now:
-            return prev.until - now
-        backoff = self.start if prev is None else min(prev.backoff * 2, self.maximum)
-        self._down[key] = _Down(now + backoff, backoff)
-        return backoff
-
-    def mark_ok(self, proxy: ProxyRoute) -> None:
-        self._down.pop(self._key(proxy), None)
-
-    def is_up(self, proxy: ProxyRoute | None, now: float) -> bool:
-        if proxy is None:
-            return True
-        down = self._down.get(self._key(proxy))
-        return down is None or down.until <= now
-
-    def down(self, now: float) -> list[tuple[str, int, float]]:
-        """``(server, port, seconds left)`` of every proxy currently considered down."""
-        return [(k[0], k[1], d.until - now) for k, d in self._down.items() if d.until > now]
+# -- per-message source choice -----------------------------------------------------------------
 
 
 @dataclass
 class SourceRotation:
-    """Round robin over source lists, per key (e.g. transport and family), skipping proxies down.
+    """Round robin over source lists, per key (e.g. transport and family), health-aware.
 
-    `order` returns the sources to try in turn for one connection: starting at the next
-    position, duplicates removed (a repeated entry weights the rotation, it is not retried),
-    sources whose proxy is up first; those whose proxy is down only when none is up.
+    `order` is called once per message (per MX address tried) and returns the sources to try in
+    turn: the first is this message's choice, made by weighted round robin (an entry repeated in
+    the list is chosen that many times per turn), skipping sources whose proxy or (proxy,
+    source) pair is suspended (`HealthBook`); the engine then reuses a pooled connection of
+    THAT source, so connection reuse does not pin a stream to one IP. Duplicates are removed
+    from the fallbacks (a repeated entry weights the choice, it is not retried). A source whose
+    suspension ran out becomes this message's probe when the rotation picks it. Only when no
+    source is usable are all of them returned (mail still tries rather than waits).
     """
 
-    health: ProxyHealth = field(default_factory=ProxyHealth)
+    health: HealthBook = field(default_factory=HealthBook)
     _next: dict[object, int] = field(default_factory=dict)
 
     def order(
@@ -253,10 +212,38 @@ class SourceRotation:
             if len(self._next) > MAX_ROTATION_KEYS and key not in self._next:
                 self._next.clear()  # hook-made source lists are many; positions are cheap
             start = self._next.get(key, 0) % len(sources)
+            # Advance past unusable entries so each usable one keeps its share of turns.
+            for step in range(len(sources)):
+                if self.health.usable(sources[(start + step) % len(sources)], now):
+                    start = (start + step) % len(sources)
+                    break
             self._next[key] = start + 1
             turned = [*sources[start:], *sources[:start]]
         else:
             turned = list(sources)
         unique = list(dict.fromkeys(turned))
-        up = [s for s in unique if self.health.is_up(s.proxy, now)]
+        up = [s for s in unique if self.health.usable(s, now)]
+        if up:
+            self.health.usable(up[0], now, claim=True)  # a probing pair: this message probes
         return up or unique
+
+
+def check_targets(cfg: RunningConfig, hostname: str) -> list[CheckTarget]:
+    """Every proxy of the running config that has ``proxyprotocol.check``, with the sources
+    the transports send from through it (for probes of suspended pairs). A proxy named in
+    several places is checked once, with the first ``check`` found."""
+    found: dict[tuple[str, int], tuple[ProxyRoute, ProxyCheck, dict[Source, None]]] = {}
+    for tid in cfg.transport_ids():
+        transport = cfg.transport(tid)
+        candidates: list[ConfigProxy | None] = [transport.proxy_for(None)]
+        candidates += [a.proxyprotocol for a in transport.addresses]
+        for proxy in candidates:
+            if proxy is not None and proxy.check is not None:
+                found.setdefault((proxy.server, proxy.port),
+                                 (ProxyRoute(proxy.server, proxy.port, proxy.version),
+                                  proxy.check, {}))
+        plan = transport_sources(transport, hostname)
+        for src in (*plan.ipv4, *plan.ipv6):
+            if src.proxy is not None and (src.proxy.server, src.proxy.port) in found:
+                found[(src.proxy.server, src.proxy.port)][2].setdefault(src, None)
+    return [CheckTarget(route, check, tuple(srcs)) for route, check, srcs in found.values()]

@@ -1,0 +1,1 @@
+"""The proxy tier's configuration (HAProxy, keepalived) generated from ferrymail's config."""
