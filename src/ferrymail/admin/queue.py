@@ -29,6 +29,8 @@ from ferrymail.config.types import parse_duration
 from ferrymail.delivery import dsn as dsnlib
 from ferrymail.delivery.routing import recipient_domain, transport_id_for, transport_sources
 from ferrymail.observe.log import log_event
+from ferrymail.orchestrator.policy import value_matches
+from ferrymail.orchestrator.suspensions import Suspension
 from ferrymail.spool import (
     Envelope,
     MessageNotFound,
@@ -188,14 +190,25 @@ def _address_matches(pattern: str, address: str) -> bool:
     return domain == p or domain.endswith("." + p)
 
 
+WAITING = "waiting: "  # the engine's last_reply prefix of a job parked for a shaping limit
+
+
 def summarize(views: Iterable[dict[str, Any]], *, now: float,
               source_of: Callable[[str | None], tuple[str, list[str]]] | None = None,
-              global_hold: bool = False) -> list[dict[str, Any]]:
+              global_hold: bool = False, notes: Sequence[str] = (),
+              suspensions: Sequence[Suspension] = ()) -> list[dict[str, Any]]:
     """Pending recipients grouped per transport x destination domain x source, like KumoMTA's
     ``queue-summary`` / Postfix ``qshape``: counts, oldest, last error and why they wait.
 
     ``source_of(transport)`` gives the transport's source ids and the reasons its sources are
-    unusable now (e.g. ``proxy down``)."""
+    unusable now (e.g. ``proxy down``). Policy waits: a deferred recipient whose last reply is
+    the engine's ``waiting: REASON`` (parked for a shaping limit, see `delivery.engine`) gives
+    REASON (``concurrency 10/10 for localip=…``, ``rate 2/1 for …: next slot in 500ms``,
+    ``suspended until … (reason; fields)``), the latest one per group. ``notes`` apply to
+    every group (the cluster fallback: ``redis unreachable: split 1/3``). ``suspensions`` in
+    force name the groups they cover when all their fields are ``transportid`` or
+    ``recipientdomain`` (others depend on the MX or source chosen at delivery, and show up
+    as a waiting reason once a job meets them)."""
     groups: dict[tuple[str, str, str], dict[str, Any]] = {}
     for view in views:
         for r in view["recipients"]:
@@ -209,7 +222,8 @@ def summarize(views: Iterable[dict[str, Any]], *, now: float,
                 g = groups[key] = {"transport": transport, "domain": key[1], "source": source,
                                    "messages": set(), "recipients": 0, "oldest_s": 0.0,
                                    "states": {}, "last_error": "", "_last_attempts": -1,
-                                   "next_retry": None, "why": set(trouble)}
+                                   "next_retry": None, "why": set(trouble),
+                                   "_wait": ("", "")}
             g["messages"].add(view["id"])
             g["recipients"] += 1
             g["oldest_s"] = max(g["oldest_s"], view["age_s"])
@@ -225,10 +239,20 @@ def summarize(views: Iterable[dict[str, Any]], *, now: float,
             elif r["state"] == "deferred" and r["next_attempt"]:
                 if g["next_retry"] is None or r["next_attempt"] < g["next_retry"]:
                     g["next_retry"] = r["next_attempt"]
+                reply = r["last_reply"] or ""
+                if reply.startswith(WAITING) and r["next_attempt"] >= g["_wait"][0]:
+                    g["_wait"] = (r["next_attempt"], reply[len(WAITING):])
             elif r["state"] == "queued":
                 g["why"].add("ready (waiting for a delivery slot)")
     out = []
     for g in groups.values():
+        if g["_wait"][1]:
+            g["why"].add(g["_wait"][1])
+        g["why"].update(notes)
+        for susp in suspensions:
+            if susp.until > now and _covers(susp, g["transport"], g["domain"]):
+                g["why"].add(susp.describe())
+        del g["_wait"]
         if g["next_retry"] is not None:
             g["why"].add(f"retry at {g['next_retry']}")
         g["messages"] = len(g["messages"])
@@ -238,6 +262,13 @@ def summarize(views: Iterable[dict[str, Any]], *, now: float,
         out.append(g)
     out.sort(key=lambda g: (-g["recipients"], g["transport"], g["domain"]))
     return out
+
+
+def _covers(susp: Suspension, transport: str, domain: str) -> bool:
+    """Whether ``susp`` holds every delivery of a transport x domain group."""
+    values = {"transportid": transport, "recipientdomain": domain}
+    return bool(susp.fields) and all(
+        f in values and value_matches(f, p, values[f]) for f, p in susp.fields.items())
 
 
 async def collect_views(spool: Any, flt: QueueFilter, *, now: float,
@@ -371,8 +402,13 @@ class QueueService:
                 cache[transport_id] = self._source_of(transport_id)
             return cache[transport_id]
 
-        return summarize(views, now=time.time(), source_of=source_of,
-                         global_hold=self.app.running.queues.hold)
+        limiter = self.app.delivery.limiter
+        now = time.time()
+        note = getattr(limiter, "fallback_note", lambda: None)()
+        return summarize(views, now=now, source_of=source_of,
+                         global_hold=self.app.running.queues.hold,
+                         notes=[note] if note else [],
+                         suspensions=limiter.active_suspensions(now))
 
     async def show(self, queue_id: str, body: bool) -> dict[str, Any]:
         if parse_queue_id(queue_id) is None:

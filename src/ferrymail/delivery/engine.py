@@ -119,6 +119,7 @@ class Route:
     tls_fallback: bool = False  # the TLS handshake failed: this is the plaintext retry
     waited: float = 0.0  # seconds spent waiting for shaping slots (orchestrator)
     wait_reason: str = ""
+    wait_kind: str = ""  # the Denied kind of the last wait (concurrency, rate, ...)
 
 
 @dataclass
@@ -730,7 +731,7 @@ class DeliveryEngine:
                     wait_on = refused or waited_for
                     if wait_on is not None:
                         route.waited = time.monotonic() - waited_since
-                        route.wait_reason = wait_on.reason
+                        route.wait_reason, route.wait_kind = wait_on.reason, wait_on.kind
                     extra = None
                     if "DSN" in client.extensions:
                         extra = {k.upper(): v for k, v in env.mail_params
@@ -767,7 +768,7 @@ class DeliveryEngine:
             if left <= 0 or refused.kind in ("suspended", "closed") or (
                     refused.retry_after is not None and refused.retry_after > left):
                 route.waited = time.monotonic() - waited_since
-                route.wait_reason = refused.reason
+                route.wait_reason, route.wait_kind = refused.reason, refused.kind
                 return Waiting(refused)
             waited_for = refused
             if refused.kind == "concurrency" and refused.key and self.pool.close_idle(
@@ -803,6 +804,7 @@ class DeliveryEngine:
                     await asyncio.sleep(got)  # the reserved slot's time
                     route.waited += got
                     route.wait_reason = route.wait_reason or "rate: reserved slot"
+                    route.wait_kind = route.wait_kind or "rate"
                 has_rate = any(lim.rate is not None for lim in limits)
                 if (has_rate and time.monotonic() - asked - (got or 0.0) > LATE_SEND
                         and late < MAX_LATE):
@@ -816,7 +818,7 @@ class DeliveryEngine:
                 return got
             await asyncio.sleep(got.retry_after)
             route.waited += got.retry_after
-            route.wait_reason = got.reason
+            route.wait_reason, route.wait_kind = got.reason, got.kind
 
     async def _suspend_on(self, limits: tuple[Limit, ...], *replies: Reply) -> None:
         """Dynamic suspensions: a policy's ``suspend_on`` matched by a remote reply."""
@@ -1030,6 +1032,8 @@ class DeliveryEngine:
                      started: float) -> None:
         route = outcome.route
         src = route.source
+        if route.wait_kind:
+            metrics.policy_wait(route.wait_kind)
         states = {x.state for x in results}
         names = {RecipientState.DELIVERED: "delivered", RecipientState.FAILED: "failed",
                  RecipientState.DEFERRED: "deferred"}

@@ -15,6 +15,12 @@ Names (all ``ferrymail_`` prefixed; the full list with meanings is in docs/opera
 - ``connections_open{direction,server}``; ``outbound_connections_open{source,proxy}``;
   ``outbound_pooled_connections``
 - ``proxy_up{proxy}`` (1 up, 0 marked down by passive health); ``build_info{version}``
+- ``policy_waits_total{kind}``: delivery jobs that waited for a shaping slot (in memory or
+  parked in the spool), by the kind of the last refusal: ``concurrency``, ``rate``,
+  ``connectinterval``, ``suspension``, ``closed`` (cluster fallback ``closed``), ``other``
+- ``suspensions_active``: suspensions in force now (manual and from replies)
+- ``cluster_state{state}`` (1 for the current one of ``shared``, ``split``, ``local``,
+  ``closed``; all 0 without a ``cluster`` section) and ``cluster_transitions_total{state}``
 
 Label values are bounded: servers, transports, sources and proxies come from the config;
 results and kinds are fixed sets; domains are never labels.
@@ -69,6 +75,18 @@ RECIPIENTS = Counter("ferrymail_delivery_recipients_total",
                      ["transport", "source", "proxy", "result", "kind"], registry=REGISTRY)
 DSN = Counter("ferrymail_dsn_total", "Delivery status notifications queued", ["action"],
               registry=REGISTRY)
+POLICY_WAIT_KINDS = ("concurrency", "rate", "connectinterval", "suspension", "closed", "other")
+POLICY_WAITS = Counter("ferrymail_policy_waits_total",
+                       "Delivery jobs that waited for a shaping slot, by refusal kind",
+                       ["kind"], registry=REGISTRY)
+CLUSTER_STATES = ("shared", "split", "local", "closed")
+CLUSTER_TRANSITIONS = Counter("ferrymail_cluster_transitions_total",
+                              "Changes of the cluster state, by the state entered", ["state"],
+                              registry=REGISTRY)
+for _kind in POLICY_WAIT_KINDS:  # exposed at 0 from the start, so rate() sees the first one
+    POLICY_WAITS.labels(_kind)
+for _state in CLUSTER_STATES:
+    CLUSTER_TRANSITIONS.labels(_state)
 PROXY_HEADER_ERRORS = Counter("ferrymail_proxy_header_errors_total",
                               "Inbound connections refused over their PROXY header",
                               ["server", "kind"], registry=REGISTRY)
@@ -101,6 +119,21 @@ def delivery_attempt(transport: str, source: str, proxy: str, result: str, kind:
     for rcpt_result in recipients:
         RECIPIENTS.labels(transport, source, proxy, rcpt_result,
                           "none" if rcpt_result == "delivered" else kind).inc()
+
+
+def policy_wait(kind: str) -> None:
+    """A job waited for a shaping slot; ``kind`` a `Denied` kind (``suspended`` is counted as
+    ``suspension``; kinds outside POLICY_WAIT_KINDS as ``other``, so labels stay bounded)."""
+    if not ENABLED:
+        return
+    label = "suspension" if kind == "suspended" else kind
+    POLICY_WAITS.labels(label if label in POLICY_WAIT_KINDS else "other").inc()
+
+
+def cluster_transition(state: str) -> None:
+    """The cluster entered ``state`` (one of CLUSTER_STATES); counted even without a
+    listener, as transitions are rare."""
+    CLUSTER_TRANSITIONS.labels(state if state in CLUSTER_STATES else "local").inc()
 
 
 class CountingSpool:
@@ -196,6 +229,17 @@ class _LiveCollector(Collector):
             if app.delivery.rotation.health.is_up(proxy, now):
                 up.add_metric([f"{proxy.server}:{proxy.port}"], 1)
         yield up
+        limiter = app.delivery.limiter
+        yield GaugeMetricFamily("ferrymail_suspensions_active",
+                                "Suspensions in force now (manual and from replies)",
+                                value=len(limiter.active_suspensions(now)))
+        mode = getattr(limiter, "mode", None)
+        current = mode() if mode is not None else None  # None: no cluster section, all 0
+        state = GaugeMetricFamily("ferrymail_cluster_state",
+                                  "Cluster state: 1 for the current one", labels=["state"])
+        for name in CLUSTER_STATES:
+            state.add_metric([name], 1 if name == current else 0)
+        yield state
 
 
 def _configured_proxies(app: App) -> list[Any]:

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from ferrymail.orchestrator.policy import Attempt, Limit
+
+if TYPE_CHECKING:
+    from ferrymail.orchestrator.suspensions import Suspension
 
 STATUS_FILE = "cluster-status.json"  # in the spool directory: the cluster state, for queue list
 EPSILON = 1e-9  # seconds: float sums of intervals must not make an on-time request late
@@ -100,3 +103,5 @@ class Limiter(Protocol):
     async def stop(self) -> None: ...
 
     def status(self) -> dict[str, object]: ...
+
+    def active_suspensions(self, now: float) -> list[Suspension]: ...

@@ -214,6 +214,11 @@ class LocalLimiter:
             # A state at or before now limits nothing more than no state does.
             self._tat = {k: t for k, t in self._tat.items() if t > now}
 
+    def active_suspensions(self, now: float) -> list[Suspension]:
+        """Suspensions in force at ``now`` (Unix seconds): the file's and the dynamic ones."""
+        items = self.file.current() if self.file is not None else []
+        return [s for s in (*items, *self.dynamic) if s.until > now]
+
     def status(self) -> dict[str, object]:
         return {"scope": self.scope, "leases": sum(map(len, self._held.values())),
                 "keys": len(self._held)}

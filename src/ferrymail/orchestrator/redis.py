@@ -34,6 +34,7 @@ from pathlib import Path
 from redis.exceptions import RedisError
 
 from ferrymail.config.policies import Cluster as ClusterConfig
+from ferrymail.observe import metrics
 from ferrymail.observe.log import log_event
 from ferrymail.orchestrator.cluster import Cluster, RedisDown
 from ferrymail.orchestrator.limiter import Denied, Lease, ms
@@ -100,7 +101,20 @@ class RedisLimiter:
             return f"redis unreachable: split 1/{self.cluster.instances}"
         return f"redis unreachable: {self.cfg.fallback}"
 
+    def mode(self) -> str:
+        """``shared`` while Redis answers, else the fallback in force (split, local, closed)."""
+        return "shared" if self.cluster.up else self.cfg.fallback
+
+    def fallback_note(self) -> str | None:
+        """Why limits are not shared now (``redis unreachable: split 1/3``), None if they are."""
+        return None if self.cluster.up else self._note()
+
+    def active_suspensions(self, now: float) -> list[Suspension]:
+        """The shared suspensions (last read from Redis) in force at ``now``."""
+        return [s for s in self.suspensions if s.until > now]
+
     def _transition(self, state: str) -> None:
+        metrics.cluster_transition(self.mode())
         if state == "fallback":
             # Connections open now keep their slots in the local count.
             for lease in self._held.values():
