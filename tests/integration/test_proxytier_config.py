@@ -161,11 +161,11 @@ def test_keepalived_config_mixed_families_and_bad_values() -> None:
         keepalived_config(running, proxy="127.0.0.12:2525", priority=255)
 
 
-def test_proxy_status_without_cluster_says_what_it_needs(tmp_path: Path) -> None:
+def test_proxy_status_without_cluster_or_daemon_says_where_health_lives(tmp_path: Path) -> None:
     s, r = files(tmp_path)
     res = run_cli("proxy", "status", "--startup", str(s), "--running", str(r))
     assert res.returncode == 1
-    assert "needs cluster.redis" in res.stderr and "admin API" in res.stderr
+    assert "cluster.redis" in res.stderr and "lives in the running daemon" in res.stderr
 
 
 def test_health_keys_are_validated_with_file_and_line(tmp_path: Path) -> None:
