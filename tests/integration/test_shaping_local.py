@@ -100,7 +100,10 @@ policies:
     gaps = [b - a for a, b in itertools.pairwise(opens)]
     # The sink's thread stamps opens and shares this process (and its GIL) with the engine:
     # 30 ms of slack, as in test_cluster_shaping.py.
-    assert min(gaps) >= 0.3 - 0.03, gaps
+    # The interval is between grants; the sink stamps the TCP open, which trails its grant by
+    # the connect's own delay (up to ~60 ms seen here), so one late open shortens the next
+    # gap by that much. The exact bound on grants is test_orchestrator's (fake clock).
+    assert min(gaps) >= 0.3 - 0.08, gaps
 
 
 def test_suspension_file_holds_mail_without_counting_attempts(tmp_path):
