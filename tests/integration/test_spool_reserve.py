@@ -215,7 +215,10 @@ def test_a_full_spool_file_system_under_load_loses_no_delivery_result(tmp_path, 
         clients.stop(30)
         filler.unlink()
         accepted = len(results.get("accepted", []))
-        assert accepted and results.get("452"), {k: len(v) for k, v in results.items()}
+        # Refused while full: 452 4.3.1 when the space check saw it coming, 451 4.3.0 when
+        # a store's own write hit the full disk first (a race under load); both temporary.
+        refused = len(results.get("452", [])) + len(results.get("451", []))
+        assert accepted and refused, {k: len(v) for k, v in results.items()}
         deadline = time.monotonic() + 30
         while spool_count(mnt / "spool") and time.monotonic() < deadline:
             time.sleep(0.1)
