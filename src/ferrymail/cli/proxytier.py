@@ -31,43 +31,41 @@ def _emit(text: str, output: str | None) -> None:
         Path(output).write_text(text)
 
 
-def cmd_haproxy_config(args: argparse.Namespace) -> int:
-    from ferrymail.proxytier.haproxy import haproxy_config
-
+def _write_config(prog: str, args: argparse.Namespace, make) -> int:  # type: ignore[no-untyped-def]
+    """Load the configs, ``make(startup, running)`` the text, write it (``-o`` or stdout):
+    exit 2 with ``FILE:LINE: KEYPATH`` lines for a bad config, 1 for what ``make`` refuses."""
     try:
         startup, running = _load(args)
-        text = haproxy_config(startup, running, proxy=args.proxy, instances=args.instance,
-                              allowed=args.allow, inbound_bind=args.inbound_bind,
-                              timeout_connect=args.timeout_connect, retries=args.retries,
-                              pidfile=args.pidfile)
+        text = make(startup, running)
     except ConfigError as exc:
         print_config_error(exc)
         return EXIT_CONFIG
     except ValueError as exc:
-        print(f"ferrymail haproxy-config: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_FAIL
     _emit(text, args.output)
     return EXIT_OK
+
+
+def cmd_haproxy_config(args: argparse.Namespace) -> int:
+    from ferrymail.proxytier.haproxy import haproxy_config
+
+    return _write_config("ferrymail haproxy-config", args, lambda startup, running: (
+        haproxy_config(startup, running, proxy=args.proxy, instances=args.instance,
+                       allowed=args.allow, inbound_bind=args.inbound_bind,
+                       timeout_connect=args.timeout_connect, retries=args.retries,
+                       pidfile=args.pidfile)))
 
 
 def cmd_keepalived_config(args: argparse.Namespace) -> int:
     from ferrymail.proxytier.keepalived import keepalived_config
 
-    try:
-        _, running = _load(args)
-        text = keepalived_config(running, proxy=args.proxy, interface=args.interface,
-                                 router_id=args.router_id, priority=args.priority,
-                                 unicast_src=args.unicast_src, unicast_peers=args.unicast_peer,
-                                 check=args.check, name=args.name,
-                                 vip_interface=args.vip_interface)
-    except ConfigError as exc:
-        print_config_error(exc)
-        return EXIT_CONFIG
-    except ValueError as exc:
-        print(f"ferrymail keepalived-config: {exc}", file=sys.stderr)
-        return EXIT_FAIL
-    _emit(text, args.output)
-    return EXIT_OK
+    return _write_config("ferrymail keepalived-config", args, lambda _startup, running: (
+        keepalived_config(running, proxy=args.proxy, interface=args.interface,
+                          router_id=args.router_id, priority=args.priority,
+                          unicast_src=args.unicast_src, unicast_peers=args.unicast_peer,
+                          check=args.check, name=args.name,
+                          vip_interface=args.vip_interface)))
 
 
 def cmd_proxy_status(args: argparse.Namespace) -> int:
