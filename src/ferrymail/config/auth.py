@@ -12,7 +12,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, PlainValidator, StrictBool, ValidationInfo
 
-from .types import PositiveDuration, PositiveInt, config_path
+from .types import PositiveDuration, PositiveInt, read_config_file
 
 MAX_CREDENTIALS_BYTES = 16 * 1024 * 1024
 _ARGON2 = ("$argon2id$", "$argon2i$", "$argon2d$")
@@ -67,14 +67,8 @@ def parse_credentials(text: str, path: str = "<credentials>") -> CredentialsFile
 def _load(value: object, info: ValidationInfo) -> CredentialsFile:
     if isinstance(value, CredentialsFile):
         return value
-    if not isinstance(value, str) or not value:
-        raise ValueError("expected the path of a credentials file (user:hash lines)")
-    path = config_path(value, info)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CREDENTIALS_BYTES + 1)
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    path, data = read_config_file(value, info, "a credentials file (user:hash lines)",
+                                  MAX_CREDENTIALS_BYTES + 1)
     if len(data) > MAX_CREDENTIALS_BYTES:
         raise ValueError(f"{path}: larger than {MAX_CREDENTIALS_BYTES} bytes")
     try:

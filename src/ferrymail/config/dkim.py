@@ -31,9 +31,9 @@ from .types import (
     Duration,
     Id,
     _is_hostname,
-    config_path,
     describe,
     domain_matches,
+    read_config_file,
 )
 
 # RFC 8301 §3.2: signers MUST use RSA keys of at least 1024 bits (2048 recommended).
@@ -127,15 +127,8 @@ def key_from_pem(pem: bytes, path: str = "<memory>") -> PrivateKey:
 def _load_key(value: object, info: ValidationInfo) -> PrivateKey:
     if isinstance(value, PrivateKey):
         return value
-    if not isinstance(value, str) or not value:
-        raise ValueError("expected the path of a PEM private key file")
-    value = config_path(value, info)
-    try:
-        with open(value, "rb") as f:
-            pem = f.read(64 * 1024)
-    except OSError as exc:
-        raise ValueError(f"cannot read {value}: {exc.strerror}") from None
-    return key_from_pem(pem, value)
+    path, pem = read_config_file(value, info, "a PEM private key file", 64 * 1024)
+    return key_from_pem(pem, path)
 
 
 def _selector(value: object) -> str:

@@ -317,3 +317,17 @@ def config_path(value: str, info: ValidationInfo) -> str:
     if base is None or os.path.isabs(value):
         return value
     return os.path.join(base, value)
+
+
+def read_config_file(value: object, info: ValidationInfo, what: str,
+                     limit: int) -> tuple[str, bytes]:
+    """(path, at most ``limit`` bytes) of a file a config key names (``config_path``);
+    ValueError "expected the path of WHAT" or "cannot read PATH: REASON"."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected the path of {what}")
+    path = config_path(value, info)
+    try:
+        with open(path, "rb") as f:
+            return path, f.read(limit)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
