@@ -2,16 +2,16 @@
 real ``redis-server``, delivering to a sink that records every connection (source IP, HELO =
 the instance, open and close time) and every message.
 
-Scaled to keep the suite short (documented in docs/configuration.md "Delivery shaping"):
-the rate is measured over a 10 s window rather than 20 s, and the concurrency run carries
-3 x 600 messages rather than 3 x 2,000; the bounds asserted are the issue's own.
+At the issue's own scale: the concurrency run carries 3 x 2,000 messages (injected pipelined
+with BDAT, many transactions per write, so that the injection is not the slow part), the rate
+is measured over 20 s.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import smtplib
+import socket
 import threading
 import time
 from pathlib import Path
@@ -99,27 +99,55 @@ class Cluster:
         errors: list[BaseException] = []
 
         def send(name: str) -> None:
+            mine = [f"{tag}-{name}-{i}@dest.test" for i in range(per_instance)]
             try:
-                with smtplib.SMTP("127.0.0.1", self.ports[name], timeout=30) as c:
-                    for i in range(per_instance):
-                        rcpt = f"{tag}-{name}-{i}@dest.test"
-                        c.sendmail("sender@origin.test", [rcpt],
-                                   b"Subject: shaping\r\n\r\nhello\r\n")
-                        rcpts.append(rcpt)
+                pipelined_send(self.ports[name], mine)
             except BaseException as e:
                 errors.append(e)
+            else:
+                rcpts.extend(mine)
 
         threads = [threading.Thread(target=send, args=(n,)) for n in NAMES]
         for t in threads:
             t.start()
         for t in threads:
-            t.join(60)
+            t.join(120)
         assert not errors, errors
         return rcpts
 
     def stop(self) -> None:
         for p in self.procs.values():
             p.kill()
+
+
+BODY = b"Subject: shaping\r\n\r\nhello\r\n"
+
+
+def pipelined_send(port: int, rcpts: list[str], batch: int = 50) -> None:
+    """One message per recipient over one session: MAIL, RCPT and ``BDAT n LAST`` with the
+    body, ``batch`` transactions per write (PIPELINING + CHUNKING, RFC 2920 and 3030); every
+    reply must be 2xx."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        f = sock.makefile("rb")
+
+        def replies(n: int) -> None:
+            for _ in range(n):
+                while True:
+                    line = f.readline()
+                    assert line[:1] == b"2", line
+                    if line[3:4] != b"-":
+                        break
+
+        replies(1)
+        sock.sendall(b"EHLO inject.test\r\n")
+        replies(1)
+        for i in range(0, len(rcpts), batch):
+            sock.sendall(b"".join(
+                b"MAIL FROM:<sender@origin.test>\r\nRCPT TO:<%s>\r\nBDAT %d LAST\r\n%s"
+                % (r.encode(), len(BODY), BODY) for r in rcpts[i:i + batch]))
+            replies(3 * len(rcpts[i:i + batch]))
+        sock.sendall(b"QUIT\r\n")
+        replies(1)
 
 
 def wait_for(rec: Recording, rcpts: list[str], timeout: float) -> None:
@@ -148,7 +176,7 @@ def test_concurrency_kill_and_redis_outage(tmp_path):
         rec.delay = 0.01  # 10 ms per message: 3 connections per IP carry ~300 msg/s
         cl = Cluster(tmp_path, redis.url, sink, policies, reuse=5, lease_ttl=2.0)
         try:
-            rcpts = cl.inject(600, "a")
+            rcpts = cl.inject(2000, "a")
             time.sleep(0.5)
             # -- Redis stops mid-load: each instance falls back to ⌈3/3⌉ = 1 per IP
             t_stop = time.monotonic()
@@ -209,16 +237,16 @@ def test_concurrency_kill_and_redis_outage(tmp_path):
 
 @pytest.mark.slow
 def test_rate_connectinterval_and_suspension(tmp_path):
-    """rate 20/1 per localip measured over 10 s: at most +5 % (at least -10 %, see below),
-    never above N·W/S + 1 in any window (60 ms of arrival jitter allowed); connectinterval
-    0.5: no two new connections from one IP closer than 0.44 s at the sink; `suspend add` on
-    one instance stops that IP on all three within 1 s."""
+    """rate 20/1 per localip measured over 20 s: within ±5 %, never above N·W/S + 1 in any
+    window (60 ms of arrival jitter allowed); connectinterval 0.5: no two new connections
+    from one IP closer than 0.49 s at the sink; `suspend add` on one instance stops that IP
+    on all three within 1 s."""
     policies = [{"fields": ["localip"], "default": {"rate": "20/1", "connectinterval": 0.5}}]
-    window = 10.0
+    window = 20.0
     with redis_server() as redis, recording_sink() as (sink, rec):
         cl = Cluster(tmp_path, redis.url, sink, policies, reuse=40)
         try:
-            cl.inject(200, "r")  # 600 messages: more than 2 IPs x 20/s x (1 + 10 + 2) s
+            cl.inject(320, "r")  # 960 messages: more than 2 IPs x 20/s x (1 + 20 + 2) s
             time.sleep(1.0)
             start = time.monotonic()
             time.sleep(window)
@@ -237,10 +265,7 @@ def test_rate_connectinterval_and_suspension(tmp_path):
     msgs = rec.messages()
     for ip in IPS:
         times = sorted(m.at for m in msgs if m.ip == ip and start <= m.at < end)
-        # Never above +5 %. Below: a slot a sender reaches more than 25 ms late is given up
-        # rather than bunched with the next (engine LATE_SEND), so on a machine shared with
-        # other test runs (load average 9 on 2 cores measured -10 %) the rate may fall short.
-        assert 20 * window * 0.90 <= len(times) <= 20 * window * 1.05, (ip, len(times))
+        assert 20 * window * 0.95 <= len(times) <= 20 * window * 1.05, (ip, len(times))
         every = sorted(m.at for m in msgs if m.ip == ip and m.at < t_suspend)
         j = 0
         # Any window W holds at most 20·W + 1. Slots are granted on Redis time; the sink
@@ -255,10 +280,10 @@ def test_rate_connectinterval_and_suspension(tmp_path):
                 assert j - i <= 20 * (w + 0.06) + 1, (ip, w, j - i)
         opens = sorted(c.opened for c in rec.connections() if c.ip == ip)
         gaps = [b - a for a, b in itertools.pairwise(opens)]
-        # The sink stamps the TCP open, which trails the Redis grant by the sender's and the
-        # sink's scheduling delays; on this shared 2-core machine that reaches ~20 ms, and
-        # 60-80 ms while other helpers run benchmarks: 60 ms of slack.
-        assert gaps and min(gaps) >= 0.5 - 0.06, (ip, min(gaps))
+        # The interval counts from when each connection stood (engine: Limiter.connected),
+        # not from the grant before it, so a connect delayed after its grant brings the next
+        # one no closer; what remains is the sink's own stamping: 10 ms.
+        assert gaps and min(gaps) >= 0.5 - 0.01, (ip, min(gaps))
     late = [m for m in msgs if m.ip == IPS[0] and m.at > t_suspend + 1.0]
     assert not late, f"{len(late)} messages from {IPS[0]} after the suspension"
     assert any(m.ip == IPS[1] and m.at > t_suspend + 1.0 for m in msgs)  # the other IP goes on

@@ -91,10 +91,15 @@ policies:
     times = sorted(m.at for m in rec.messages())
     assert len(times) == n
     assert took >= (n - 1) / 20
-    for i in range(len(times)):  # any window of W s holds at most 20·W + 1 (burst 1)
+    # Any window of W s holds at most 20·W + 1 (burst 1), on the arrival stamps: a slot may
+    # be used up to LATE_SEND (25 ms) late and the sink's thread stamps arrivals while
+    # sharing this process's GIL with the engine, so 60 ms of slack as in
+    # test_cluster_shaping.py (10 ms failed about one run in eight, before and after the
+    # engine's slot changes; the exact bound on grants is test_orchestrator's fake clock).
+    for i in range(len(times)):
         for j in range(i, len(times)):
             w = times[j] - times[i]
-            assert j - i + 1 <= 20 * w + 1 + 1e-6 + 0.01 * 20, (i, j, w)
+            assert j - i + 1 <= 20 * (w + 0.06) + 1 + 1e-6, (i, j, w)
     opens = sorted(c.opened for c in rec.connections())
     assert len(opens) >= n // 4
     gaps = [b - a for a, b in itertools.pairwise(opens)]

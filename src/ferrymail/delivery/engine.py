@@ -671,6 +671,12 @@ class DeliveryEngine:
                 if pooled is not None and pooled[0] == src:
                     client, reused = pooled[1], True
                     pooled = None
+                elif n > 0 and refused is not None:
+                    # The message's own source is full: an idle session of this alternative
+                    # carries it (it holds a slot other instances wait for; left idle it
+                    # would starve them until its idle time ran out).
+                    client = self.pool.take(PoolKey(src, ip, port, tls.value))
+                    reused = client is not None
                 for _ in range(2):  # a reused session the peer dropped gets one fresh one
                     if client is None:
                         if (src.proxy is not None and n + 1 < len(sources)
@@ -712,6 +718,10 @@ class DeliveryEngine:
                         finally:
                             health.resolved(src, job)
                         self._leases[id(client)] = slot
+                        if any(lim.connectinterval is not None for lim in limits):
+                            # the intervals count from the connection, not the grant
+                            await self.limiter.connected(
+                                limits, time.monotonic() - client.opened_at)
                         if src.proxy is not None:
                             health.success(src, self.clock())
                     denied = await self._message_slot(attempt, limits, client, deadline, route)
@@ -788,10 +798,12 @@ class DeliveryEngine:
         (a slot up to RESERVE_AHEAD ahead is reserved, then waited for); the refusal when
         waiting longer would be needed (or the lease was lost).
 
-        A slot this process reaches more than LATE_SEND after its time (a busy event loop, a
-        slow Redis reply) is given up for a fresh one: sending late would bunch this message
-        with the next slot's and exceed the rate over a short window. After MAX_LATE such
-        slots in a row the message goes anyway."""
+        A slot's time is the hold counted from when the store answered, taken as half the
+        round trip after asking (counting the whole round trip as lateness gave up slots a
+        slow Redis reply had not made late). A slot this process reaches more than LATE_SEND
+        after its time (a busy event loop) is given up for a fresh one: sending late would
+        bunch this message with the next slot's and exceed the rate over a short window.
+        After MAX_LATE such slots in a row the message goes anyway."""
         lease = self._leases.get(id(client))
         late = 0
         while True:
@@ -800,13 +812,16 @@ class DeliveryEngine:
             got = await self.limiter.message(attempt, limits, lease,
                                              max(0.0, min(RESERVE_AHEAD, left)))
             if got is None or isinstance(got, float):
+                # The hold counts from the store's clock when it answered: about half the
+                # round trip after asking (Redis; no time for the in-process limiter).
+                slot_at = asked + (time.monotonic() - asked) / 2 + (got or 0.0)
                 if got:
-                    await asyncio.sleep(got)  # the reserved slot's time
+                    await asyncio.sleep(max(0.0, slot_at - time.monotonic()))
                     route.waited += got
                     route.wait_reason = route.wait_reason or "rate: reserved slot"
                     route.wait_kind = route.wait_kind or "rate"
                 has_rate = any(lim.rate is not None for lim in limits)
-                if (has_rate and time.monotonic() - asked - (got or 0.0) > LATE_SEND
+                if (has_rate and time.monotonic() - slot_at > LATE_SEND
                         and late < MAX_LATE):
                     late += 1
                     continue

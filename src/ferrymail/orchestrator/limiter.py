@@ -5,7 +5,10 @@ concurrency lease and every connection interval of ``limits``, all or none; a `L
 `Denied`. ``message(attempt, limits, lease, ahead)`` before each message on a connection, new or
 reused: suspensions, the lease still held (extended), every rate, all or none; with
 ``ahead`` > 0 a rate slot up to that far in the future is reserved and the seconds to hold
-the message are returned (None: send now). ``release``
+the message are returned (None: send now). ``connected(limits, ago)`` once the connection
+stands, ``ago`` seconds after its TCP connection was established: every connection interval
+of ``limits`` then counts from that moment (the grant was taken before connecting, and a
+connect delayed by a busy event loop must not bring the next one closer). ``release``
 when the connection closes. ``wait(denied, timeout)`` sleeps until a slot may be free: a
 release in this process, the computed time for rates and intervals, or a short poll for what
 other instances hold. Nothing here spins or counts a delivery attempt.
@@ -89,6 +92,8 @@ class Limiter(Protocol):
 
     async def message(self, attempt: Attempt, limits: tuple[Limit, ...],
                       lease: Lease | None, ahead: float = 0.0) -> Denied | float | None: ...
+
+    async def connected(self, limits: tuple[Limit, ...], ago: float) -> None: ...
 
     def release(self, lease: Lease) -> None: ...
 

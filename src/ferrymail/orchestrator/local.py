@@ -154,6 +154,19 @@ class LocalLimiter:
         self._tat.update(new_tats)
         return hold or None
 
+    async def connected(self, limits: tuple[Limit, ...], ago: float) -> None:
+        self.connected_now(limits, ago)
+
+    def connected_now(self, limits: tuple[Limit, ...], ago: float) -> None:
+        """Every connection interval of ``limits`` counts from ``ago`` seconds before now,
+        when the connection was established (never moved earlier)."""
+        d = self.divisor()
+        at = self.clock() - ago
+        for lim in limits:
+            if lim.connectinterval is not None:
+                key = lim.interval_key
+                self._tat[key] = max(self._tat.get(key, at), at + lim.connectinterval * d)
+
     def release(self, lease: Lease) -> None:
         if lease.released:
             return

@@ -3,7 +3,9 @@
 Round trips: one script per new connection (``lua/acquire.lua``: every concurrency lease
 and every connection interval, all or none), one per message when a rate applies
 (``lua/message.lua``: the leases still held, every rate, all or none), one per closed
-connection (``lua/release.lua``), and per heartbeat one for the registry plus, every third of
+connection (``lua/release.lua``), one per new connection when a connection interval applies
+(``lua/connected.lua``: the interval counts from when the TCP connection stood, not from the
+grant before it), and per heartbeat one for the registry plus, every third of
 the lease TTL, one extending every lease this instance holds (``lua/extend.lua``). Time is
 Redis ``TIME`` with microseconds, never a client clock. Keys: ``PREFIX:c:KEY`` (lease sets),
 ``PREFIX:i:KEY|ci:SPEC`` and ``PREFIX:r:KEY|rate:SPEC`` (GCRA), ``PREFIX:suspensions``
@@ -243,6 +245,18 @@ class RedisLimiter:
         if self.cfg.fallback == "closed":
             return Denied("closed", "redis unreachable: closed (no new connections)", 1.0)
         return self.fallback.message_now(attempt, limits, lease, ahead)
+
+    async def connected(self, limits: tuple[Limit, ...], ago: float) -> None:
+        intervals = [lim for lim in limits if lim.connectinterval is not None]
+        if not intervals:
+            return
+        if self.shared:
+            keys = [self.cluster.key("i", lim.interval_key) for lim in intervals]
+            with contextlib.suppress(RedisDown):
+                await self.cluster.script("connected", keys, [ago, *[
+                    lim.connectinterval for lim in intervals]])
+                return
+        self.fallback.connected_now(limits, ago)
 
     def release(self, lease: Lease) -> None:
         if lease.released:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -411,6 +412,9 @@ class SMTPClient:
         self._peer = (f"{mx_host} [{dest_ip}]:{dest_port}" if mx_host and mx_host != dest_ip
                       else hostport(dest_ip, dest_port))
         self._path = describe_path(source, dest_ip, dest_port, mx_host)
+        # time.monotonic() when the TCP connection stood (before banner and EHLO): where a
+        # connection interval is measured from (delivery/engine.py)
+        self.opened_at = time.monotonic()
 
     # ----------------------------------------------------------------- properties
 
