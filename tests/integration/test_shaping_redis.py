@@ -174,3 +174,28 @@ def test_suspension_reaches_every_instance_within_a_second():
                 await x.stop()
 
         run(main, 30)
+
+
+def test_connection_interval_counts_from_the_connection():
+    """``connected`` moves a shared interval to count from when the connection stood
+    (lua/connected.lua), for every instance; never earlier than the grant made it."""
+    with redis_server() as r:
+        async def main() -> None:
+            a, b = limiter(r.url, "a"), limiter(r.url, "b")
+            await started(a, b)
+            ci = Limit("ip", "localip=127.0.0.2", connectinterval=0.5)
+            assert isinstance(await a.connect(A, (ci,)), Lease)
+            await asyncio.sleep(0.3)
+            await a.connected((ci,), 0.1)  # it stood 0.2 s after its grant
+            await asyncio.sleep(0.25)  # 0.55 s after the grant, 0.35 s after the connection
+            d = await b.connect(A, (ci,))
+            assert isinstance(d, Denied) and d.kind == "connectinterval", d
+            assert d.retry_after is not None and 0.1 <= d.retry_after <= 0.16, d
+            await asyncio.sleep(d.retry_after)
+            assert isinstance(await b.connect(A, (ci,)), Lease)
+            await b.connected((ci,), 5.0)  # an old stamp does not move the state back
+            assert isinstance(await a.connect(A, (ci,)), Denied)
+            await a.stop()
+            await b.stop()
+
+        run(main, 30)

@@ -147,6 +147,23 @@ def test_connectinterval_on_fake_clock():
     assert isinstance(lim.connect_now(attempt(), (ci,)), Lease)
 
 
+def test_connectinterval_counts_from_the_connection_not_the_grant():
+    clock = FakeClock()
+    lim = LocalLimiter(clock=clock)
+    ci = Limit("k", "localip=k", connectinterval=0.5)
+    assert isinstance(lim.connect_now(attempt(), (ci,)), Lease)  # granted at 1000.0
+    clock.t += 0.08  # the connection stood at 1000.03, reported 50 ms later
+    lim.connected_now((ci,), 0.05)
+    clock.t = 1000.5  # the grant's interval is over, the connection's is not
+    d = lim.connect_now(attempt(), (ci,))
+    assert isinstance(d, Denied) and d.retry_after == pytest.approx(0.03)
+    clock.t = 1000.53
+    assert isinstance(lim.connect_now(attempt(), (ci,)), Lease)
+    lim.connected_now((ci,), 0.6)  # never moves the state earlier than the grant made it
+    clock.t = 1000.9
+    assert isinstance(lim.connect_now(attempt(), (ci,)), Denied)
+
+
 def test_rate_per_message_and_burst():
     clock = FakeClock()
     lim = LocalLimiter(clock=clock)
