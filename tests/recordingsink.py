@@ -34,6 +34,7 @@ class Msg:
     rcpts: int
     rcpt: str = ""  # the first recipient
     helo: str = ""
+    conn: Conn | None = None  # the connection it came on
 
 
 @dataclass
@@ -127,7 +128,7 @@ class _Session(asyncio.Protocol):
                 self.in_data = False
                 with self.rec.lock:
                     self.rec.msgs.append(Msg(self.conn.ip, time.monotonic(), self.rcpts,
-                                             self.rcpt, self.conn.helo))
+                                             self.rcpt, self.conn.helo, self.conn))
                     self.conn.messages += 1
                 if self.rec.delay:
                     if out:

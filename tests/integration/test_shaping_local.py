@@ -158,3 +158,52 @@ policies:
     assert s.fields == {"localip": "127.0.0.2"} and s.origin == "reply"
     assert s.reason.startswith("421 4.7.0 too many")
     assert len(rec.connections()) == 1  # the second message waited, no new connection
+
+
+def test_smarthost_counts_per_recipient_domain(tmp_path):
+    """Over a fixed next hop (a smarthost: one queue for every domain), a policy keyed on
+    ``recipientdomain`` still counts per domain: the job's recipient domains, a message for
+    several counting against each; a session is reused only by messages its lease covers;
+    a suspension of one domain holds that domain's mail alone."""
+    policies = """
+policies:
+  - fields: [recipientdomain]
+    default: {concurrency: 1}
+"""
+    with recording_sink() as (port, rec), LogCapture() as logs:
+        rec.delay = 0.03
+
+        async def main() -> None:
+            async with engine(tmp_path, config(port, policies, reuse=100, ips=IPS[:1])) as h:
+                store = SuspensionFile(tmp_path / "spool" / FILE_NAME)
+                h.engine.limiter.file = store  # what LocalLimiter.for_spool sets up
+                store.add(new_suspension({"recipientdomain": "c.test"}, 60, "c is down"))
+                held = await h.submit(("r@c.test",))
+                for i in range(12):
+                    await h.submit((f"r{i}@a.test",))
+                    await h.submit((f"r{i}@b.test",))
+                await h.submit(("both@a.test", "both@b.test"))
+                await logs.wait("event=delivery.waiting", 20)
+                deadline = time.monotonic() + 30
+                while len(rec.messages()) < 25 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                msg = await h.spool.get(held)
+                assert msg is not None
+                assert msg.recipients[0].state is RecipientState.DEFERRED
+
+        run(main, 60)
+    msgs = rec.messages()
+    assert sorted(m.rcpt.split("@")[1] for m in msgs).count("a.test") == 13
+    assert not any(m.rcpt.endswith("@c.test") for m in msgs)  # suspended domain held
+    by_conn: dict[int, set[str]] = {}
+    for m in msgs:
+        assert m.conn is not None
+        by_conn.setdefault(id(m.conn), set()).add(m.rcpt.split("@")[1])
+    both = next(id(m.conn) for m in msgs if m.rcpt == "both@a.test")
+    # a session carries one domain's mail (but the two-domain message's, leased under both)
+    assert all(len(d) == 1 for c, d in by_conn.items() if c != both), by_conn
+    # one connection per domain at a time, and both domains at once (one "" counter for
+    # the smarthost would have allowed one connection in all)
+    assert rec.max_concurrent(IPS[0]) == 2
+    waits = [field_of(x, "reason") for x in logs.lines("delivery.waiting")]
+    assert any("recipientdomain=c.test" in (w or "") for w in waits), waits

@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 from ferrymail.config import ConfigError, parse_running
 from ferrymail.orchestrator.limiter import Denied, Lease, gcra
 from ferrymail.orchestrator.local import LocalLimiter, divided
-from ferrymail.orchestrator.policy import Attempt, Limit, Rate, limits_for, value_matches
+from ferrymail.orchestrator.policy import (
+    Attempt,
+    Limit,
+    Rate,
+    limits_for,
+    limits_for_domains,
+    value_matches,
+)
 from ferrymail.orchestrator.suspensions import SuspensionFile, new_suspension
 
 POLICIES = """
@@ -72,6 +79,26 @@ def test_list_and_cidr_conditions_and_scarcest_first():
     assert warm["localip=192.0.2.11|grouping=example.net"].concurrency is None
     lims = limits_for(cfg, attempt(localip="198.51.100.7"))
     assert [lim.concurrency for lim in lims][:2] == [2, 5]  # scarcest concurrency first
+
+
+def test_smarthost_attempt_counts_against_each_recipient_domain():
+    cfg = parse_running("""
+policies:
+  - fields: [recipientdomain]
+    conditions:
+      - if: { recipientdomain: a.test }
+        then: { concurrency: 1 }
+    default: { concurrency: 4 }
+  - fields: [localip]
+    default: { rate: "10/1" }
+""")
+    smarthost = Attempt(localip="192.0.2.1", remotemx="relay.test", transportid="out")
+    assert [lim.key for lim in limits_for_domains(cfg, smarthost, ("b.test",))] == [
+        "recipientdomain=b.test", "localip=192.0.2.1"]
+    both = limits_for_domains(cfg, smarthost, ("a.test", "b.test"))
+    assert [(lim.key, lim.concurrency) for lim in both] == [
+        ("recipientdomain=a.test", 1), ("recipientdomain=b.test", 4),
+        ("localip=192.0.2.1", None)]  # the shared rate once, scarcest first
 
 
 def test_rate_key_carries_the_spec():

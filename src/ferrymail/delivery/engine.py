@@ -67,7 +67,7 @@ from ferrymail.observe import metrics
 from ferrymail.observe.log import log_event
 from ferrymail.orchestrator.limiter import Denied, Lease, Limiter
 from ferrymail.orchestrator.local import LocalLimiter
-from ferrymail.orchestrator.policy import Attempt, Limit, limits_for
+from ferrymail.orchestrator.policy import Attempt, Limit, limits_for_domains
 from ferrymail.smtp.client import Prepare, SMTPClient, TLSContextFactory, TLSMode
 from ferrymail.smtp.protocol import Reply
 from ferrymail.spool import (
@@ -649,6 +649,10 @@ class DeliveryEngine:
         health = self.rotation.health
         await self._wait_for_proxy(job, sources)
         waited_for: Denied | None = None  # the refusal this job last waited on, if any
+        # The recipient domains the policies see: the destination's, or over a fixed next hop
+        # (smarthost) those of this job's recipients (the message counts against each).
+        domains = ((job.destination.domain,) if job.destination.domain
+                   else recipient_domains(recipients))
         while True:
             last: DeliveryError | None = None
             refused: Denied | None = None
@@ -665,9 +669,9 @@ class DeliveryEngine:
                 client = None
                 reused = False
                 attempt = Attempt(src.address or "", ip, host.name.lower().rstrip("."),
-                                  job.destination.domain, job.destination.transport,
+                                  domains[0] if domains else "", job.destination.transport,
                                   str(src.proxy) if src.proxy else "direct")
-                limits = limits_for(cfg, attempt)
+                limits = limits_for_domains(cfg, attempt, domains)
                 if pooled is not None and pooled[0] == src:
                     client, reused = pooled[1], True
                     pooled = None
@@ -677,6 +681,12 @@ class DeliveryEngine:
                     # would starve them until its idle time ran out).
                     client = self.pool.take(PoolKey(src, ip, port, tls.value))
                     reused = client is not None
+                if client is not None and not self._lease_covers(client, limits):
+                    # Its lease counts other concurrency keys (a smarthost session opened for
+                    # another recipient domain): parked again, this message opens its own.
+                    self.pool.put(PoolKey(src, ip, port, tls.value), client,
+                                  idle=conn.reuse.idle, max_messages=conn.reuse.messages)
+                    client, reused = None, False
                 for _ in range(2):  # a reused session the peer dropped gets one fresh one
                     if client is None:
                         if (src.proxy is not None and n + 1 < len(sources)
@@ -852,6 +862,11 @@ class DeliveryEngine:
                     log_event("shaping.suspended", "warning", key=lim.label,
                               duration_s=rule.duration, reason=reason, origin="reply")
                     return
+
+    def _lease_covers(self, client: SMTPClient, limits: tuple[Limit, ...]) -> bool:
+        """Whether ``client``'s lease holds every concurrency key of ``limits``."""
+        keys = self._lease_keys(client)
+        return all(lim.key in keys for lim in limits if lim.concurrency is not None)
 
     def _lease_keys(self, client: SMTPClient) -> tuple[str, ...]:
         lease = self._leases.get(id(client))
@@ -1127,6 +1142,11 @@ def _failure_kind(outcome: Outcome) -> str:
     if outcome.hook is not None or outcome.hook_error is not None:
         return "hook"
     return outcome.error.kind if outcome.error is not None else "none"
+
+
+def recipient_domains(recipients: Sequence[str]) -> tuple[str, ...]:
+    """The distinct domains of ``recipients`` (lower case), sorted."""
+    return tuple(sorted({r.rpartition("@")[2].lower().rstrip(".") for r in recipients}))
 
 
 def _sooner(a: Denied | None, b: Denied) -> Denied:

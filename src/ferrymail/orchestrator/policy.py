@@ -172,6 +172,28 @@ def limits_for(cfg: RunningConfig, attempt: Attempt) -> tuple[Limit, ...]:
     return tuple(out)
 
 
+def limits_for_domains(cfg: RunningConfig, attempt: Attempt,
+                       domains: tuple[str, ...]) -> tuple[Limit, ...]:
+    """Every limit on ``attempt`` for each recipient domain of ``domains`` (a fixed next hop,
+    e.g. a smarthost, carries one message for several domains in one transaction): the
+    message counts against each domain's counters, each once; scarcest first. Without
+    domains, ``attempt`` as it is."""
+    if len(domains) <= 1:
+        if domains and domains[0] != attempt.recipientdomain:
+            attempt = Attempt(attempt.localip, attempt.remoteip, attempt.remotemx, domains[0],
+                              attempt.transportid, attempt.proxy)
+        return limits_for(cfg, attempt)
+    seen: dict[str, Limit] = {}
+    for d in domains:
+        one = Attempt(attempt.localip, attempt.remoteip, attempt.remotemx, d,
+                      attempt.transportid, attempt.proxy)
+        for lim in limits_for(cfg, one):
+            seen.setdefault(lim.key, lim)
+    out = list(seen.values())
+    out.sort(key=lambda lim: lim.concurrency if lim.concurrency is not None else 1 << 30)
+    return tuple(out)
+
+
 def with_grouping(cfg: RunningConfig, attempt: Attempt) -> Attempt:
     g = grouping_of(cfg.groupings, attempt.remotemx, attempt.recipientdomain)
     return Attempt(attempt.localip, attempt.remoteip, attempt.remotemx,
