@@ -71,6 +71,7 @@ class Cluster:
         self.instances = 1  # last known number of live instances (this one included)
         self._counts: deque[int] = deque(maxlen=2 * REGISTRY_BEATS)
         self.last_error = ""
+        self.calls = 0  # round trips made (scripts and commands), for benchmarks and status
         self.since = time.time()
         self._scripts: dict[str, tuple[str, str]] = {}  # name -> (text, sha)
         self._ticks: list[Callable[[], Awaitable[None]]] = []
@@ -90,6 +91,7 @@ class Cluster:
 
     async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run ``lua/<name>.lua`` (EVALSHA, loading it once); RedisDown on any failure."""
+        self.calls += 1
         if name not in self._scripts:
             self._scripts[name] = (lua(name), "")
         text, sha = self._scripts[name]
@@ -108,6 +110,7 @@ class Cluster:
 
     async def call(self, fn: Callable[[aioredis.Redis], Awaitable[Any]]) -> Any:
         """``await fn(client)``; RedisDown on any failure (and the state goes to fallback)."""
+        self.calls += 1
         try:
             return await fn(self.client)
         except (TimeoutError, RedisError, OSError) as e:

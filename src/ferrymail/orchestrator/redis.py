@@ -52,6 +52,7 @@ POLL = (0.05, 0.15)  # seconds between looks at a full concurrency key other ins
 # within N·LATE/S messages (0.5 % of a second's count).
 PREFETCH_WINDOW, PREFETCH_MAX = 0.005, 64
 LATE = 0.005  # a prefetched slot not used within this long after its time is dropped
+REFILL_BEFORE = 0.002  # kept slots this close to running out are refetched in the background
 
 
 class RedisLimiter:
@@ -192,19 +193,21 @@ class RedisLimiter:
             return None  # leases are kept alive by the heartbeat
         if self.shared:
             slot_key = tuple(lim.rate_key for lim in rates)
+            spacing = max(lim.rate.interval for lim in rates if lim.rate is not None)
+            slots = max(1, min(PREFETCH_MAX, int(PREFETCH_WINDOW / spacing)))
             for _ in range(3):  # slots another message of ours is fetching: wait, take one
                 now = time.monotonic()
                 kept = self._slots.get(slot_key)
                 while kept:
                     t = kept.pop(0)
                     if t >= now - LATE:
+                        if not kept or kept[-1] + LATE - now < REFILL_BEFORE:
+                            self._refill(slot_key, rates, spacing, slots)
                         return (t - now) if t > now else None
                 pending = self._fetching.get(slot_key)
                 if pending is None:
                     break
                 await asyncio.shield(pending)
-            spacing = max(lim.rate.interval for lim in rates if lim.rate is not None)
-            slots = max(1, min(PREFETCH_MAX, int(PREFETCH_WINDOW / spacing)))
             held = list(lease.keys) if lease is not None else []
             keys = [self.cluster.key("c", k) for k in held]
             keys += [self.cluster.key("r", k) for k in slot_key]
@@ -257,6 +260,42 @@ class RedisLimiter:
                     lim.connectinterval for lim in intervals]])
                 return
         self.fallback.connected_now(limits, ago)
+
+    def _refill(self, slot_key: tuple[str, ...], rates: list[Limit], spacing: float,
+                slots: int) -> None:
+        """Fetch the next prefetched slots in the background before the kept ones run out
+        (within REFILL_BEFORE of the last one's use-by time), so that messages seldom wait
+        for a round trip (waiting, not the call, cost the delivery rate: bench/shaping.py).
+        Rates only: a connection's lease is checked by its own next fetch and the heartbeat."""
+        if slot_key in self._fetching:
+            return
+        loop = asyncio.get_running_loop()
+        fetching = loop.create_future()
+        self._fetching[slot_key] = fetching
+
+        async def fetch() -> None:
+            keys = [self.cluster.key("r", k) for k in slot_key]
+            args: list[object] = ["", self.cfg.lease_ttl, 0, len(rates), 0.0, slots]
+            for lim in rates:
+                assert lim.rate is not None
+                args += [lim.rate.interval, lim.rate.burst]
+            try:
+                res = await self.cluster.script("message", keys, args)
+                if res[0] == "ok":
+                    now = time.monotonic()
+                    hold = float(res[1])
+                    self._slots.setdefault(slot_key, []).extend(
+                        now + hold + i * spacing for i in range(slots))
+            except RedisDown:
+                pass
+            finally:
+                if self._fetching.get(slot_key) is fetching:
+                    del self._fetching[slot_key]
+                fetching.set_result(None)
+
+        task = loop.create_task(fetch())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     def release(self, lease: Lease) -> None:
         if lease.released:
