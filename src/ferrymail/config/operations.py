@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
-from .types import describe
+from .types import PositiveDuration, describe
 
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9725"
 
@@ -88,6 +88,17 @@ class Metrics(_Model):
 
     listen: Annotated[str | None, PlainValidator(_listen)] = DEFAULT_METRICS_LISTEN
     domain_labels: bool = False  # per-domain labels (unbounded cardinality): off by default
+    # ``run --workers N``: worker 0 serves the host's metrics at ``listen``, reading the
+    # other workers over their admin sockets within ``worker_timeout`` (observe/hostmetrics)
+    worker_timeout: PositiveDuration = 2.0
+    worker_listen: bool = False  # also worker K's own metrics at listen's port + K
+
+    @model_validator(mode="after")
+    def _timeout_bounded(self) -> Metrics:
+        if self.worker_timeout > 30:
+            raise ValueError("metrics.worker_timeout: at most 30 seconds (a scrape waits "
+                             f"for it), got {self.worker_timeout:g}")
+        return self
 
     def address(self) -> tuple[str, int] | None:
         return None if self.listen is None else parse_listen(self.listen)
