@@ -203,3 +203,34 @@ def test_one_scrape_shows_the_host_across_a_pause_and_a_crash(ferrymail_proc, tm
             time.sleep(0.2)
         assert value(text, RECEIVED) == sent + more
         assert value(text, "ferrymail_worker_up") == 2
+
+        # kill -9 of worker 0, which serves the listener: scrapes fail until the supervisor
+        # has started it again; then the host counters go on from where they were (its
+        # carry is kept in the spool directory), its own start again at 0
+        total = sent + more
+        w0 = worker_pid(proc, 0)
+        os.kill(w0, signal.SIGKILL)
+        while not gone(w0):
+            time.sleep(0.01)
+        proc.wait_log(r"event=worker\.started worker=0 ", count=2, timeout=30)
+        proc.wait_log(r"event=metrics\.state_restored", timeout=30)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                text = scrape(mport)
+                if value(text, "ferrymail_worker_up") == 2:
+                    break
+            except OSError:
+                pass  # not listening yet
+            assert time.monotonic() < deadline, "worker 0 did not serve metrics again"
+            time.sleep(0.2)
+        assert value(own_metrics(w0_sock), RECEIVED) == 0
+        assert value(text, RECEIVED) == total
+        assert value(text, DELIVERED, result="delivered") == total
+        send_one(port, total)  # whichever worker takes it, the host counts it once more
+        sink.wait_dumps(total + 1, timeout=60)
+        deadline = time.monotonic() + 15
+        while value(text := scrape(mport), DELIVERED, result="delivered") != total + 1:
+            assert time.monotonic() < deadline, text
+            time.sleep(0.2)
+        assert value(text, RECEIVED) == total + 1

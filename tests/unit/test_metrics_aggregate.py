@@ -151,3 +151,17 @@ def test_unparseable_text_is_an_error():
     except ValueError:
         return
     raise AssertionError("bad exposition text was accepted")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), families()), max_size=6))
+def test_counter_state_survives_a_json_round_trip(answers: list[tuple[int, Families]]):
+    import json
+
+    counters = HostCounters()
+    for worker, fams in answers:
+        counters.contribution(worker, fams)
+    again = HostCounters.from_json(json.loads(json.dumps(counters.to_json())))
+    assert again == counters
+    for worker in range(4):  # and it goes on exactly as the original would
+        assert again.contribution(worker, None) == counters.contribution(worker, None)

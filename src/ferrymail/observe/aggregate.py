@@ -30,14 +30,16 @@ matter (tests/unit/test_metrics_aggregate.py checks this with hypothesis).
 Restarts: a restarted worker's counters start again at 0, and a *sum* that drops is not
 something ``rate()`` can undo (it would count the other workers' whole totals again as new).
 `HostCounters` therefore carries a worker's last counter values across its restarts and
-while it does not answer, so host counters only go down when the serving worker itself
-restarts (then the whole host series resets, which ``rate()`` handles as a reset).
+while it does not answer, so host counters do not go down when a worker restarts;
+`HostCounters.to_json` lets the serving worker keep that state across its own restart
+(observe/hostmetrics.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -178,6 +180,33 @@ class HostCounters:
             carried = self.carry[worker] = merge(carried, cumulative(before))
         self.last[worker] = fams
         return merge(fams, carried)
+
+
+    def to_json(self) -> dict[str, Any]:
+        """The state as JSON-able data (`from_json` reads it back)."""
+        return {"last": {str(k): _families_json(v) for k, v in self.last.items()},
+                "carry": {str(k): _families_json(v) for k, v in self.carry.items()}}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> HostCounters:
+        """`to_json`'s data back; ValueError (or KeyError/TypeError) if it is not that."""
+        return cls({int(k): _families_from_json(v) for k, v in doc["last"].items()},
+                   {int(k): _families_from_json(v) for k, v in doc["carry"].items()})
+
+
+def _families_json(fams: Families) -> list[Any]:
+    return [[f.name, f.type, f.help, [[s, [list(kv) for kv in labels], v]
+                                      for (s, labels), v in f.samples.items()]]
+            for f in fams.values()]
+
+
+def _families_from_json(doc: Any) -> Families:
+    out: Families = {}
+    for name, typ, help_text, samples in doc:
+        out[str(name)] = Family(str(name), str(typ), str(help_text), {
+            (str(s), tuple((str(k), str(v)) for k, v in labels)): float(value)
+            for s, labels, value in samples})
+    return out
 
 
 def _restarted(before: Families, now: Families) -> bool:

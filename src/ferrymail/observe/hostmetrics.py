@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import generate_latest
@@ -125,15 +127,54 @@ async def fetch(peer: WorkerPeer, path: str, timeout: float) -> bytes:
 @dataclass
 class HostMetrics:
     """Worker 0's view of the host: ``scrape()`` for ``/metrics``, ``readiness()`` for
-    ``/ready``. ``registry`` holds worker 0's own metrics; ``own_ready()`` its readiness."""
+    ``/ready``. ``registry`` holds worker 0's own metrics; ``own_ready()`` its readiness.
+
+    ``state_path`` (a file in worker 0's spool directory) keeps the counters' carry
+    (`aggregate.HostCounters`) across a restart of worker 0 itself: written after each
+    scrape, read at start if the same supervisor (``os.getppid()``) wrote it. So host
+    counters continue through any worker's restart; they start again only with a new
+    ``ferrymail run``."""
 
     registry: CollectorRegistry
     peers: list[WorkerPeer]
     timeout: float
     own_ready: Any  # () -> bool
+    state_path: Path | None = None
     counters: aggregate.HostCounters = field(default_factory=aggregate.HostCounters)
     failures: dict[int, int] = field(default_factory=dict)
     down: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.state_path is None:
+            return
+        try:
+            doc = json.loads(self.state_path.read_text())
+            if doc.get("supervisor") != os.getppid():
+                return  # an earlier `ferrymail run`'s: its counters are not ours
+            self.counters = aggregate.HostCounters.from_json(doc["counters"])
+            self.failures = {int(k): int(v) for k, v in doc["failures"].items()}
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log_event("metrics.state_unreadable", "warning", file=str(self.state_path),
+                      error=f"{type(exc).__name__}: {exc}",
+                      effect="host counters start from the workers' current values")
+            return
+        log_event("metrics.state_restored", file=str(self.state_path),
+                  workers=len(self.counters.last))
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        doc = {"supervisor": os.getppid(), "counters": self.counters.to_json(),
+               "failures": {str(k): v for k, v in self.failures.items()}}
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(doc, separators=(",", ":")))
+            os.replace(tmp, self.state_path)
+        except OSError as exc:  # a full disk: the next scrape tries again
+            log_event("metrics.state_unwritable", "debug", file=str(self.state_path),
+                      error=exc.strerror or str(exc))
 
     async def _worker_families(self, peer: WorkerPeer) -> aggregate.Families | None:
         try:
@@ -172,6 +213,7 @@ class HostMetrics:
             SCRAPE_FAILURES, "counter", "Scrapes a worker did not answer in time",
             {(SCRAPE_FAILURES + "_total", (("worker", str(p.index)),)):
              float(self.failures.get(p.index, 0)) for p in self.peers})
+        self._save()
         return aggregate.render(host)
 
     async def readiness(self) -> list[tuple[int, str]]:

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from ferrymail.app import App
 
 QUEUE_REFRESH = 5.0
+HOST_STATE_FILE = "metrics-host.json"  # worker 0's carry of the host counters
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -329,7 +330,8 @@ class MetricsServer:
         worker = app.worker
         if worker is not None and worker.count > 1 and worker.index == 0:
             self.host = HostMetrics(REGISTRY, worker_peers(app.startup, worker.count),
-                                    cfg.worker_timeout, lambda: self.app.ready)
+                                    cfg.worker_timeout, lambda: self.app.ready,
+                                    worker.spool_path / HOST_STATE_FILE)
         elif worker is not None and worker.index > 0 and not cfg.worker_listen:
             self.address = None  # worker 0 serves the host's metrics
         self.snapshot = QueueSnapshot()
