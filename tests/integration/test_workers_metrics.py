@@ -16,6 +16,7 @@ import re
 import signal
 import smtplib
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -140,12 +141,28 @@ def test_one_scrape_shows_the_host_across_a_pause_and_a_crash(ferrymail_proc, tm
         assert out.returncode == 0, out.stderr
         assert f"received {sent}" in out.stdout and "workers 2/2" in out.stdout, out.stdout
 
-        # release: everything is delivered, counted once
+        # release: everything is delivered, counted once, also with scrapes overlapping
+        # while the counters move (two Prometheus servers): every series only grows
+        stop = threading.Event()
+        seen: list[list[float]] = [[] for _ in range(4)]
+
+        def scraper(out: list[float]) -> None:
+            while not stop.is_set() and len(out) < 200:
+                out.append(value(scrape(mport), DELIVERED, result="delivered"))
+
+        threads = [threading.Thread(target=scraper, args=(out,)) for out in seen]
+        for t in threads:
+            t.start()
         assert proc.running_path is not None
         proc.running_path.write_text(deliver)
         proc.reload()
         proc.wait_log("event=config.reloaded", count=2, timeout=15)
         sink.wait_dumps(sent, timeout=60)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        for out in seen:
+            assert out == sorted(out) and out[-1] <= sent, out
         deadline = time.monotonic() + 15
         while value(text := scrape(mport), DELIVERED, result="delivered") != sent:
             assert time.monotonic() < deadline, text

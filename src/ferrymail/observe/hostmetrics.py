@@ -143,6 +143,9 @@ class HostMetrics:
     counters: aggregate.HostCounters = field(default_factory=aggregate.HostCounters)
     failures: dict[int, int] = field(default_factory=dict)
     down: set[int] = field(default_factory=set)
+    # One scrape at a time: answers of two overlapping scrapes could reach `counters` out
+    # of order, and an older value after a newer one looks like a restart (counted twice).
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         if self.state_path is None:
@@ -197,7 +200,12 @@ class HostMetrics:
         return fams
 
     async def scrape(self) -> bytes:
-        """The host's exposition: every worker's families merged, worker_up per worker."""
+        """The host's exposition: every worker's families merged, worker_up per worker.
+        Overlapping scrapes (two Prometheus servers) take turns."""
+        async with self._lock:
+            return await self._scrape()
+
+    async def _scrape(self) -> bytes:
         answers = await asyncio.gather(*(self._worker_families(p) for p in self.peers))
         own = aggregate.parse(generate_latest(self.registry).decode("utf-8"))
         parts = [aggregate.with_worker_label(self.counters.contribution(0, own), 0)]
