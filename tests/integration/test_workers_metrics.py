@@ -196,7 +196,8 @@ def test_one_scrape_shows_the_host_across_a_pause_and_a_crash(ferrymail_proc, tm
         os.kill(w1, signal.SIGKILL)
         while not gone(w1):
             time.sleep(0.01)
-        text = scrape(mport)
+        text = scrape(mport)  # the supervisor restarts it 0.5 s after its death at the soonest
+        assert value(text, "ferrymail_worker_up", worker="1") == 0, text
         assert value(text, RECEIVED) == sent
         assert value(text, DELIVERED, result="delivered") == sent
         proc.wait_log(r"event=worker\.started worker=1 ", count=2, timeout=30)
@@ -251,3 +252,41 @@ def test_one_scrape_shows_the_host_across_a_pause_and_a_crash(ferrymail_proc, tm
             assert time.monotonic() < deadline, text
             time.sleep(0.2)
         assert value(text, RECEIVED) == total + 1
+
+
+def _two_free_ports() -> int:
+    """A port P with P + 1 free too (worker 1's own metrics port), tried a bounded number of
+    times."""
+    import socket
+
+    for _ in range(50):
+        p = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, p + 1))
+            except OSError:
+                continue
+        return p
+    raise AssertionError("no two consecutive free ports in 50 tries")
+
+
+def test_worker_listen_gives_each_worker_its_own_port_too(ferrymail_proc, tmp_path: Path):
+    port, mport = free_port(), _two_free_ports()
+    startup = yaml.safe_load(startup_yaml(tmp_path, [server("in", [listener(port)])],
+                                          metrics=f"{HOST}:{mport}"))
+    startup["metrics"]["worker_listen"] = True
+    held = yaml.safe_load(sink_running_yaml(free_port()))
+    held["queues"] = {"hold": True}
+    proc = ferrymail_proc(yaml.safe_dump(startup), yaml.safe_dump(held),
+                          wait=[(HOST, port), (HOST, mport), (HOST, mport + 1)], workers=2)
+    proc.wait_log("event=supervisor.started", timeout=30)
+    sent = 0
+    while not spool_count(tmp_path / "spool" / "shard-1"):
+        assert sent < 300, "300 connections never reached worker 1"
+        send_one(port, sent)
+        sent += 1
+    host, alone = scrape(mport), scrape(mport + 1)
+    assert value(host, RECEIVED) == sent
+    assert 0 < value(alone, RECEIVED) == value(own_metrics(tmp_path / "ferrymail.w1.sock"),
+                                               RECEIVED)
+    assert "ferrymail_worker_up" in host and "ferrymail_worker_up" not in alone
