@@ -903,7 +903,10 @@ class DeliveryEngine:
             # Parked for a shaping limit: not an attempt; back when a slot may be free.
             w = outcome.waiting
             wait = w.retry_after if w.retry_after is not None else PARK_AFTER
-            due = now + min(max(wait, 0.5), PARK_MAX)
+            # The wait counts from the refusal, not from the job's start (``now``): the job
+            # may have waited in memory meanwhile, and a suspension parked from the start
+            # came back before its end and was parked a second time.
+            due = max(now, self.clock()) + min(max(wait, 0.5), PARK_MAX)
             results = [_Result(r, RecipientState.DEFERRED, f"waiting: {w.reason}", due,
                                counted=False) for r in job.recipients]
         else:
