@@ -20,6 +20,8 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ferrymail.delivery.ipparse import parse_ip
+
 LOOP_STATUS = "5.4.6"  # RFC 3463: routing loop detected
 DEFAULT_HOP_LIMIT = 50  # Postfix hopcount_limit
 
@@ -87,7 +89,7 @@ class OwnListeners:
     def match(self, ip: str, port: int) -> str | None:
         """The listener ``ip:port`` would reach (``"[::]:25"`` style), or None."""
         try:
-            target = ipaddress.ip_address(ip)
+            target = parse_ip(ip)
         except ValueError:
             return None
         for address, lport in self.listeners:
@@ -96,6 +98,6 @@ class OwnListeners:
             if address is None:
                 if is_local_address(str(target)):
                     return f"*:{lport}"
-            elif ipaddress.ip_address(address) == target:
+            elif parse_ip(address) == target:
                 return f"[{address}]:{lport}" if ":" in address else f"{address}:{lport}"
         return None

@@ -52,6 +52,7 @@ from .base import (
     parse_queue_id,
 )
 from .body import BODIES_DIR, PART_SUFFIX, BodyWriter, SpooledBody
+from .recent import RecentBodies
 from .reserve import RESERVE_NAME, SpaceReserve
 from .sqlite_control import SqliteQueueControl
 
@@ -68,6 +69,7 @@ JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 PAGE_SIZE = 16384
 
 _PENDING_SQL = "state IN ('queued', 'deferred')"  # must match the partial index text
+_FINAL_STATES = frozenset((RecipientState.DELIVERED, RecipientState.FAILED))
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS messages (
@@ -376,6 +378,7 @@ class SqliteSpool(SqliteQueueControl, Spool):
         self._ckpt_stop = False
         self._ckpt_pages = 0
         self._ckpt_every = 250
+        self.recent = RecentBodies()  # bodies just stored, for the first delivery's read
 
     @property
     def min_free(self) -> int:
@@ -472,7 +475,9 @@ class SqliteSpool(SqliteQueueControl, Spool):
         _check_envelope(envelope)
         if not isinstance(data, bytes):
             data = bytes(data)  # a copy: the caller may reuse its buffer
-        return await self._write(lambda fut: _Store(fut, msg_id, envelope, data))
+        stored = await self._write(lambda fut: _Store(fut, msg_id, envelope, data))
+        self.recent.put(msg_id, data)
+        return stored
 
     async def _store_file(self, envelope: Envelope, body: BodyWriter) -> str:
         msg_id = parse_queue_id(body.queue_id)
@@ -508,10 +513,15 @@ class SqliteSpool(SqliteQueueControl, Spool):
     async def update(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> None:
         msg_id = self._msg_id(queue_id)
         frozen = tuple(updates)
+        if all(u.state in _FINAL_STATES for u in frozen):
+            # the message may go with this update (no recipient left pending): its body must
+            # not outlive it here (a read then says MessageNotFound, as the database would)
+            self.recent.discard(msg_id)
         await self._write(lambda fut: _Update(fut, msg_id, frozen))
 
     async def delete(self, queue_id: str) -> None:
         msg_id = self._msg_id(queue_id)
+        self.recent.discard(msg_id)
         await self._write(lambda fut: _Delete(fut, msg_id))
 
     async def _write(self, make: Any) -> Any:
@@ -530,6 +540,8 @@ class SqliteSpool(SqliteQueueControl, Spool):
         """The message data: bytes, or for a large message a `SpooledBody` to read in
         chunks. MessageNotFound if there is no such message."""
         msg_id = self._msg_id(queue_id)
+        if self._state == _OPEN and (kept := self.recent.get(msg_id)) is not None:
+            return kept
         data = await self._read(self._q_read, msg_id)
         if data is None:
             raise MessageNotFound(f"no message {queue_id} in spool {self.path}")
