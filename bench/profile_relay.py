@@ -2,7 +2,7 @@
 (for development, not for RESULTS.md).
 
     .venv/bin/python bench/profile_relay.py [--size 2048] [--messages 6000] [--workers 1]
-        [--cprofile out.prof] [--strace out.txt] [--perf-stat EVENTS]
+        [--cprofile out.prof] [--py-spy out.txt] [--strace out.txt] [--perf-stat EVENTS]
 
 Starts `ferrymail run` with the relay configuration of `bench/relay.py` (fsynced spool, one
 transport to one smtp-sink), sends a warm-up, then the timed load with `smtp-source -s 20 -d`,
@@ -12,6 +12,8 @@ and of smtp-source. Judge a change by these CPU figures, not by the rate, on a s
 
 - `--cprofile FILE`: ferrymail runs under `python -m cProfile` (main thread only; one worker);
   the heaviest functions are printed when it has stopped.
+- `--py-spy FILE`: py-spy (if installed) samples every thread of the first worker meanwhile
+  (collapsed stacks to FILE); the heaviest functions by self and inclusive time are printed.
 - `--strace FILE`: `strace -c -f` on the ferrymail process meanwhile (syscall counts per
   message are printed; strace slows the process, so the CPU figures of that run are not
   comparable).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import pstats
+import shutil
 import subprocess
 import sys
 import time
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # bench/ is not a package: found via sys.path
 import relay
-from profile_inbound import thread_cpu
+from profile_inbound import thread_cpu, top_self
 
 
 def main() -> int:
@@ -42,6 +45,7 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--cprofile", type=Path, help="cProfile stats of the main thread here")
+    ap.add_argument("--py-spy", dest="pyspy", type=Path, help="collapsed stacks here")
     ap.add_argument("--strace", type=Path, help="strace -c -f summary here")
     ap.add_argument("--perf-stat", default="", help="perf events to count (comma list)")
     args = ap.parse_args()
@@ -72,7 +76,14 @@ def main() -> int:
         root = fm.pids()[0]
         pids = peers.process_tree(root)
         tracer = None
-        if args.strace:
+        if args.pyspy:
+            exe = shutil.which("py-spy") or str(peers.VENV_BIN / "py-spy")
+            tracer = subprocess.Popen([exe, "record", "-p", str(pids[-1]), "-f", "raw", "-o",
+                                       str(args.pyspy), "-r", "250", "--threads",
+                                       "--nonblocking"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            time.sleep(1.0)
+        elif args.strace:
             tracer = subprocess.Popen(["strace", "-c", "-f", "-o", str(args.strace),
                                        "-p", str(root)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -111,6 +122,8 @@ def main() -> int:
                 words = line.split(",")
                 if len(words) >= 3 and words[0].strip().isdigit():
                     print(f"  {words[2]:30} {int(words[0]) / n:12,.0f} per msg")
+        if args.pyspy and args.pyspy.exists():
+            print(top_self(args.pyspy))
         if args.strace:
             lines = args.strace.read_text().splitlines()
             for line in lines:

@@ -70,6 +70,8 @@ PAGE_SIZE = 16384
 
 _PENDING_SQL = "state IN ('queued', 'deferred')"  # must match the partial index text
 _FINAL_STATES = frozenset((RecipientState.DELIVERED, RecipientState.FAILED))
+_PENDING_NAMES = frozenset(("queued", "deferred"))  # as _PENDING_SQL names them
+SAVEPOINT_NEEDED = object()  # an op's apply_checked: "run my apply in a savepoint"
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS messages (
@@ -252,13 +254,46 @@ class _Update(_Op):
         super().__init__(future, msg_id)
         self.updates = updates
 
+    def apply_checked(self, conn: sqlite3.Connection) -> object:
+        """The common last update (every recipient it names delivered or failed, none other
+        pending) without a savepoint: it raises only before its first write, then removes
+        the message (its recipients' new states would go with it). `SAVEPOINT_NEEDED` for
+        any other update (then `apply` runs inside a savepoint)."""
+        if not all(upd.state in _FINAL_STATES for upd in self.updates):
+            return SAVEPOINT_NEEDED
+        rows = conn.execute(
+            "SELECT address, idx, state FROM recipients WHERE msg = ?", (self.msg_id,)
+        ).fetchall()
+        if not rows:
+            raise MessageNotFound(f"no message {format_queue_id(self.msg_id)} in the spool")
+        self._params({address: idx for address, idx, _ in rows})  # refuses what apply refuses
+        named = {upd.address for upd in self.updates}
+        if any(state in _PENDING_NAMES and address not in named for address, _, state in rows):
+            return SAVEPOINT_NEEDED
+        self.body_file_gone = _remove(conn, self.msg_id) == _GONE_WITH_FILE
+        return None
+
     def apply(self, conn: sqlite3.Connection) -> None:
         rows = conn.execute(
             "SELECT address, idx FROM recipients WHERE msg = ?", (self.msg_id,)
         ).fetchall()
         if not rows:
             raise MessageNotFound(f"no message {format_queue_id(self.msg_id)} in the spool")
-        index = dict(rows)
+        params = self._params(dict(rows))
+        conn.executemany(
+            "UPDATE recipients SET state = ?, attempts = ?, next_attempt = ?, last_reply = ?,"
+            " notified = COALESCE(?, notified) WHERE msg = ? AND idx = ?",
+            params,
+        )
+        pending = conn.execute(
+            f"SELECT 1 FROM recipients WHERE msg = ? AND {_PENDING_SQL} LIMIT 1", (self.msg_id,)
+        ).fetchone()
+        if pending is None:
+            self.body_file_gone = _remove(conn, self.msg_id) == _GONE_WITH_FILE
+
+    def _params(self, index: dict[str, int]) -> builtins.list[tuple[Any, ...]]:
+        """The UPDATE's rows; SpoolError for a recipient the message does not have, ValueError
+        or TypeError for a bad value."""
         params = []
         for upd in self.updates:
             idx = index.get(upd.address)
@@ -277,20 +312,16 @@ class _Update(_Op):
                     idx,
                 )
             )
-        conn.executemany(
-            "UPDATE recipients SET state = ?, attempts = ?, next_attempt = ?, last_reply = ?,"
-            " notified = COALESCE(?, notified) WHERE msg = ? AND idx = ?",
-            params,
-        )
-        pending = conn.execute(
-            f"SELECT 1 FROM recipients WHERE msg = ? AND {_PENDING_SQL} LIMIT 1", (self.msg_id,)
-        ).fetchone()
-        if pending is None:
-            self.body_file_gone = _remove(conn, self.msg_id) == _GONE_WITH_FILE
+        return params
 
 
 class _Delete(_Op):
     verb = "delete"
+
+    def apply_checked(self, conn: sqlite3.Connection) -> object:
+        """No savepoint needed: `_remove` writes nothing when the message is not there."""
+        self.apply(conn)
+        return None
 
     def apply(self, conn: sqlite3.Connection) -> None:
         gone = _remove(conn, self.msg_id)
@@ -305,10 +336,10 @@ _GONE, _GONE_WITH_FILE = 1, 2
 def _remove(conn: sqlite3.Connection, msg_id: int) -> int:
     """Delete a message's rows: 0 if there was none, _GONE_WITH_FILE if its body is a file."""
     gone = conn.execute("DELETE FROM messages WHERE id = ?", (msg_id,)).rowcount
+    if not gone:
+        return 0  # nothing written
     blob = conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,)).rowcount
     conn.execute("DELETE FROM recipients WHERE msg = ?", (msg_id,))
-    if not gone:
-        return 0
     return _GONE if blob else _GONE_WITH_FILE
 
 
@@ -897,6 +928,19 @@ class SqliteSpool(SqliteQueueControl, Spool):
                 _insert_stores(conn, stores)
                 results += [(op.future, format_queue_id(op.msg_id), None) for op in stores]
             for op in others:
+                checked = getattr(op, "apply_checked", None)
+                if checked is not None:
+                    # raises before any write, or a database error that fails the batch
+                    try:
+                        value = checked(conn)
+                    except Exception as exc:
+                        if isinstance(exc, sqlite3.Error):
+                            raise
+                        results.append((op.future, None, self._op_error(op, exc)))
+                        continue
+                    if value is not SAVEPOINT_NEEDED:
+                        results.append((op.future, value, None))
+                        continue
                 conn.execute("SAVEPOINT op")
                 try:
                     value = op.apply(conn)
