@@ -2,7 +2,8 @@
 (for development, not for RESULTS.md).
 
     .venv/bin/python bench/profile_relay.py [--size 2048] [--messages 6000] [--workers 1]
-        [--cprofile out.prof] [--py-spy out.txt] [--strace out.txt] [--perf-stat EVENTS]
+        [--cprofile out.prof] [--py-spy out.txt [--gil]] [--strace out.txt]
+        [--perf-stat EVENTS] [--compare REV [--rounds 3]]
 
 Starts `ferrymail run` with the relay configuration of `bench/relay.py` (fsynced spool, one
 transport to one smtp-sink), sends a warm-up, then the timed load with `smtp-source -s 20 -d`,
@@ -18,16 +19,24 @@ and of smtp-source. Judge a change by these CPU figures, not by the rate, on a s
   message are printed; strace slows the process, so the CPU figures of that run are not
   comparable).
 - `--perf-stat EVENTS`: `perf stat` counts (e.g. `instructions,context-switches`) per message.
+- `--compare REV`: A/B against the source tree of git revision REV (`git archive` into a
+  temporary directory, run with `PYTHONPATH` pointing at it, so the same venv, peers and
+  config), `--rounds` times each, alternating REV and the worktree, and print both series
+  and their medians of ferrymail CPU per message: on a machine shared with other work, the
+  way to tell a change of a few per cent from the noise between runs minutes apart.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import pstats
 import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,11 +55,52 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--cprofile", type=Path, help="cProfile stats of the main thread here")
     ap.add_argument("--py-spy", dest="pyspy", type=Path, help="collapsed stacks here")
+    ap.add_argument("--gil", action="store_true", help="py-spy --gil: only samples holding it")
     ap.add_argument("--strace", type=Path, help="strace -c -f summary here")
     ap.add_argument("--perf-stat", default="", help="perf events to count (comma list)")
+    ap.add_argument("--compare", metavar="REV", help="A/B against this git revision's src/")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each side with --compare")
     args = ap.parse_args()
     if args.cprofile and args.workers != 1:
         raise SystemExit("--cprofile needs --workers 1 (the workers are forked children)")
+    if args.compare:
+        return compare(args)
+    run_once(args)
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="ferrymail-compare-") as tmp:
+        archive = subprocess.run(["git", "-C", str(root), "archive", args.compare, "src"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        series: dict[str, list[float]] = {args.compare: [], "worktree": []}
+        for _ in range(args.rounds):
+            for side, path in ((args.compare, f"{tmp}/src"), ("worktree", None)):
+                saved = os.environ.pop("PYTHONPATH", None)
+                if path is not None:
+                    os.environ["PYTHONPATH"] = path  # ferrymail imports this tree first
+                try:
+                    with contextlib.redirect_stdout(sys.stderr):
+                        cpu = run_once(args)
+                finally:
+                    os.environ.pop("PYTHONPATH", None)
+                    if saved is not None:
+                        os.environ["PYTHONPATH"] = saved
+                series[side].append(cpu)
+                print(f"{side:>12}: {cpu:.3f} CPU-ms/msg", flush=True)
+    base, new = (statistics.median(v) for v in series.values())
+    print(f"{args.size} B, {args.messages} msgs, {args.workers} worker(s), {args.rounds} "
+          f"rounds: {args.compare} " + ", ".join(f"{x:.3f}" for x in series[args.compare])
+          + f" (median {base:.3f}); worktree "
+          + ", ".join(f"{x:.3f}" for x in series["worktree"])
+          + f" (median {new:.3f}); {100 * (new - base) / base:+.1f} %")
+    return 0
+
+
+def run_once(args: argparse.Namespace) -> float:
+    """One profiled cycle (see the module docstring); ferrymail CPU-ms per message."""
     plan = relay.Plan(sizes=[args.size], messages=args.messages, repeat=1, warmup=200,
                       sessions=args.sessions, concurrency=20, reuse=100, workers=args.workers)
     variant = relay.Variant("ferrymail-1", "ferrymail", "127.0.0.2", args.workers)
@@ -80,7 +130,7 @@ def main() -> int:
             exe = shutil.which("py-spy") or str(peers.VENV_BIN / "py-spy")
             tracer = subprocess.Popen([exe, "record", "-p", str(pids[-1]), "-f", "raw", "-o",
                                        str(args.pyspy), "-r", "250", "--threads",
-                                       "--nonblocking"],
+                                       "--nonblocking", *(["--gil"] if args.gil else [])],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             time.sleep(1.0)
         elif args.strace:
@@ -135,7 +185,7 @@ def main() -> int:
         stats = pstats.Stats(str(args.cprofile))
         stats.sort_stats("tottime").print_stats(35)
         stats.sort_stats("cumulative").print_stats(40)
-    return 0
+    return 1000 * (tu + ts) / n
 
 
 if __name__ == "__main__":
