@@ -135,7 +135,7 @@ def run_once(args: argparse.Namespace) -> float:
             time.sleep(1.0)
         elif args.strace:
             tracer = subprocess.Popen(["strace", "-c", "-f", "-o", str(args.strace),
-                                       "-p", str(root)],
+                                       *(f"-p{pid}" for pid in pids)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         elif args.perf_stat:
