@@ -91,3 +91,15 @@ def test_a_deferred_message_keeps_its_body_readable(tmp_path):
         await spool.update(qid, [later])
         assert await spool.read(qid) == b"later"
     run(tmp_path, body)
+
+
+def test_states_given_as_plain_text_finish_a_message_as_the_enum_does(tmp_path):
+    async def body(spool: SqliteSpool) -> None:
+        qid = await spool.store(envelope("a@x", "b@x"), b"text states")
+        assert await spool.read(qid) == b"text states"
+        await spool.update(qid, [RecipientUpdate("a@x", "delivered", 1, 0.0, "250", None),  # type: ignore[arg-type]
+                                 RecipientUpdate("b@x", "failed", 1, 0.0, "550", None)])  # type: ignore[arg-type]
+        assert await spool.get(qid) is None
+        with pytest.raises(MessageNotFound):
+            await spool.read(qid)
+    run(tmp_path, body)
