@@ -132,3 +132,14 @@ def test_a_process_exiting_writes_its_last_lines():
                          timeout=60)
     assert run.returncode == 3
     assert [log.parse_logfmt(x)["event"] for x in run.stderr.splitlines()] == ["one", "two"]
+
+
+def test_a_reply_leaving_writes_the_lines_logged_before_it():
+    async def body(out: CountingStream) -> None:
+        log.log_event("smtp.transaction")
+        log.flush_before_reply()  # what the servers call before writing a reply
+        assert events(out) == ["smtp.transaction"]
+        log.flush_before_reply()  # nothing pending: no write
+        assert out.writes == 1
+
+    batched(body)

@@ -14,8 +14,11 @@ Batching (`batch_per_iteration`, which ``ferrymail run`` turns on): a line logge
 running an event loop is appended to a buffer, and the buffer is written in one ``write``
 (and flushed) when the loop next gets to its ready callbacks, i.e. once per loop iteration
 instead of once per line; lines of other threads, of no loop, and to syslog are written at
-once. A crash loses at most the buffer of that moment (one iteration's lines, at most
-`BATCH_MAX_LINES`); `flush` runs at exit, before a reconfiguration and on a reopen.
+once. The SMTP and admin servers write the buffer before each reply they send
+(`flush_before_reply`), so a line logged before a reply is never behind it; in a relay that is
+about one write per message instead of one per line. A crash loses at most the buffer of that
+moment (at most `BATCH_MAX_LINES`); `flush` runs at exit, before a reconfiguration and on a
+reopen.
 """
 
 from __future__ import annotations
@@ -117,6 +120,14 @@ def flush() -> None:
         return
     lines, _pending = _pending, []
     _write_now("".join(lines))
+
+
+def flush_before_reply() -> None:
+    """Write the batched lines now, if there are any: the servers call it before a reply
+    leaves, so that whoever sees a reply (an SMTP client, a test, an operator's CLI) finds
+    every line logged before it, as without batching. Only on the event loop's thread."""
+    if _pending:
+        flush()
 
 
 def set_context(**fields: object) -> None:
