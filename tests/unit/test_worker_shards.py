@@ -50,12 +50,10 @@ def test_shard_layout(tmp_path: Path) -> None:
 
 
 def test_worker_count_choice() -> None:
-    assert choose_workers(3, 2, 8, True) == (3, "--workers")
-    assert choose_workers(None, 2, 8, True) == (2, "environment.workers")
-    count, why = choose_workers(None, None, 8, False)
-    assert count == 1 and "--workers 8" in why
-    count, why = choose_workers(None, None, 8, True)
-    assert count == 1 and "in-process" in why
+    assert choose_workers(3, 2, 8) == (3, "--workers")
+    assert choose_workers(None, 2, 8) == (2, "environment.workers")
+    count, why = choose_workers(None, None, 8)
+    assert count == 8 and "CPUs" in why and "(8)" in why
 
 
 def test_log_context_ends_every_line() -> None:

@@ -1,0 +1,254 @@
+"""Limits exact across the workers of one ``ferrymail run`` without Redis: the supervisor's
+limiter service, real worker processes, a sink that records every connection.
+
+- concurrency 3 per ``localip`` with 2 workers: never more than 3 per source IP at the sink
+  while 1,500 messages flow; SIGKILL of a worker: its slots come back at once (the survivor
+  alone reaches 3 before the dead worker is restarted); SIGKILL of the limiter service:
+  each worker at most ⌈3/2⌉ = 2 per IP (measured per worker process from its own sockets),
+  logged, and host-wide again once the supervisor restarted it; nothing is lost.
+- a rate policy is host-wide (the sink sees ≈ the limit, not twice it), and ``queues.concurrency``
+  (per destination) holds for the host.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+import signal
+import smtplib
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.conftest import (
+    FerrymailProc,
+    listener,
+    server,
+    start_ferrymail,
+    startup_yaml,
+)
+from tests.realpeers import free_port
+from tests.recordingsink import Recording, recording_sink
+
+IPS = ("127.0.0.2", "127.0.0.3")
+WORKERS = 2
+
+
+def running(sink: int, policies: list[dict], *, concurrency: int, reuse: int) -> str:
+    return yaml.safe_dump({
+        "servers": [{"id": "in", "transport": "t", "domains": ["dest.test"],
+                     "relay_networks": ["127.0.0.0/8"]}],
+        "addresses": [{"id": f"s{i}", "address": ip} for i, ip in enumerate(IPS)],
+        "transportgroups": [{
+            "id": "g",
+            "connection": {"server": "127.0.0.1", "port": sink,
+                           "reuse": {"messages": reuse, "idle": "1s"},
+                           "sourceip": {"ipv4": ["s0", "s1"]}},
+            "retry": {"count": 5, "intervals": [{"interval": "1s"}]},
+            "transports": [{"id": "t"}],
+        }],
+        "queues": {"concurrency": concurrency},
+        "policies": policies,
+    }, sort_keys=False)
+
+
+def start(tmp_path: Path, run_yaml: str) -> tuple[FerrymailProc, int]:
+    port = free_port()
+    proc = start_ferrymail(tmp_path, startup_yaml(tmp_path, [server("in", [listener(port)])],
+                                                  fsync=False),
+                           run_yaml, wait=[("127.0.0.1", port)], workers=WORKERS, timeout=30)
+    proc.wait_log("event=supervisor.started", 30)
+    proc.wait_log(r"event=limiter\.state state=shared ", 10, count=WORKERS)
+    return proc, port
+
+
+def inject(port: int, total: int, tag: str, sessions: int = 8) -> list[str]:
+    """``total`` messages over ``sessions`` parallel SMTP sessions (the kernel spreads them
+    over the workers); every recipient used."""
+    rcpts: list[str] = []
+    errors: list[BaseException] = []
+
+    def send(k: int) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+                for i in range(k, total, sessions):
+                    rcpt = f"{tag}-{i}@dest.test"
+                    c.sendmail("sender@origin.test", [rcpt], b"Subject: host\r\n\r\nhi\r\n")
+                    rcpts.append(rcpt)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    return rcpts
+
+
+def wait_for(rec: Recording, rcpts: list[str], timeout: float) -> None:
+    want = set(rcpts)
+    deadline = time.monotonic() + timeout
+    while not want <= {m.rcpt for m in rec.messages()}:
+        if time.monotonic() > deadline:
+            got = {m.rcpt for m in rec.messages()}
+            raise AssertionError(f"{len(want - got)} of {len(want)} messages never arrived")
+        time.sleep(0.1)
+
+
+def pids(proc: FerrymailProc, event: str) -> dict[str, int]:
+    """The latest pid per worker index (``worker.started``) or of the limiter service."""
+    out: dict[str, int] = {}
+    for line in proc.logs():
+        if event == "worker" and (m := re.search(r"event=worker\.started worker=(\d+) pid=(\d+)",
+                                                 line)):
+            out[m.group(1)] = int(m.group(2))
+        elif event == "limiter" and (m := re.search(r"event=limiter\.spawned pid=(\d+)", line)):
+            out["limiter"] = int(m.group(1))
+    return out
+
+
+def hexip(ip: str) -> str:
+    return "".join(f"{int(b):02X}" for b in reversed(ip.split(".")))
+
+
+def open_to(pid: int, port: int) -> dict[str, int]:
+    """Established TCP connections process ``pid`` has to 127.0.0.1:``port``, per local IP
+    (from its descriptors and /proc/net/tcp)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with_link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if with_link.startswith("socket:["):
+                inodes.add(with_link[8:-1])
+    except OSError:
+        return {}
+    out = dict.fromkeys(IPS, 0)
+    want = {hexip(ip): ip for ip in IPS}
+    remote = f"{hexip('127.0.0.1')}:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            local, rem, state, inode = parts[1], parts[2], parts[3], parts[9]
+            ip = want.get(local.split(":")[0])
+            if ip and rem == remote and state == "01" and inode in inodes:
+                out[ip] += 1
+    return out
+
+
+class Sampler:
+    """Per worker process, the most connections it held to the sink per source IP."""
+
+    def __init__(self, worker_pids: list[int], port: int) -> None:
+        self.peak = {pid: dict.fromkeys(IPS, 0) for pid in worker_pids}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(port,), daemon=True)
+        self._thread.start()
+
+    def _run(self, port: int) -> None:
+        while not self._stop.is_set():
+            for pid, peak in self.peak.items():
+                for ip, n in open_to(pid, port).items():
+                    peak[ip] = max(peak[ip], n)
+            self.samples += 1
+            time.sleep(0.005)
+
+    def stop(self) -> dict[int, dict[str, int]]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.peak
+
+
+@pytest.mark.slow
+def test_concurrency_across_workers_worker_kill_and_service_kill(tmp_path: Path) -> None:
+    policies = [{"fields": ["localip"], "default": {"concurrency": 3}}]
+    with recording_sink() as (sink, rec):
+        rec.delay = 0.01  # 10 ms per message: 3 connections per IP carry ~300 msg/s
+        proc, port = start(tmp_path, running(sink, policies, concurrency=20, reuse=5))
+        try:
+            rcpts = inject(port, 1500, "a")
+            worker_lines = [ln for ln in proc.logs() if "event=delivery.delivered" in ln
+                            or "event=smtp.transaction" in ln]
+            assert any(ln.endswith("worker=0") for ln in worker_lines)
+            assert any(ln.endswith("worker=1") for ln in worker_lines)
+            # -- SIGKILL worker 1 under load: the service frees its slots at once; worker
+            # 0 alone reaches 3 per IP before worker 1 is restarted (0.5 s back-off)
+            rec.delay = 0.03
+            time.sleep(0.5)
+            t_kill = time.monotonic()
+            os.kill(pids(proc, "worker")["1"], signal.SIGKILL)
+            proc.wait_log(r"event=limiter\.leases_freed worker=1 ", 5)
+            proc.wait_log(r"event=worker\.started worker=1 ", 10, count=2)
+            t_restart = time.monotonic()
+            # -- SIGKILL the limiter service: fallback ⌈3/2⌉ = 2 per worker and IP
+            time.sleep(1.0)
+            workers = list(pids(proc, "worker").values())
+            sampler = None
+            os.kill(pids(proc, "limiter")["limiter"], signal.SIGKILL)
+            t_service = time.monotonic()
+            proc.wait_log(r"event=limiter\.state state=fallback .*limits=split", 5,
+                          count=WORKERS)
+            time.sleep(0.15)  # connections opened before the outage finish their 5 messages
+            sampler = Sampler(workers, sink)
+            proc.wait_log(r"event=limiter\.exited .*status=\"signal SIGKILL\"", 5)
+            proc.wait_log(r"event=limiter\.state state=shared previous=fallback", 10,
+                          count=WORKERS)
+            peaks = sampler.stop()
+            t_shared = time.monotonic()
+            more = inject(port, 300, "b")
+            wait_for(rec, rcpts + more, 90)
+        finally:
+            proc.stop(30)
+    # never more than 3 per source IP on the host (outside the service's outage)
+    for ip in IPS:
+        assert rec.max_concurrent(ip, None, 0, t_service) <= 3, ip
+        assert rec.max_concurrent(ip, None, t_shared + 0.5) <= 3, ip
+    # the survivor alone filled the dead worker's slots before its restart
+    survivor = [rec.max_concurrent(ip, None, t_kill + 0.25, min(t_kill + 0.5, t_restart))
+                for ip in IPS]
+    assert survivor == [3, 3], (survivor, t_restart - t_kill)
+    # the outage: each worker on its own share, measured from its sockets
+    assert sampler is not None and sampler.samples >= 5
+    for pid, peak in peaks.items():
+        for ip in IPS:
+            assert peak[ip] <= math.ceil(3 / WORKERS), (pid, ip, peak)
+    assert proc.log_text().count("event=limiter.state state=fallback") == WORKERS
+
+
+@pytest.mark.slow
+def test_rate_and_destination_cap_are_host_wide(tmp_path: Path) -> None:
+    """rate 25/1 per localip, and queues.concurrency 3 for the one destination: with two
+    workers the sink sees ≈ 25/s per IP (not 50) and never more than 3 connections."""
+    policies = [{"fields": ["localip"], "default": {"rate": "25/1"}}]
+    window = 4.0
+    with recording_sink() as (sink, rec):
+        proc, port = start(tmp_path, running(sink, policies, concurrency=3, reuse=20))
+        try:
+            inject(port, 400, "r")  # > 2 IPs x 25/s x (1 + 4 + 1) s
+            time.sleep(1.0)
+            start_t = time.monotonic()
+            time.sleep(window)
+        finally:
+            proc.stop(30)
+    msgs = rec.messages()
+    for ip in IPS:
+        n = sum(1 for m in msgs if m.ip == ip and start_t <= m.at < start_t + window)
+        # a worker's share alone would be 25/s: host-wide means the two add up to 25
+        assert 25 * window * 0.8 <= n <= 25 * window * 1.05 + 1, (ip, n)
+        every = sorted(m.at for m in msgs if m.ip == ip)
+        for i, t in enumerate(every):  # any second holds at most 25 + 1 (60 ms slack)
+            j = i
+            while j < len(every) and every[j] <= t + 1.0:
+                j += 1
+            assert j - i <= 25 * 1.06 + 1, (ip, j - i)
+    spans = sorted([(c.opened, 1) for c in rec.connections()]
+                   + [(c.closed or float("inf"), -1) for c in rec.connections()])
+    peak = max(itertools.accumulate(d for _, d in spans))
+    assert peak <= 3, peak
