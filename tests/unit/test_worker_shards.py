@@ -98,3 +98,29 @@ def test_each_worker_is_a_cluster_member_of_its_own(tmp_path: Path) -> None:
     worker = make_limiter(startup, slot)
     assert single.cluster.instance == "mx1"  # type: ignore[attr-defined]
     assert worker.cluster.instance == "mx1/w1"  # type: ignore[attr-defined]
+
+
+def test_inbound_limits_are_shared_out_with_ceil(tmp_path: Path) -> None:
+    """N workers: each takes ⌈limit / N⌉ of limits.connections and connections_per_client
+    (0, unlimited, stays 0), so the host never accepts N times the configured number."""
+    from ferrymail.config import load_startup
+    from ferrymail.supervisor import share_inbound_limits
+
+    f = tmp_path / "startup.yaml"
+    f.write_text(f"""
+environment: {{pidfile: {tmp_path}/p.pid}}
+spool: {{path: {tmp_path}/spool}}
+servers:
+  - id: a
+    listeners: [{{port: 2525}}]
+    limits: {{connections: 1001, connections_per_client: 0}}
+  - id: b
+    listeners: [{{port: 2526}}]
+""")
+    startup = load_startup(str(f))
+    assert share_inbound_limits(startup, 1) is startup
+    three = share_inbound_limits(startup, 3)
+    a, b = three.servers
+    assert (a.limits.connections, a.limits.connections_per_client) == (334, 0)
+    assert (b.limits.connections, b.limits.connections_per_client) == (334, 17)  # 1000, 50
+    assert startup.servers[0].limits.connections == 1001  # the original is untouched
