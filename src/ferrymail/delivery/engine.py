@@ -239,6 +239,8 @@ class DeliveryEngine:
         # Shaping (orchestrator): in-process unless the App passes a cluster-wide one.
         self.limiter: Limiter = limiter if limiter is not None else LocalLimiter()
         self._leases: dict[int, Lease] = {}  # id(client) -> the slots its connection holds
+        if getattr(self.limiter, "host_wide", False):
+            self.scheduler.share = int(getattr(self.limiter, "workers", 1))
         self.health_store: HealthStore = health_store or LocalHealthStore()
         self.rotation = SourceRotation(HealthBook(running().proxyhealth,
                                                   on_transition=self._health_changed))

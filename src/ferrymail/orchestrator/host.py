@@ -16,8 +16,10 @@ on reconnect it first re-registers (``adopt``) every lease it still holds, so th
 service counts them and nothing is double-counted, then logs ``limiter.state state=shared``.
 
 **Waiting** for a concurrency slot: the service pushes ``released`` for a key this worker was
-refused on when a lease of it is freed; a push wakes the waiters here. A release that comes
-between a refusal and the wait is not missed (a sequence number of pushes is compared).
+refused on when a lease of it is freed; a push wakes one waiter of that key here (the
+oldest), and asks for the next push (``subscribe``) while more wait, so a freed slot does not
+wake every waiting job of the worker to be refused again. A release that comes between a
+refusal and the wait is not missed (a sequence number of pushes is compared).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,7 @@ class HostLimiter:
         self._next_id = 0
         self._seq = 0  # "released" pushes received
         self._denied_seq: dict[str, int] = {}
+        self._key_waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._connected: asyncio.Event | None = None
 
@@ -121,7 +125,7 @@ class HostLimiter:
                 await self._task
             self._task = None
         self._close()
-        self.fallback.wake()
+        self._wake_all()
 
     async def _run(self) -> None:
         backoff = BACKOFF_START
@@ -148,7 +152,7 @@ class HostLimiter:
                 self._set("shared")
                 assert self._connected is not None
                 self._connected.set()
-                self.fallback.wake()
+                self._wake_all()
                 await self._read(reader)
                 self._down("the limiter service closed the connection")
             except (OSError, ProtocolError) as e:
@@ -164,11 +168,31 @@ class HostLimiter:
             for msg in decoder.feed(data):
                 if msg.get("op") == "released":
                     self._seq += 1
-                    self.fallback.wake()
+                    self._wake_one(str(msg.get("key")))
                     continue
                 fut = self._pending.pop(msg.get("id"), None)  # type: ignore[arg-type]
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
+
+    def _wake_one(self, key: str) -> None:
+        waiters = self._key_waiters.get(key)
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                break
+        if waiters:
+            self._send({"op": "subscribe", "key": key})
+        elif waiters is not None:
+            del self._key_waiters[key]
+
+    def _wake_all(self) -> None:
+        waiters, self._key_waiters = self._key_waiters, {}
+        for queue in waiters.values():
+            for fut in queue:
+                if not fut.done():
+                    fut.set_result(None)
+        self.fallback.wake()
 
     def _close(self) -> None:
         if self._writer is not None:
@@ -188,7 +212,7 @@ class HostLimiter:
         for lease in self._held.values():  # connections open now keep their slots here
             self.fallback.adopt(lease)
         self._set("fallback")
-        self.fallback.wake()
+        self._wake_all()
 
     async def _request(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         """The service's reply, or None when it is down (the fallback answers then)."""
@@ -284,15 +308,35 @@ class HostLimiter:
             self._send({"op": "release", "lease": lease.id})
 
     async def wait(self, denied: Denied, timeout: float) -> None:
-        if denied.kind == "concurrency" and denied.key:
+        if denied.kind == "concurrency" and denied.key and self.shared:
             if self._denied_seq.get(denied.key, self._seq) != self._seq:
                 self._denied_seq.pop(denied.key, None)
                 await asyncio.sleep(0)  # a release came since the refusal: try again now
                 return
-            timeout = min(timeout, WAIT_CAP)
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            queue = self._key_waiters.setdefault(denied.key, deque())
+            queue.append(fut)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(timeout, WAIT_CAP)):
+                        await fut
+            finally:
+                if not fut.done():
+                    fut.cancel()
+            return
         await self.fallback.wait(denied, timeout)
 
     def wake(self) -> None:
+        """A session holding a slot went idle in the pool: the oldest waiter of each key
+        looks again (one can take it; waking all would send each to the service)."""
+        for key, waiters in list(self._key_waiters.items()):
+            while waiters:
+                fut = waiters.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                    break
+            if not waiters:
+                self._key_waiters.pop(key, None)
         self.fallback.wake()
 
     async def suspend(self, fields: dict[str, str], duration: float, reason: str) -> None:

@@ -49,7 +49,8 @@ MAX_SUBSCRIBED_KEYS = 100_000  # keys with a waiting connection; past it, all ar
 
 
 def socket_path(spool_dir: str | Path) -> Path:
-    return Path(spool_dir) / SOCKET_NAME
+    """``spool_dir/limiter.sock``, absolute (a relative spool path is the start directory's)."""
+    return Path(spool_dir).absolute() / SOCKET_NAME
 
 
 class _Conn:
@@ -70,6 +71,8 @@ class LimiterService:
         self.limiter = limiter
         self.conns: set[_Conn] = set()
         self.waiting: dict[str, set[_Conn]] = {}  # key -> connections refused on it
+        self.requests = 0  # answered (connect, message)
+        self.refused = 0
 
     def handle(self, conn: _Conn, req: dict[str, Any]) -> dict[str, Any] | None:
         """One request; the reply (None: no reply). ProtocolError on a malformed request."""
@@ -86,8 +89,15 @@ class LimiterService:
                     self.limiter.adopt(lease)
                     conn.leases[lease.id] = lease
             return None
+        if op == "subscribe":  # more waiters of this worker than one push woke
+            key = req.get("key")
+            if not isinstance(key, str):
+                raise ProtocolError("subscribe needs a key")
+            self._subscribe(key, conn)
+            return None
         if not isinstance(rid, int) or isinstance(rid, bool):
             raise ProtocolError(f"request {op!r} needs an integer id")
+        self.requests += 1
         if op == "connect":
             lid = lease_id(req.get("lease"))
             if lid in conn.leases or not self._room(conn):
@@ -95,6 +105,7 @@ class LimiterService:
             got = self.limiter.connect_now(attempt_from_wire(req.get("a")),
                                            limits_from_wire(req.get("l")), lid)
             if isinstance(got, Denied):
+                self.refused += 1
                 if got.kind == "concurrency" and got.key:
                     self._subscribe(got.key, conn)
                 return {"id": rid, "denied": denied_to_wire(got)}
@@ -110,6 +121,7 @@ class LimiterService:
             res = self.limiter.message_now(attempt_from_wire(req.get("a")),
                                            limits_from_wire(req.get("l")), lease, float(ahead))
             if isinstance(res, Denied):
+                self.refused += 1
                 return {"id": rid, "denied": denied_to_wire(res)}
             return {"id": rid, "hold": res or 0.0}
         raise ProtocolError(f"unknown op {op!r}")
@@ -218,4 +230,5 @@ async def serve(spool_dir: str | Path, ready: Callable[[], None] | None = None) 
             conn.writer.close()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        log_event("limiter.stopped", pid=os.getpid())
+        log_event("limiter.stopped", pid=os.getpid(), requests=service.requests,
+                  refused=service.refused)

@@ -13,6 +13,7 @@ matches them)::
     {"id": 9, "op": "suspend", "fields": {...}, "duration": 300, "reason": "..."}
     {"op": "release", "lease": "ab12.."}                       (no reply)
     {"op": "adopt", "leases": [["ab12..", {"key": limit}], ...]} (no reply)
+    {"op": "subscribe", "key": "..."}     (no reply: push "released" for this key once more)
 
 Replies and pushes (service -> worker)::
 
