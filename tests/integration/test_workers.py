@@ -246,6 +246,13 @@ def test_workers_drop_privileges_each_and_own_their_shards(ferrymail_proc):
         for shard in (world / "spool", world / "spool" / "shard-1"):
             st = shard.stat()
             assert (st.st_uid, st.st_mode & 0o777) == (65534, 0o700)
+        # the limiter service runs as the user too, its socket the user's only
+        service = int(proc.wait_log(r"event=limiter\.spawned pid=(\d+)")[0].rsplit("=", 1)[1])
+        uid = Path(f"/proc/{service}/status").read_text()
+        assert re.search(r"^Uid:\s+65534\s+65534\s+65534\s+65534$", uid, re.M), uid
+        sock = (world / "spool" / "limiter.sock").stat()
+        assert (sock.st_uid, sock.st_mode & 0o777) == (65534, 0o600)
+        proc.wait_log(r"event=limiter\.state state=shared ", count=2)
         assert proc.stop() == 0
     finally:
         shutil.rmtree(world, ignore_errors=True)

@@ -256,3 +256,31 @@ async def host_limiter_scenario(tmp_path: Path) -> None:
         await w0.stop()
         await w1.stop()
         await stop_service(svc)
+
+
+def test_a_release_wakes_one_waiter_of_its_key_then_the_next(tmp_path: Path) -> None:
+    asyncio.run(wake_one_scenario(tmp_path))
+
+
+async def wake_one_scenario(tmp_path: Path) -> None:
+    svc, _ = await start_service(tmp_path)
+    w0 = HostLimiter(socket_path(tmp_path), tmp_path, workers=2, worker=0)
+    w1 = HostLimiter(socket_path(tmp_path), tmp_path, workers=2, worker=1)
+    await w0.start()
+    await w1.start()
+    try:
+        held = [await w0.connect(A, (CONC,)) for _ in range(2)]
+        assert all(isinstance(x, Lease) for x in held)
+        refusals = [await w1.connect(A, (CONC,)) for _ in range(2)]
+        assert all(isinstance(r, Denied) for r in refusals)
+        waiters = [asyncio.create_task(w1.wait(r, 5.0)) for r in refusals]  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        w0.release(held[0])  # type: ignore[arg-type]
+        done, pending = await asyncio.wait(waiters, timeout=1.0)
+        assert len(done) == 1 and len(pending) == 1  # one slot freed: one job looks again
+        w0.release(held[1])  # type: ignore[arg-type]
+        await asyncio.wait_for(pending.pop(), 1.0)  # subscribed again: the next push came
+    finally:
+        await w0.stop()
+        await w1.stop()
+        await stop_service(svc)

@@ -157,6 +157,9 @@ class HostLimiter:
                 self._down("the limiter service closed the connection")
             except (OSError, ProtocolError) as e:
                 self._down(f"{type(e).__name__}: {e}")
+            except Exception as e:  # a bug here must not leave the worker without limits
+                log_event("limiter.client_error", "error", error=f"{type(e).__name__}: {e}")
+                self._down(f"{type(e).__name__}: {e}")
             await asyncio.sleep(BACKOFF_START)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
@@ -170,7 +173,10 @@ class HostLimiter:
                     self._seq += 1
                     self._wake_one(str(msg.get("key")))
                     continue
-                fut = self._pending.pop(msg.get("id"), None)  # type: ignore[arg-type]
+                rid = msg.get("id")
+                if not isinstance(rid, int):
+                    raise ProtocolError("a reply without an integer id")
+                fut = self._pending.pop(rid, None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
 
@@ -323,6 +329,11 @@ class HostLimiter:
             finally:
                 if not fut.done():
                     fut.cancel()
+            return
+        if denied.retry_after is not None and self.shared:
+            # a rate or interval: its time is known, and another job's release does not
+            # bring it nearer (waking on one would only send this job to ask again)
+            await asyncio.sleep(max(0.0, min(denied.retry_after, timeout)))
             return
         await self.fallback.wait(denied, timeout)
 
