@@ -10,6 +10,13 @@ are reported.
     .venv/bin/python bench/metrics_cost.py                      # 7 rounds of 4,000 x 2 KB
     .venv/bin/python bench/metrics_cost.py --quick              # smoke run, seconds
     .venv/bin/python bench/metrics_cost.py --write-results      # rewrite its RESULTS.md section
+
+Scrape cost with workers (``--workers N``): one daemon with ``--workers 1`` and one with
+``--workers N``, side by side, each after relaying the same mail; then S scrapes of
+``/metrics`` one after the other: scrape latency (median, p95) and the CPU all ferrymail
+processes spent per scrape (supervisor and workers, from /proc), and the ratios N / 1.
+
+    .venv/bin/python bench/metrics_cost.py --workers 2 --scrapes 200 [--write-results]
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import peers
 
 HOST = "127.0.0.1"
 SECTION = "## Metrics cost"
+SCRAPE_SECTION = "## Metrics scrape cost with workers"
 
 
 def startup_yaml(d: Path, port: int, metrics: str | bool) -> str:
@@ -61,14 +69,16 @@ transportgroups:
 
 
 @contextlib.contextmanager
-def daemon(d: Path, sink_port: int, metrics: bool) -> Iterator[tuple[int, int | None, int]]:
+def daemon(d: Path, sink_port: int, metrics: bool, workers: int = 1
+           ) -> Iterator[tuple[int, int | None, int]]:
     d.mkdir()
     port = peers.free_port(HOST)
     mport = peers.free_port(HOST) if metrics else None
     (d / "startup.yaml").write_text(startup_yaml(d, port, f"{HOST}:{mport}" if mport else False))
     (d / "running.yaml").write_text(running_yaml(sink_port))
-    proc = peers.spawn([str(peers.VENV_BIN / "ferrymail"), "run", "--startup",
-                        str(d / "startup.yaml"), "--running", str(d / "running.yaml")],
+    proc = peers.spawn([str(peers.VENV_BIN / "ferrymail"), "run", "--workers", str(workers),
+                        "--startup", str(d / "startup.yaml"), "--running",
+                        str(d / "running.yaml")],
                        d / "ferrymail.log")
     try:
         peers.wait_listening(HOST, port, alive=lambda: proc.poll() is None, what="ferrymail")
@@ -119,6 +129,89 @@ def one_run(base: Path, name: str, metrics: bool, n: int, size: int
         if t is not None:
             t.join(10)
         return wall, cpu, len(scrapes)
+
+
+def parse_ms(text: bytes, n: int = 50) -> float:
+    """CPU milliseconds (median) prometheus-client's text parser takes for ``text``, through
+    ``observe.aggregate.parse``, in this process."""
+    sys.path.insert(0, str(peers.REPO / "src"))
+    from ferrymail.observe import aggregate
+
+    decoded = text.decode()
+    times = []
+    for _ in range(n):
+        t0 = time.process_time()
+        aggregate.parse(decoded)
+        times.append(time.process_time() - t0)
+    return statistics.median(times) * 1000
+
+
+def scrape_cost(base: Path, workers: int, scrapes: int, messages: int
+                ) -> tuple[float, float, float, int, bytes]:
+    """(median ms, p95 ms, daemon CPU ms per scrape, bytes, last body) of ``scrapes``
+    scrapes of a daemon with ``workers`` workers that relayed ``messages`` messages first."""
+    with peers.dumping_sink(base) as sink, daemon(base / f"scrape-w{workers}", sink.port,
+                                                  True, workers) as (port, mport, pid):
+        assert mport is not None
+        peers.run_smtp_source(HOST, port, messages, 2048, sessions=4, timeout=120)
+        deadline = time.monotonic() + 120
+        while peers.sink_counter(sink) < messages:
+            if time.monotonic() > deadline:
+                raise peers.BenchError(f"workers {workers}: the sink got "
+                                       f"{peers.sink_counter(sink)} of {messages}")
+            time.sleep(0.02)
+        time.sleep(1.0)  # let the delivery side settle: its CPU is not the scrape's
+        times, size = [], 0
+        cpu0 = peers.cpu_seconds([pid])
+        for _ in range(scrapes):
+            t0 = time.perf_counter()
+            conn = http.client.HTTPConnection(HOST, mport, timeout=10)
+            conn.request("GET", "/metrics")
+            resp = conn.getresponse()
+            body = resp.read()
+            conn.close()
+            times.append(time.perf_counter() - t0)
+            if resp.status != 200:
+                raise peers.BenchError(f"workers {workers}: scrape answered {resp.status}")
+            size = len(body)
+        cpu = peers.cpu_seconds([pid]) - cpu0
+    times.sort()
+    return (statistics.median(times) * 1000, times[int(len(times) * 0.95) - 1] * 1000,
+            cpu / scrapes * 1000, size, body)
+
+
+def scrape_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    rows = {}
+    with peers.workdir("fm-metrics-scrape-") as base:
+        for n in (1, args.workers):
+            rows[n] = scrape_cost(base, n, args.scrapes, args.messages)
+            print(f"workers {n}: median {rows[n][0]:.2f} ms, p95 {rows[n][1]:.2f} ms, "
+                  f"CPU {rows[n][2]:.2f} ms per scrape", file=sys.stderr)
+    one, many = rows[1], rows[args.workers]
+    load = os.getloadavg()
+    table = (
+        f"| workers | scrape ms (median of {args.scrapes}) | p95 ms | ferrymail CPU ms per "
+        "scrape (all processes) | bytes |\n|---|---:|---:|---:|---:|\n"
+        + "".join(f"| {n} | {r[0]:.2f} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:,} |\n"
+                  for n, r in rows.items())
+        + f"\nRatio {args.workers} / 1: latency **{many[0] / one[0]:.2f}**, CPU per scrape "
+        f"**{many[2] / one[2] if one[2] else float('nan'):.2f}**. Load average after the run: "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs). At Prometheus's "
+        f"usual 15 s interval the {args.workers}-worker scrape costs "
+        f"{many[2] / 150:.3f} % of one core. prometheus-client's text parser, which worker 0 "
+        f"runs once per worker (its own samples included), takes {parse_ms(many[4]):.2f} ms "
+        f"of CPU for one answer of this size (measured in process)."
+    )
+    print(table)
+    if args.write_results:
+        body = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: "
+                f"`{peers.command_line('bench/metrics_cost.py', argv)}`.\n\n"
+                f"Each daemon relays {args.messages} x 2 KB to a counting smtp-sink first (so "
+                "every family has series), then answers scrapes one after the other. With N "
+                "workers worker 0 asks the others over their admin sockets and merges "
+                "(observe/hostmetrics.py).\n\n" + table + "\n")
+        peers.replace_section(Path(__file__).with_name("RESULTS.md"), SCRAPE_SECTION, body)
+    return 0
 
 
 def hook_cost_us(n: int = 20000) -> float:
@@ -181,7 +274,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="1 round of 200 messages")
     ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--workers", type=int, metavar="N",
+                    help="measure scrape cost with N workers against 1 instead")
+    ap.add_argument("--scrapes", type=int, default=200, help="with --workers")
     args = ap.parse_args(argv)
+    if args.workers:
+        if args.quick:
+            args.messages, args.scrapes = 100, 20
+        elif args.messages == ap.get_default("messages"):
+            args.messages = 1000
+        return scrape_main(args, argv)
     if args.quick:
         args.messages, args.rounds = 200, 1
     on: list[float] = []

@@ -546,7 +546,8 @@ class Supervisor:
 def per_worker(startup: StartupConfig, index: int) -> StartupConfig:
     """Worker ``index``'s view of the startup config: its own admin socket and admin/metrics
     TCP ports (``config.operations.worker_socket_path`` / ``for_worker``); worker 0 keeps
-    the configured ones."""
+    the configured ones. Worker K binds its metrics port only with ``metrics.worker_listen``:
+    worker 0 serves the host's metrics (observe/hostmetrics.py)."""
     if index == 0:
         return startup
     from ferrymail.config.operations import admin_socket_path, for_worker, worker_socket_path

@@ -15,3 +15,12 @@ def test_metrics_cost_quick_run() -> None:
     assert re.search(r"\| metrics on .* \| [\d,]+ \|", out), out
     assert re.search(r"\| metrics off .* \| [\d,]+ \|", out), out
     assert re.search(r"paired ratios \*\*\d\.\d{3}\*\*", out), out
+
+
+def test_metrics_scrape_cost_with_workers_quick_run() -> None:
+    require("smtp-source")
+    require("smtp-sink")
+    out = run_bench("metrics_cost.py", "--workers", "2", "--quick", timeout=120)
+    assert re.search(r"\| 1 \| \d+\.\d\d \| \d+\.\d\d \| \d+\.\d\d \| [\d,]+ \|", out), out
+    assert re.search(r"\| 2 \| \d+\.\d\d \| \d+\.\d\d \| \d+\.\d\d \| [\d,]+ \|", out), out
+    assert re.search(r"Ratio 2 / 1: latency \*\*\d+\.\d\d\*\*", out), out

@@ -63,8 +63,12 @@ def start(tmp_path: Path, run_yaml: str) -> tuple[FerrymailProc, int]:
     proc = start_ferrymail(tmp_path, startup_yaml(tmp_path, [server("in", [listener(port)])],
                                                   fsync=False),
                            run_yaml, wait=[("127.0.0.1", port)], workers=WORKERS, timeout=30)
-    proc.wait_log("event=supervisor.started", 30)
-    proc.wait_log(r"event=limiter\.state state=shared ", 10, count=WORKERS)
+    try:
+        proc.wait_log("event=supervisor.started", 30)
+        proc.wait_log(r"event=limiter\.state state=shared ", 10, count=WORKERS)
+    except BaseException:
+        proc.stop(30)
+        raise
     return proc, port
 
 

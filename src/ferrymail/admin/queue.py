@@ -264,6 +264,41 @@ def summarize(views: Iterable[dict[str, Any]], *, now: float,
     return out
 
 
+def merge_summaries(*answers: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One host summary from the `summarize` groups of several workers (each holds its own
+    spool shard): groups of the same transport x domain x source become one, with messages,
+    recipients and states added up, the oldest age, the earliest retry, the reasons joined
+    and the first last error (worker order). Sorted as `summarize` sorts."""
+    merged: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for groups in answers:
+        for g in groups:
+            key = (g["transport"], g["domain"], g["source"])
+            have = merged.get(key)
+            if have is None:
+                merged[key] = {**g, "states": dict(g.get("states", {})),
+                               "why": list(g.get("why", []))}
+                continue
+            have["messages"] += g["messages"]
+            have["recipients"] += g["recipients"]
+            have["oldest_s"] = max(have["oldest_s"], g["oldest_s"])
+            for state, n in g.get("states", {}).items():
+                have["states"][state] = have["states"].get(state, 0) + n
+            if not have.get("last_error") and g.get("last_error"):
+                have["last_error"] = g["last_error"]
+            retries = [r for r in (have.get("next_retry"), g.get("next_retry"))
+                       if r is not None]
+            have["next_retry"] = min(retries) if retries else None
+            have["why"] = sorted({*have["why"], *g.get("why", [])})
+    out = []
+    for g in merged.values():
+        if g.get("next_retry") is not None:  # one "retry at" line: the earliest
+            g["why"] = sorted({w for w in g["why"] if not w.startswith("retry at ")}
+                              | {f"retry at {g['next_retry']}"})
+        out.append(g)
+    out.sort(key=lambda g: (-g["recipients"], g["transport"], g["domain"]))
+    return out
+
+
 def _covers(susp: Suspension, transport: str, domain: str) -> bool:
     """Whether ``susp`` holds every delivery of a transport x domain group."""
     values = {"transportid": transport, "recipientdomain": domain}

@@ -191,9 +191,10 @@ def _with_unserved_shards(startup: StartupConfig, result: dict[str, Any], served
     if what == "list":
         msgs = sorted([*result["messages"], *found], key=lambda m: m["id"])
         return {**result, "messages": msgs[:args.limit]}
-    from ferrymail.admin.queue import summarize
+    from ferrymail.admin.queue import merge_summaries, summarize
 
-    return {**result, "queues": [*result["queues"], *summarize(found, now=time.time())]}
+    return {**result, "queues": merge_summaries(result["queues"],
+                                                summarize(found, now=time.time()))}
 
 
 def _ask_workers(clients: list[Any], what: str, args: argparse.Namespace, flt: Any) -> Any:
@@ -229,8 +230,10 @@ def _ask_workers(clients: list[Any], what: str, args: argparse.Namespace, flt: A
     if what == "list":
         msgs = sorted((m for a in answers for m in a["messages"]), key=lambda m: m["id"])
         return {**answers[0], "messages": msgs[:args.limit]}
-    if what == "summary":
-        return {**answers[0], "queues": [q for a in answers for q in a["queues"]]}
+    if what == "summary":  # host totals: one row per transport x domain x source
+        from ferrymail.admin.queue import merge_summaries
+
+        return {**answers[0], "queues": merge_summaries(*(a["queues"] for a in answers))}
     total = dict(answers[0])
     for a in answers[1:]:
         for key, value in a.items():

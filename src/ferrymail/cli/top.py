@@ -10,7 +10,7 @@ from ferrymail.config import ConfigError, load_startup
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from ferrymail.admin.client import AdminClient, AdminError, AdminUnavailable
+    from ferrymail.admin.client import AdminClient, AdminError, AdminUnavailable, other_workers
     from ferrymail.observe import top
 
     try:
@@ -23,7 +23,8 @@ def cmd_top(args: argparse.Namespace) -> int:
         print("ferrymail top: the admin API is switched off", file=sys.stderr)
         return EXIT_FAIL
     try:
-        top.run(client, interval=args.interval, once=args.once)
+        top.run([client, *other_workers(startup, timeout=10)], interval=args.interval,
+                once=args.once)
     except KeyboardInterrupt:
         return EXIT_OK
     except (AdminUnavailable, AdminError) as exc:

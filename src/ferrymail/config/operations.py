@@ -11,9 +11,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
-from .types import describe
+from .types import describe, parse_duration
 
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9725"
+MAX_WORKER_TIMEOUT = 30.0
 
 
 class _Model(BaseModel):
@@ -83,11 +84,23 @@ class Admin(_Model):
         return self.token
 
 
+def _worker_timeout(value: object) -> float:
+    seconds = parse_duration(value)
+    if not 0 < seconds <= MAX_WORKER_TIMEOUT:
+        raise ValueError(f"expected more than 0 and at most {MAX_WORKER_TIMEOUT:g} seconds "
+                         f"(a scrape waits for it), got {seconds:g}")
+    return seconds
+
+
 class Metrics(_Model):
     """``metrics``: the Prometheus listener (``/metrics``, ``/healthy``, ``/ready``)."""
 
     listen: Annotated[str | None, PlainValidator(_listen)] = DEFAULT_METRICS_LISTEN
     domain_labels: bool = False  # per-domain labels (unbounded cardinality): off by default
+    # ``run --workers N``: worker 0 serves the host's metrics at ``listen``, reading the
+    # other workers over their admin sockets within ``worker_timeout`` (observe/hostmetrics)
+    worker_timeout: Annotated[float, PlainValidator(_worker_timeout)] = 2.0
+    worker_listen: bool = False  # also worker K's own metrics at listen's port + K
 
     def address(self) -> tuple[str, int] | None:
         return None if self.listen is None else parse_listen(self.listen)

@@ -21,9 +21,17 @@ Names (all ``ferrymail_`` prefixed; the full list with meanings is in docs/opera
 - ``suspensions_active``: suspensions in force now (manual and from replies)
 - ``cluster_state{state}`` (1 for the current one of ``shared``, ``split``, ``local``,
   ``closed``; all 0 without a ``cluster`` section) and ``cluster_transitions_total{state}``
+- ``worker_start_time_seconds``: when this process started serving (with ``--workers N``:
+  one per worker, ``{worker}``; a change is a restart); with N workers also
+  ``worker_up{worker}`` and ``worker_scrape_failures_total{worker}`` (observe/hostmetrics.py)
 
 Label values are bounded: servers, transports, sources and proxies come from the config;
 results and kinds are fixed sets; domains are never labels.
+
+With ``ferrymail run --workers N`` worker 0 serves the whole host at ``metrics.listen``
+(observe/hostmetrics.py merges the other workers' samples, read from ``GET /v1/metrics`` on
+their admin sockets); the other workers bind no metrics port unless
+``metrics.worker_listen`` is set.
 
 With ``metrics.listen: false`` nothing is counted (the received and delivery counters are
 skipped, so the listener's absence costs nothing; ``ferrymail top`` then shows zeros for
@@ -47,6 +55,7 @@ from prometheus_client.registry import Collector
 from ferrymail import __version__
 from ferrymail.admin.http import HTTPServer, Request, Response, RouteTable
 from ferrymail.config.operations import parse_listen
+from ferrymail.observe.hostmetrics import HostMetrics, worker_peers
 from ferrymail.observe.log import log_event
 from ferrymail.smtp.client import LIVE_CLIENTS
 
@@ -54,6 +63,7 @@ if TYPE_CHECKING:
     from ferrymail.app import App
 
 QUEUE_REFRESH = 5.0
+HOST_STATE_FILE = "metrics-host.json"  # worker 0's carry of the host counters
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -173,6 +183,7 @@ class _LiveCollector(Collector):
     def __init__(self, app: App, snapshot: QueueSnapshot) -> None:
         self.app = app
         self.snapshot = snapshot
+        self.started_at = time.time()  # per App, not per import: the supervisor forks
 
     def collect(self) -> Iterator[Any]:
         app = self.app
@@ -180,6 +191,9 @@ class _LiveCollector(Collector):
         info = InfoMetricFamily("ferrymail_build", "ferrymail version")
         info.add_metric([], {"version": __version__})
         yield info
+        yield GaugeMetricFamily("ferrymail_worker_start_time_seconds",
+                                "Unix time this worker (process) started",
+                                value=self.started_at)
         conns = GaugeMetricFamily("ferrymail_connections_open", "Open SMTP connections",
                                   labels=["direction", "server"])
         for srv in app.servers:
@@ -298,18 +312,35 @@ def stats(app: App, error_window: float = 60.0) -> dict[str, Any]:
 
 class MetricsServer:
     """App component: ``/metrics`` (Prometheus text format), ``/healthy`` (the event loop
-    answers), ``/ready`` (started, spool open, not stopping: 200, else 503)."""
+    answers), ``/ready`` (started, spool open, not stopping: 200, else 503).
+
+    With N workers, worker 0 answers for the host (`HostMetrics`): ``/metrics`` merges every
+    worker, ``/ready`` is 200 only when every worker is ready and names each one (``worker 1
+    ready``); ``/healthy`` stays worker 0's own (the supervisor restarts any other worker; a
+    liveness probe failing for one worker would restart the whole host). Every worker also
+    answers ``GET /v1/metrics`` and ``GET /v1/ready`` on its admin API, for itself."""
 
     name = "metrics"
 
     def __init__(self, app: App) -> None:
         self.app = app
-        self.address = app.startup.metrics.address()
+        cfg = app.startup.metrics
+        self.address = cfg.address()
+        self.host: HostMetrics | None = None
+        worker = app.worker
+        if worker is not None and worker.count > 1 and worker.index == 0:
+            self.host = HostMetrics(REGISTRY, worker_peers(app.startup, worker.count),
+                                    cfg.worker_timeout, lambda: self.app.ready,
+                                    worker.spool_path / HOST_STATE_FILE)
+        elif worker is not None and worker.index > 0 and not cfg.worker_listen:
+            self.address = None  # worker 0 serves the host's metrics
         self.snapshot = QueueSnapshot()
         self.routes = RouteTable()
         self.routes.add("GET", "/metrics", self._metrics)
         self.routes.add("GET", "/healthy", self._healthy)
         self.routes.add("GET", "/ready", self._ready)
+        app.admin.routes.add("GET", "/v1/metrics", self._own_metrics)
+        app.admin.routes.add("GET", "/v1/ready", self._own_ready)
         self._http = HTTPServer(self.routes, name="metrics")
         self._collector = _LiveCollector(app, self.snapshot)
         self._refresher: asyncio.Task[None] | None = None
@@ -352,13 +383,29 @@ class MetricsServer:
                 log_event("metrics.queue_refresh_failed", "debug", error=str(exc))
             await asyncio.sleep(QUEUE_REFRESH)
 
+    async def _own_metrics(self, req: Request) -> Response:
+        return Response(200, generate_latest(REGISTRY), CONTENT_TYPE)
+
+    async def _own_ready(self, req: Request) -> dict[str, Any]:
+        worker = self.app.worker
+        return {"ready": self.app.ready, "worker": 0 if worker is None else worker.index}
+
     async def _metrics(self, req: Request) -> Response:
+        if self.host is not None:
+            return Response(200, await self.host.scrape(), CONTENT_TYPE)
         return Response(200, generate_latest(REGISTRY), CONTENT_TYPE)
 
     async def _healthy(self, req: Request) -> Response:
         return Response(200, b"ok\n", "text/plain")
 
     async def _ready(self, req: Request) -> Response:
+        if self.host is not None:
+            states = await self.host.readiness()
+            ready = all(state == "ready" for _, state in states)
+            lines = "".join(f"worker {k} {state}\n" for k, state in states)
+            return Response(200 if ready else 503,
+                            (("ready\n" if ready else "not ready\n") + lines).encode(),
+                            "text/plain")
         if self.app.ready:
             return Response(200, b"ready\n", "text/plain")
         return Response(503, b"not ready\n", "text/plain")

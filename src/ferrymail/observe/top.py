@@ -4,11 +4,17 @@ Reads ``GET /v1/stats`` every ``interval`` seconds (rates are the difference of 
 and ``GET /v1/queue/summary`` every SUMMARY_EVERY seconds (it scans the queue). Shows: rates
 in and out, queue by state, top destinations with why they wait, per transport x source x proxy
 attempts per second and results, proxy health, and the errors of the last minute.
+
+With ``ferrymail run --workers N`` it asks every worker (each counts its own mail and holds
+its own spool shard) and shows host totals (`merge_stats`, `admin.queue.merge_summaries`);
+the head says how many workers answered (``workers 2/2``). Worker 0 must answer; a worker
+that does not is left out of that frame.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console, Group
@@ -16,7 +22,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ferrymail.admin.client import AdminClient
+from ferrymail.admin.client import AdminClient, AdminError, AdminUnavailable
+from ferrymail.admin.queue import merge_summaries
 
 SUMMARY_EVERY = 5.0
 TOP_DESTINATIONS = 10
@@ -27,6 +34,41 @@ def _rate(now: dict[str, Any], before: dict[str, Any] | None, key: str) -> float
         return 0.0
     dt = now["time"] - before["time"]
     return max(0.0, (now[key] - before[key]) / dt) if dt > 0 else 0.0
+
+
+RESULTS = ("delivered", "deferred", "failed", "deleted")
+
+
+def merge_stats(answers: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Host totals from several workers' ``/v1/stats``: counts and connections added up,
+    per-source rows and queue states added up per key, a proxy up only if every worker
+    sees it up, the latest errors of all; ``time`` the latest reading."""
+    if len(answers) == 1:
+        return answers[0]
+    out = dict(answers[0])
+    out["time"] = max(a["time"] for a in answers)
+    for key in ("received", *RESULTS, "connections_in", "connections_out"):
+        out[key] = sum(a.get(key, 0) for a in answers)
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    queue: dict[str, int] = {}
+    proxies: dict[str, bool] = {}
+    for a in answers:
+        for r in a["by_source"]:
+            k = (r["transport"], r["source"], r["proxy"])
+            row = rows.setdefault(k, {**r, **dict.fromkeys(RESULTS, 0.0)})
+            for result in RESULTS:
+                row[result] += r.get(result, 0.0)
+        for state, n in a["queue"].items():
+            queue[state] = queue.get(state, 0) + n
+        for p in a["proxies"]:
+            proxies[p["proxy"]] = proxies.get(p["proxy"], True) and p["up"]
+    out["by_source"] = sorted(rows.values(), key=lambda r: (r["transport"], r["source"]))
+    out["queue"] = queue
+    out["queue_at"] = min(a["queue_at"] for a in answers)
+    out["proxies"] = [{"proxy": p, "up": up} for p, up in proxies.items()]
+    out["errors"] = sorted((e for a in answers for e in a["errors"]),
+                           key=lambda e: e["at"])[-20:]
+    return out
 
 
 def render(stats: dict[str, Any], before: dict[str, Any] | None,
@@ -41,7 +83,8 @@ def render(stats: dict[str, Any], before: dict[str, Any] | None,
         Text.assemble(("deferred ", "bold yellow"), f"{_rate(stats, before, 'deferred'):.1f}/s"),
         Text.assemble(("bounced ", "bold red"), f"{_rate(stats, before, 'failed'):.1f}/s"),
         f"conns in {stats['connections_in']} out {stats['connections_out']}",
-        time.strftime("%H:%M:%S", time.localtime(stats["time"])),
+        time.strftime("%H:%M:%S", time.localtime(stats["time"]))
+        + (f"  workers {stats['workers']}" if "workers" in stats else ""),
     )
     head.add_row(f"received {stats['received']:.0f}", f"delivered {stats['delivered']:.0f}",
                  f"deferred {stats['deferred']:.0f}", f"bounced {stats['failed']:.0f}", "", "")
@@ -89,19 +132,37 @@ def render(stats: dict[str, Any], before: dict[str, Any] | None,
     return Group(head, queue, dest, errors, src)
 
 
-def run(client: AdminClient, *, interval: float = 1.0, once: bool = False,
-        console: Console | None = None, iterations: int | None = None) -> None:
-    """Show the view until Ctrl-C (``once``: print one frame; ``iterations``: stop after)."""
+def _ask(clients: Sequence[AdminClient], path: str) -> list[Any]:
+    """``GET path`` from every worker that answers; worker 0 (the first) must."""
+    out = [clients[0].get(path)]
+    for client in clients[1:]:
+        try:
+            out.append(client.get(path))
+        except (AdminUnavailable, AdminError, OSError):
+            continue  # restarting: left out of this frame, the head says so
+    return out
+
+
+def run(clients: AdminClient | Sequence[AdminClient], *, interval: float = 1.0,
+        once: bool = False, console: Console | None = None,
+        iterations: int | None = None) -> None:
+    """Show the view until Ctrl-C (``once``: print one frame; ``iterations``: stop after).
+    ``clients``: worker 0's admin client first, then the other workers' (host totals)."""
     console = console or Console()
+    workers = [clients] if isinstance(clients, AdminClient) else list(clients)
     before = None
     summary: list[dict[str, Any]] = []
     summary_at = 0.0
 
     def frame() -> Group:
         nonlocal before, summary, summary_at
-        stats = client.get("/v1/stats")
+        answers = _ask(workers, "/v1/stats")
+        stats = merge_stats(answers)
+        if len(workers) > 1:
+            stats = {**stats, "workers": f"{len(answers)}/{len(workers)}"}
         if time.monotonic() - summary_at >= SUMMARY_EVERY:
-            summary = client.get("/v1/queue/summary")["queues"]
+            summary = merge_summaries(*(a["queues"] for a in _ask(workers,
+                                                                  "/v1/queue/summary")))
             summary_at = time.monotonic()
         out = render(stats, before, summary)
         before = stats
