@@ -1,5 +1,7 @@
 """Delivery rate with shaping policies whose limits never bind, side by side in one run:
-no policies, the in-process limiter, and the Redis limiter (a real redis-server).
+no policies, the in-process limiter, the Redis limiter (a real redis-server), and the
+host-wide limiter (a real limiter service process) with one engine and with ``--workers``
+engines in as many processes.
 
     .venv/bin/python bench/shaping.py [--messages 4000] [--repeat 3] [--write-results]
 
@@ -10,6 +12,12 @@ the spool is empty; smtp-sink (discarding) is the MX, reached from two source IP
 source IP, a rate per grouping and a global rate, all far above what is reached, so the
 difference is the cost of asking: with Redis one script per new connection and one per
 message. The sink must have received N messages, else the run fails.
+
+Host variants: ``host`` is one engine whose `HostLimiter` asks the limiter service (its
+CPU counted) for every connection and every message; ``hostxN`` is N engine processes
+(forked, each draining N-th of the messages from its own spool, started together), the way
+``ferrymail run --workers N`` shares limits; its rate is all messages over the slowest
+process's time, compared with ``local`` (one engine, in-process limiter).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -85,7 +94,9 @@ class Run:
 
 
 async def one_run(d: Path, variant: str, sink_port: int, redis_url: str | None, n: int,
-                  redis_pid: int | None = None) -> tuple[float, float]:
+                  redis_pid: int | None = None, *, service: Path | None = None,
+                  workers: int = 1, barrier: Any = None) -> tuple[float, float]:
+    """(msg/s, CPU s per 1k messages) of one engine draining ``n`` messages."""
     spool = SqliteSpool(d / f"spool-{variant}-{time.monotonic_ns()}", fsync=False)
     await spool.start()
     try:
@@ -96,6 +107,11 @@ async def one_run(d: Path, variant: str, sink_port: int, redis_url: str | None, 
             await spool.store(env, BODY)
         cfg = parse_running(running_yaml(sink_port, variant != "none"))
         limiter = LocalLimiter()
+        if variant.startswith("host"):
+            from ferrymail.orchestrator.host import HostLimiter
+
+            assert service is not None
+            limiter = HostLimiter(service, d, workers=workers)  # type: ignore[assignment]
         if variant == "redis":
             from ferrymail.orchestrator.redis import RedisLimiter
 
@@ -103,6 +119,8 @@ async def one_run(d: Path, variant: str, sink_port: int, redis_url: str | None, 
             limiter = RedisLimiter(ClusterConfig(redis=redis_url, instance="bench"),
                                    default_instance="bench")  # type: ignore[assignment]
         engine = DeliveryEngine(spool, lambda: cfg, hostname="bench.test", limiter=limiter)
+        if barrier is not None:
+            barrier.wait(60)  # every engine process starts together
         t0 = time.monotonic()
         cpu0 = time.process_time() + (peers.cpu_seconds([redis_pid]) if redis_pid else 0.0)
         await engine.start()
@@ -117,11 +135,64 @@ async def one_run(d: Path, variant: str, sink_port: int, redis_url: str | None, 
                 cpu += peers.cpu_seconds([redis_pid])
         finally:
             await engine.stop()
-        if variant == "redis":
+        if variant in ("redis",) or variant.startswith("host"):
             assert limiter.status()["state"] == "shared", limiter.status()
         return n / took, cpu * 1000 / n
     finally:
         await spool.close()
+
+
+def _engine_process(args: tuple[Path, str, int, int, Path, int, Any], results: Any) -> None:
+    import uvloop
+
+    d, variant, sink_port, n, service, workers, barrier = args
+    results.put(uvloop.run(one_run(d, variant, sink_port, None, n, service=service,
+                                   workers=workers, barrier=barrier)))
+
+
+def host_run(d: Path, variant: str, sink_port: int, n: int, service: Path, service_pid: int,
+             workers: int) -> tuple[float, float]:
+    """``hostxN``: N forked engine processes sharing the service; (msg/s, CPU s / 1k)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(workers)
+    results = ctx.Queue()
+    share = n // workers
+    cpu0 = peers.cpu_seconds([service_pid])
+    procs = [ctx.Process(target=_engine_process, args=(
+        (d, variant, sink_port, share, service, workers, barrier), results))
+        for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    got = [results.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+        if proc.exitcode != 0:
+            raise peers.BenchError(f"{variant}: an engine process exited {proc.exitcode}")
+    took = max(share / rate for rate, _ in got)
+    cpu = sum(c * share / 1000 for _, c in got) + peers.cpu_seconds([service_pid]) - cpu0
+    return share * workers / took, cpu * 1000 / (share * workers)
+
+
+@contextlib.contextmanager
+def limiter_service(d: Path):  # type: ignore[no-untyped-def]
+    """A real limiter service process on ``d/limiter.sock``: (socket path, pid)."""
+    from ferrymail.orchestrator.hostservice import socket_path
+
+    path = socket_path(d)
+    code = ("import sys, uvloop; from ferrymail.orchestrator.hostservice import serve; "
+            "uvloop.run(serve(sys.argv[1]))")
+    proc = peers.spawn([sys.executable, "-c", code, str(d)], d / "limiter.log")
+    try:
+        deadline = time.monotonic() + 15
+        while not path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise peers.BenchError(f"limiter service not up: {peers.tail(d / 'limiter.log')}")
+            time.sleep(0.02)
+        yield path, proc.pid
+    finally:
+        peers.stop_process(proc)
 
 
 @contextlib.contextmanager
@@ -155,7 +226,12 @@ def report(runs: list[Run], n: int, repeat: int, env: dict[str, str], command: s
         "|---|---:|---|---:|",
     ]
     labels = {"none": "no policies", "local": "policies, in-process limiter",
-              "redis": "policies, Redis limiter"}
+              "redis": "policies, Redis limiter",
+              "host": "policies, host limiter service, 1 engine"}
+    for r in runs:
+        if r.variant.startswith("hostx"):
+            labels[r.variant] = (f"policies, host limiter service, {r.variant[5:]} engine "
+                                 "processes")
     for r in runs:
         lines.append(f"| {labels[r.variant]} | {r.median:,.0f} | "
                      f"{', '.join(f'{x:,.0f}' for x in r.rates)} | {r.cpu_median:.3f} |")
@@ -165,8 +241,17 @@ def report(runs: list[Run], n: int, repeat: int, env: dict[str, str], command: s
             if v in by:
                 lines.append(f"| {v} / none | {by[v].median / by['none'].median:.2f} | "
                              f"{by[v].cpu_median / by['none'].cpu_median:.2f} |")
+    if "local" in by:
+        for v in by:
+            if v.startswith("host"):
+                lines.append(f"| {v} / local | {by[v].median / by['local'].median:.2f} | "
+                             f"{by[v].cpu_median / by['local'].cpu_median:.2f} |")
     lines += ["", "CPU is this process's (the engine's) plus, for the Redis variant, "
-              "redis-server's; it is less sensitive than msg/s to other load on the machine."]
+              "redis-server's, for the host variants the limiter service's (and every engine "
+              "process's); it is less sensitive than msg/s to other load on the machine. "
+              "hostxN: every message over the slowest engine process's time; on 2 cores shared "
+              "with other jobs, N engines, the service and smtp-sink compete for the cores, so "
+              "CPU per message is the cost figure rather than msg/s."]
     return "\n".join(lines) + "\n"
 
 
@@ -174,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--messages", type=int, default=4000)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--only", default="none,local,redis")
+    p.add_argument("--only", default="none,local,redis,host,hostx2",
+                   help="variants, comma-separated (hostxN: N engine processes)")
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
     variants = [v for v in args.only.split(",") if v]
@@ -183,10 +269,19 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[str, Run] = {v: Run(v, [], []) for v in variants}
     with (peers.workdir("bench-shaping-") as d, peers.smtp_sink(d) as sink,
-          redis(d) as (url, pid)):
+          redis(d) as (url, pid), limiter_service(d) as (service, service_pid)):
         for i in range(args.repeat):  # interleaved, so that machine noise hits all alike
             for v in variants:
-                rate, cpu = uvloop.run(one_run(d, v, sink.port, url, args.messages, pid))
+                if v.startswith("hostx"):
+                    rate, cpu = host_run(d, v, sink.port, args.messages, service, service_pid,
+                                         int(v[5:]))
+                elif v == "host":
+                    cpu0 = peers.cpu_seconds([service_pid])
+                    rate, cpu = uvloop.run(one_run(d, v, sink.port, None, args.messages,
+                                                   service=service))
+                    cpu += (peers.cpu_seconds([service_pid]) - cpu0) * 1000 / args.messages
+                else:
+                    rate, cpu = uvloop.run(one_run(d, v, sink.port, url, args.messages, pid))
                 runs[v].rates.append(rate)
                 runs[v].cpu.append(cpu)
                 print(f"run {i + 1} {v}: {rate:,.0f} msg/s, {cpu:.3f} CPU s/1k", file=sys.stderr)

@@ -60,7 +60,7 @@ from ferrymail.delivery.routing import (
     sources_from_hook,
     transport_sources,
 )
-from ferrymail.delivery.scheduler import Job, Scheduler, plan_retry
+from ferrymail.delivery.scheduler import Destination, Job, Scheduler, plan_retry
 from ferrymail.dkim import DkimError, DkimSigner, PrefixedBody
 from ferrymail.hooks import HookContext, HookDecision, HookError, PredeliveryHook
 from ferrymail.observe import metrics
@@ -239,6 +239,8 @@ class DeliveryEngine:
         # Shaping (orchestrator): in-process unless the App passes a cluster-wide one.
         self.limiter: Limiter = limiter if limiter is not None else LocalLimiter()
         self._leases: dict[int, Lease] = {}  # id(client) -> the slots its connection holds
+        if getattr(self.limiter, "host_wide", False):
+            self.scheduler.share = int(getattr(self.limiter, "workers", 1))
         self.health_store: HealthStore = health_store or LocalHealthStore()
         self.rotation = SourceRotation(HealthBook(running().proxyhealth,
                                                   on_transition=self._health_changed))
@@ -668,6 +670,8 @@ class DeliveryEngine:
                                   job.destination.domain, job.destination.transport,
                                   str(src.proxy) if src.proxy else "direct")
                 limits = limits_for(cfg, attempt)
+                if getattr(self.limiter, "host_wide", False):
+                    limits = (*limits, *host_limits(job.destination, cfg))
                 if pooled is not None and pooled[0] == src:
                     client, reused = pooled[1], True
                     pooled = None
@@ -1112,6 +1116,17 @@ def _failure_kind(outcome: Outcome) -> str:
     if outcome.hook is not None or outcome.hook_error is not None:
         return "hook"
     return outcome.error.kind if outcome.error is not None else "none"
+
+
+def host_limits(dest: Destination, cfg: RunningConfig) -> tuple[Limit, Limit]:
+    """``queues.concurrency`` and ``queues.total_concurrency`` as concurrency limits of the
+    host-wide limiter (N workers without Redis), so that both connection caps hold for the
+    host: keys ``destination=TRANSPORT/NEXTHOP`` and ``queues.total_concurrency``. The
+    scheduler's per-destination window (slow start, failure feedback) stays per worker."""
+    key = f"destination={dest}"
+    total = "queues.total_concurrency"
+    return (Limit(key, key, cfg.queues.concurrency),
+            Limit(total, total, cfg.queues.total_concurrency))
 
 
 def _sooner(a: Denied | None, b: Denied) -> Denied:
