@@ -1,5 +1,7 @@
 """Delivery rate with shaping policies whose limits never bind, side by side in one run:
-no policies, the in-process limiter, and the Redis limiter (a real redis-server).
+no policies, the in-process limiter, the Redis limiter (a real redis-server), and the
+host-wide limiter (a real limiter service process) with one engine and with ``--workers``
+engines in as many processes.
 
     .venv/bin/python bench/shaping.py [--messages 4000] [--repeat 3] [--write-results]
 
@@ -10,6 +12,12 @@ the spool is empty; smtp-sink (discarding) is the MX, reached from two source IP
 source IP, a rate per grouping and a global rate, all far above what is reached, so the
 difference is the cost of asking: with Redis one script per new connection and one per
 message. The sink must have received N messages, else the run fails.
+
+Host variants: ``host`` is one engine whose `HostLimiter` asks the limiter service (its
+CPU counted) for every connection and every message; ``hostxN`` is N engine processes
+(forked, each draining N-th of the messages from its own spool, started together), the way
+``ferrymail run --workers N`` shares limits; its rate is all messages over the slowest
+process's time, compared with ``local`` (one engine, in-process limiter).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -74,8 +83,6 @@ class Run:
     variant: str
     rates: list[float]
     cpu: list[float]  # CPU seconds per 1,000 messages: this process (+ redis-server)
-    server_cpu: list[float]  # of which redis-server's
-    calls: list[float]  # Redis calls per message (scripts and commands)
 
     @property
     def median(self) -> float:
@@ -85,17 +92,11 @@ class Run:
     def cpu_median(self) -> float:
         return statistics.median(self.cpu)
 
-    @property
-    def server_median(self) -> float:
-        return statistics.median(self.server_cpu) if self.server_cpu else 0.0
-
-    @property
-    def calls_median(self) -> float:
-        return statistics.median(self.calls) if self.calls else 0.0
-
 
 async def one_run(d: Path, variant: str, sink_port: int, redis_url: str | None, n: int,
-                  redis_pid: int | None = None) -> tuple[float, float, float, float]:
+                  redis_pid: int | None = None, *, service: Path | None = None,
+                  workers: int = 1, barrier: Any = None) -> tuple[float, float]:
+    """(msg/s, CPU s per 1k messages) of one engine draining ``n`` messages."""
     spool = SqliteSpool(d / f"spool-{variant}-{time.monotonic_ns()}", fsync=False)
     await spool.start()
     try:
@@ -106,18 +107,22 @@ async def one_run(d: Path, variant: str, sink_port: int, redis_url: str | None, 
             await spool.store(env, BODY)
         cfg = parse_running(running_yaml(sink_port, variant != "none"))
         limiter = LocalLimiter()
-        shared = None
+        if variant.startswith("host"):
+            from ferrymail.orchestrator.host import HostLimiter
+
+            assert service is not None
+            limiter = HostLimiter(service, d, workers=workers)  # type: ignore[assignment]
         if variant == "redis":
             from ferrymail.orchestrator.redis import RedisLimiter
 
             assert redis_url is not None
-            shared = RedisLimiter(ClusterConfig(redis=redis_url, instance="bench"),
-                                  default_instance="bench")
-            limiter = shared  # type: ignore[assignment]
+            limiter = RedisLimiter(ClusterConfig(redis=redis_url, instance="bench"),
+                                   default_instance="bench")  # type: ignore[assignment]
         engine = DeliveryEngine(spool, lambda: cfg, hostname="bench.test", limiter=limiter)
+        if barrier is not None:
+            barrier.wait(60)  # every engine process starts together
         t0 = time.monotonic()
-        server0 = peers.cpu_seconds([redis_pid]) if variant == "redis" and redis_pid else 0.0
-        cpu0 = time.process_time()
+        cpu0 = time.process_time() + (peers.cpu_seconds([redis_pid]) if redis_pid else 0.0)
         await engine.start()
         try:
             while await spool.count():
@@ -126,18 +131,68 @@ async def one_run(d: Path, variant: str, sink_port: int, redis_url: str | None, 
                 await asyncio.sleep(0.02)
             took = time.monotonic() - t0
             cpu = time.process_time() - cpu0
-            server = 0.0
             if variant == "redis" and redis_pid:
-                server = peers.cpu_seconds([redis_pid]) - server0
+                cpu += peers.cpu_seconds([redis_pid])
         finally:
             await engine.stop()
-        calls = 0.0
-        if shared is not None:
-            assert shared.status()["state"] == "shared", shared.status()
-            calls = shared.cluster.calls / n
-        return n / took, (cpu + server) * 1000 / n, server * 1000 / n, calls
+        if variant in ("redis",) or variant.startswith("host"):
+            assert limiter.status()["state"] == "shared", limiter.status()
+        return n / took, cpu * 1000 / n
     finally:
         await spool.close()
+
+
+def _engine_process(args: tuple[Path, str, int, int, Path, int, Any], results: Any) -> None:
+    import uvloop
+
+    d, variant, sink_port, n, service, workers, barrier = args
+    results.put(uvloop.run(one_run(d, variant, sink_port, None, n, service=service,
+                                   workers=workers, barrier=barrier)))
+
+
+def host_run(d: Path, variant: str, sink_port: int, n: int, service: Path, service_pid: int,
+             workers: int) -> tuple[float, float]:
+    """``hostxN``: N forked engine processes sharing the service; (msg/s, CPU s / 1k)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(workers)
+    results = ctx.Queue()
+    share = n // workers
+    cpu0 = peers.cpu_seconds([service_pid])
+    procs = [ctx.Process(target=_engine_process, args=(
+        (d, variant, sink_port, share, service, workers, barrier), results))
+        for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    got = [results.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+        if proc.exitcode != 0:
+            raise peers.BenchError(f"{variant}: an engine process exited {proc.exitcode}")
+    took = max(share / rate for rate, _ in got)
+    cpu = sum(c * share / 1000 for _, c in got) + peers.cpu_seconds([service_pid]) - cpu0
+    return share * workers / took, cpu * 1000 / (share * workers)
+
+
+@contextlib.contextmanager
+def limiter_service(d: Path):  # type: ignore[no-untyped-def]
+    """A real limiter service process on ``d/limiter.sock``: (socket path, pid)."""
+    from ferrymail.orchestrator.hostservice import socket_path
+
+    path = socket_path(d)
+    code = ("import sys, uvloop; from ferrymail.orchestrator.hostservice import serve; "
+            "uvloop.run(serve(sys.argv[1]))")
+    proc = peers.spawn([sys.executable, "-c", code, str(d)], d / "limiter.log")
+    try:
+        deadline = time.monotonic() + 15
+        while not path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise peers.BenchError(f"limiter service not up: {peers.tail(d / 'limiter.log')}")
+            time.sleep(0.02)
+        yield path, proc.pid
+    finally:
+        peers.stop_process(proc)
 
 
 @contextlib.contextmanager
@@ -167,36 +222,36 @@ def report(runs: list[Run], n: int, repeat: int, env: dict[str, str], command: s
         "connect interval per source IP, a rate per grouping and a global rate, none of "
         "them reached.",
         "",
-        "| variant | msg/s (median) | runs | CPU s / 1k msg (median) | of which redis-server "
-        "| Redis calls / msg |",
-        "|---|---:|---|---:|---:|---:|",
+        "| variant | msg/s (median) | runs | CPU s / 1k msg (median) |",
+        "|---|---:|---|---:|",
     ]
     labels = {"none": "no policies", "local": "policies, in-process limiter",
-              "redis": "policies, Redis limiter"}
+              "redis": "policies, Redis limiter",
+              "host": "policies, host limiter service, 1 engine"}
+    for r in runs:
+        if r.variant.startswith("hostx"):
+            labels[r.variant] = (f"policies, host limiter service, {r.variant[5:]} engine "
+                                 "processes")
     for r in runs:
         lines.append(f"| {labels[r.variant]} | {r.median:,.0f} | "
-                     f"{', '.join(f'{x:,.0f}' for x in r.rates)} | {r.cpu_median:.3f} | "
-                     f"{r.server_median:.3f} | {r.calls_median:.3f} |")
+                     f"{', '.join(f'{x:,.0f}' for x in r.rates)} | {r.cpu_median:.3f} |")
     lines += ["", "| ratio | msg/s | CPU per message |", "|---|---:|---:|"]
     if "none" in by:
         for v in ("local", "redis"):
             if v in by:
                 lines.append(f"| {v} / none | {by[v].median / by['none'].median:.2f} | "
                              f"{by[v].cpu_median / by['none'].cpu_median:.2f} |")
+    if "local" in by:
+        for v in by:
+            if v.startswith("host"):
+                lines.append(f"| {v} / local | {by[v].median / by['local'].median:.2f} | "
+                             f"{by[v].cpu_median / by['local'].cpu_median:.2f} |")
     lines += ["", "CPU is this process's (the engine's) plus, for the Redis variant, "
-              "redis-server's; it is less sensitive than msg/s to other load on the machine.",
-              "",
-              "Target (issue 8): Redis round trips cost at most 10 % of rate and CPU/msg against "
-              "no policies. Round trips are already below one per message: one script per new "
-              "connection (acquire, connected, release) and one per message batch (rates above "
-              "400/s take up to 64 slots per call, kept at most 5 ms past their time), so "
-              "'Redis calls / msg' stays near 0.2; one call costs ~0.08 ms of client CPU and "
-              "~0.04 ms of redis-server CPU (measured alone with redis-py asyncio EVALSHA). What "
-              "cost rate beyond that was messages waiting for the fetch in flight: kept slots "
-              "are now refetched in the background when they are within 2 ms of running out "
-              "(2026-12-01: 0.77 -> 0.87 of the no-policies rate, CPU/msg 1.26 -> 1.15 in the "
-              "same session). The rest is the engine's own waits on a batch fetch and redis-py's "
-              "per-call overhead on this CPU-bound single process."]
+              "redis-server's, for the host variants the limiter service's (and every engine "
+              "process's); it is less sensitive than msg/s to other load on the machine. "
+              "hostxN: every message over the slowest engine process's time; on 2 cores shared "
+              "with other jobs, N engines, the service and smtp-sink compete for the cores, so "
+              "CPU per message is the cost figure rather than msg/s."]
     return "\n".join(lines) + "\n"
 
 
@@ -204,24 +259,31 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--messages", type=int, default=4000)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--only", default="none,local,redis")
+    p.add_argument("--only", default="none,local,redis,host,hostx2",
+                   help="variants, comma-separated (hostxN: N engine processes)")
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
     variants = [v for v in args.only.split(",") if v]
     env = environment()
     import uvloop
 
-    runs: dict[str, Run] = {v: Run(v, [], [], [], []) for v in variants}
+    runs: dict[str, Run] = {v: Run(v, [], []) for v in variants}
     with (peers.workdir("bench-shaping-") as d, peers.smtp_sink(d) as sink,
-          redis(d) as (url, pid)):
+          redis(d) as (url, pid), limiter_service(d) as (service, service_pid)):
         for i in range(args.repeat):  # interleaved, so that machine noise hits all alike
             for v in variants:
-                rate, cpu, server, calls = uvloop.run(
-                    one_run(d, v, sink.port, url, args.messages, pid))
+                if v.startswith("hostx"):
+                    rate, cpu = host_run(d, v, sink.port, args.messages, service, service_pid,
+                                         int(v[5:]))
+                elif v == "host":
+                    cpu0 = peers.cpu_seconds([service_pid])
+                    rate, cpu = uvloop.run(one_run(d, v, sink.port, None, args.messages,
+                                                   service=service))
+                    cpu += (peers.cpu_seconds([service_pid]) - cpu0) * 1000 / args.messages
+                else:
+                    rate, cpu = uvloop.run(one_run(d, v, sink.port, url, args.messages, pid))
                 runs[v].rates.append(rate)
                 runs[v].cpu.append(cpu)
-                runs[v].server_cpu.append(server)
-                runs[v].calls.append(calls)
                 print(f"run {i + 1} {v}: {rate:,.0f} msg/s, {cpu:.3f} CPU s/1k", file=sys.stderr)
     command = "python bench/shaping.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(list(runs.values()), args.messages, args.repeat, env, command.strip())

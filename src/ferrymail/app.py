@@ -56,13 +56,20 @@ DEFAULT_GRACE = 5.0
 
 
 def make_limiter(startup: StartupConfig, worker: WorkerSlot | None = None) -> Limiter:
-    """The shaping limiter: cluster-wide through Redis with a ``cluster`` section, else
-    in-process (suspensions in the spool directory).
+    """The shaping limiter: cluster-wide through Redis with a ``cluster`` section; else, in
+    one of N >= 2 workers, host-wide through the supervisor's limiter service
+    (`ferrymail.orchestrator.host`); else in-process (suspensions in the spool directory).
 
     A worker process (supervisor.py) is a cluster member of its own: its instance id is the
     configured (or default) one plus ``/wK``, and it writes the cluster state file in its
     shard; suspensions stay in the spool directory itself, shared by all workers."""
     if startup.cluster is None:
+        if worker is not None and worker.count > 1:
+            from ferrymail.orchestrator.host import HostLimiter
+            from ferrymail.orchestrator.hostservice import socket_path
+
+            return HostLimiter(socket_path(startup.spool.path), startup.spool.path,
+                               workers=worker.count, worker=worker.index)
         return LocalLimiter.for_spool(startup.spool.path)
     from ferrymail.orchestrator.redis import RedisLimiter
 

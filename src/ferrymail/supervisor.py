@@ -21,14 +21,19 @@ Sockets are opened before the fork, one per worker and listener, sharing the por
 SO_REUSEPORT (see ``listen_sockets``); the supervisor keeps them all open, so a restarted
 worker takes up its socket with the connections that queued meanwhile.
 
-Limits: each worker enforces ``queues.concurrency`` and the inbound limits for itself, so on
-one host they are N times the configured value until a host-wide limiter exists.
+Limits: without a ``cluster`` section the supervisor also runs the **limiter service**
+(`ferrymail.orchestrator.hostservice`) as a child process of its own, started before the
+workers and restarted like one when it dies (``limiter.exited``); every worker's
+`ferrymail.orchestrator.host.HostLimiter` asks it, so policies and per-destination
+connection caps hold for the host. It is a process, not a thread here: the supervisor forks
+workers, and a fork copies a thread's locks but not the thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import signal
 import socket
@@ -41,6 +46,7 @@ from pathlib import Path
 from ferrymail import sdnotify
 from ferrymail.config import StartupConfig
 from ferrymail.config.models import StartupServer
+from ferrymail.observe.log import flush as flush_log
 from ferrymail.observe.log import log_event
 
 SHARD_PREFIX = "shard-"
@@ -92,20 +98,16 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def choose_workers(option: int | None, configured: int | None, cpus: int,
-                   local_shaping: bool) -> tuple[int, str]:
-    """(worker count, why) for ``ferrymail run``: ``--workers``, else ``environment.workers``,
-    else 1: per-host limits (in-process ``policies``, ``queues.concurrency``, inbound limits)
-    and metrics are still per worker, so N workers are an explicit choice; ``cpus`` is what
-    the log suggests. An explicit count is obeyed (the caller warns when in-process
-    policies would then be multiplied)."""
+def choose_workers(option: int | None, configured: int | None, cpus: int
+                   ) -> tuple[int, str]:
+    """(worker count, why) for ``ferrymail run``: ``--workers``, else
+    ``environment.workers``, else ``cpus`` (`default_workers`): limits stay exact across
+    workers (the limiter service, or Redis with a ``cluster``), so every core is used."""
     if option is not None:
         return option, "--workers"
     if configured is not None:
         return configured, "environment.workers"
-    if local_shaping:
-        return 1, "policies limited in-process (no cluster): one worker keeps them exact"
-    return 1, f"default (this host has {cpus} CPUs: --workers {cpus} uses them all)"
+    return cpus, f"default: the CPUs this process may run on ({cpus})"
 
 
 @dataclass
@@ -193,15 +195,48 @@ class _Worker:
     exits: int = 0
 
 
+def host_limiter_wanted(startup: StartupConfig, count: int) -> bool:
+    """Workers share limits through the limiter service: N >= 2 and no Redis ``cluster``."""
+    return count > 1 and startup.cluster is None
+
+
+def run_limiter_service(startup: StartupConfig, ready_fd: int) -> int:
+    """The limiter service's process body (forked by the supervisor): serve until SIGTERM."""
+    import uvloop
+
+    from ferrymail import privileges
+    from ferrymail.observe import log
+    from ferrymail.orchestrator.hostservice import serve
+
+    log.set_context(worker="limiter")
+    env = startup.environment
+    if env.user is not None:
+        creds = privileges.resolve(env.user, env.group)
+        privileges.prepare_spool_dir(startup.spool.path, creds)
+        privileges.drop_privileges(creds)
+
+    def ready() -> None:
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, b"r")
+            os.close(ready_fd)
+
+    uvloop.run(serve(startup.spool.path, ready))
+    return 0
+
+
 @dataclass
 class Supervisor:
     """Start, watch, restart and stop ``count`` workers. ``run_worker(slot)`` is what a worker
-    process runs (returns its exit status); it is called in the forked child."""
+    process runs (returns its exit status); it is called in the forked child.
+    ``run_service(ready_fd)``, when given, is the limiter service's body (index -1 in the
+    logs' ``limiter.*`` lines), started before the workers."""
 
     startup: StartupConfig
     count: int
     run_worker: Callable[[WorkerSlot], int]
+    run_service: Callable[[int], int] | None = None
     workers: list[_Worker] = field(default_factory=list)
+    service: _Worker | None = None
     _signals: list[int] = field(default_factory=list)
     _sockets: dict[str, list[list[socket.socket]]] = field(default_factory=dict)
 
@@ -209,7 +244,8 @@ class Supervisor:
         """Serve until SIGTERM/SIGINT; 0, or 1 if the first start failed."""
         from ferrymail.app import claim_pidfile, remove_pidfile
 
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD,
+                    signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         pidfile = Path(self.startup.environment.pidfile)
         try:
@@ -225,12 +261,21 @@ class Supervisor:
             except (OSError, RuntimeError) as exc:
                 log_event("app.start_failed", "error", error=f"{type(exc).__name__}: {exc}")
                 return 1
+            if self.run_service is not None:
+                self.service = _Worker(-1)
+                self._spawn_service(self.service)
+                if not self._wait_service():
+                    self._stop_all()
+                    return 1
             self.workers = [_Worker(i) for i in range(self.count)]
             for w in self.workers:
                 self._spawn(w)
             if not self._wait_ready():
                 self._stop_all()
-                return 1
+                # asked to stop while starting (e.g. as soon as a first worker logged that it
+                # serves): a clean stop, not a failed start
+                stopping = any(s in (signal.SIGTERM, signal.SIGINT) for s in self._signals)
+                return 0 if stopping else 1
             log_event("supervisor.started", workers=self.count, pid=os.getpid(),
                       spool=str(self.startup.spool.path))
             sdnotify.ready(f"running with {self.count} workers")
@@ -257,6 +302,14 @@ class Supervisor:
                     self._stop_all()
                     log_event("supervisor.stopped", pid=os.getpid())
                     return 0
+                if sig == signal.SIGUSR1:  # logrotate: every process reopens its log file
+                    from ferrymail.observe import log
+
+                    log.reopen()
+                    for w in [*self.workers, *([self.service] if self.service else [])]:
+                        if w.pid:
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(w.pid, signal.SIGUSR1)
                 if sig == signal.SIGHUP:
                     live = [w for w in self.workers if w.pid]
                     log_event("supervisor.reload", workers=len(live))
@@ -268,6 +321,9 @@ class Supervisor:
             for w in self.workers:
                 if not w.pid and w.restart_at is not None and now >= w.restart_at:
                     self._spawn(w)
+            s = self.service
+            if s is not None and not s.pid and s.restart_at is not None and now >= s.restart_at:
+                self._spawn_service(s)
             time.sleep(0.05)
 
     def _reap(self) -> list[_Worker]:
@@ -280,6 +336,9 @@ class Supervisor:
                 break
             if pid == 0:
                 break
+            if self.service is not None and pid == self.service.pid:
+                self._service_exited(status)
+                continue
             w = next((w for w in self.workers if w.pid == pid), None)
             if w is None:
                 continue
@@ -309,11 +368,12 @@ class Supervisor:
             code = 1
             try:
                 os.close(r)
-                for other in self.workers:
+                for other in [*self.workers, *([self.service] if self.service else [])]:
                     if other.ready_r is not None:
                         os.close(other.ready_r)
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the App's handler
                 # a reload sent while this worker starts is done once it serves (App.run),
                 # neither lost nor (the default action) fatal
                 signal.signal(signal.SIGHUP, slot.catch_hup)
@@ -326,6 +386,7 @@ class Supervisor:
                               error=f"{type(exc).__name__}: {exc}")
             finally:
                 with contextlib.suppress(Exception):
+                    flush_log()  # lines batched in the last loop iteration (os._exit skips atexit)
                     sys.stdout.flush()
                     sys.stderr.flush()
                 os._exit(code)
@@ -334,6 +395,84 @@ class Supervisor:
             os.close(w.ready_r)
         w.pid, w.started, w.restart_at, w.ready_r = pid, time.monotonic(), None, r
         log_event("worker.started", worker=w.index, pid=pid, spool=str(slot.spool_path))
+
+    def _fork(self, body: Callable[[], int], close: list[int]) -> int:
+        """Fork a child that runs ``body`` and exits with its status (never returns into the
+        supervisor's loop); ``close``: descriptors the child must not keep."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            return pid
+        code = 1
+        try:
+            for fd in close:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the service's handler
+            os.environ.pop("NOTIFY_SOCKET", None)
+            _die_with_parent()
+            code = body()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                log_event("limiter.failed", "error", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            with contextlib.suppress(Exception):
+                flush_log()  # lines batched in the last loop iteration (os._exit skips atexit)
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+
+    def _spawn_service(self, s: _Worker) -> None:
+        assert self.run_service is not None
+        run_service = self.run_service
+        r, wfd = os.pipe()
+        # the service must not hold the listening sockets (a restarted one would keep
+        # ports open after the supervisor closed them) nor the workers' ready pipes
+        close = [r, *(sock.fileno() for copies in self._sockets.values()
+                      for group in copies for sock in group),
+                 *(w.ready_r for w in self.workers if w.ready_r is not None)]
+        pid = self._fork(lambda: run_service(wfd), close)
+        os.close(wfd)
+        if s.ready_r is not None:
+            os.close(s.ready_r)
+        s.pid, s.started, s.restart_at, s.ready_r = pid, time.monotonic(), None, r
+        log_event("limiter.spawned", pid=pid)
+
+    def _wait_service(self) -> bool:
+        """The first start: wait until the service listens (False if it exited first)."""
+        s = self.service
+        assert s is not None and s.ready_r is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            os.set_blocking(s.ready_r, False)
+            with contextlib.suppress(BlockingIOError):
+                if os.read(s.ready_r, 1):
+                    return True
+            self._reap()
+            if s.exits:
+                log_event("app.start_failed", "error", error="the limiter service exited "
+                          "before it served")
+                return False
+            time.sleep(0.02)
+        log_event("app.start_failed", "error", error="the limiter service is not serving")
+        return False
+
+    def _service_exited(self, status: int) -> None:
+        s = self.service
+        assert s is not None
+        lived = time.monotonic() - s.started
+        s.backoff = RESTART_MIN if lived >= STABLE_AFTER else min(s.backoff * 2, RESTART_MAX)
+        # workers answer from their split fallback meanwhile
+        s.restart_at = time.monotonic() + s.backoff
+        s.exits += 1
+        how = (f"signal {signal.Signals(-os.waitstatus_to_exitcode(status)).name}"
+               if os.WIFSIGNALED(status) else f"exit {os.waitstatus_to_exitcode(status)}")
+        log_event("limiter.exited", "warning", pid=s.pid, status=how, lived=f"{lived:.1f}s",
+                  restart_in=f"{s.restart_at - time.monotonic():.1f}s")
+        s.pid = 0
 
     def _wait_ready(self) -> bool:
         """Wait until every worker reported ready; False if one exited first or timed out."""
@@ -384,17 +523,26 @@ class Supervisor:
             if w.pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(w.pid, signal.SIGTERM)
+        self._stop_procs(self.workers, grace)
+        if self.service is not None:  # last: workers stopping still release their leases
+            self.service.restart_at = None
+            if self.service.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.service.pid, signal.SIGTERM)
+            self._stop_procs([self.service], grace)
+
+    def _stop_procs(self, procs: list[_Worker], grace: float) -> None:
         deadline = time.monotonic() + grace
-        while any(w.pid for w in self.workers):
+        while any(w.pid for w in procs):
             self._reap()
             if time.monotonic() > deadline:
-                for w in self.workers:
+                for w in procs:
                     if w.pid:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(w.pid, signal.SIGKILL)
                 deadline = time.monotonic() + grace
             time.sleep(0.02)
-        for w in self.workers:
+        for w in procs:
             w.restart_at = None
 
 
@@ -414,6 +562,25 @@ def per_worker(startup: StartupConfig, index: int) -> StartupConfig:
     metrics = startup.metrics.model_copy(update={
         "listen": for_worker(startup.metrics.listen, index)})
     return startup.model_copy(update={"admin": admin, "metrics": metrics})
+
+
+def share_inbound_limits(startup: StartupConfig, count: int) -> StartupConfig:
+    """Each worker's share of every server's ``limits.connections`` and
+    ``limits.connections_per_client``: ⌈limit / count⌉ (0, unlimited, stays 0), so that N
+    workers accept at most about the configured number on the host, never N times it. The
+    kernel spreads connections over the workers (SO_REUSEPORT hashes each connection), so
+    one client's connections may land unevenly: a client can be refused a little before its
+    host-wide count reaches the limit, never much after it."""
+    if count <= 1:
+        return startup
+    servers = []
+    for srv in startup.servers:
+        lim = srv.limits
+        share = lim.model_copy(update={
+            "connections": math.ceil(lim.connections / count),
+            "connections_per_client": math.ceil(lim.connections_per_client / count)})
+        servers.append(srv.model_copy(update={"limits": share}))
+    return startup.model_copy(update={"servers": tuple(servers)})
 
 
 def run_workers(startup_file: str | None, running_file: str | None, startup: StartupConfig,
@@ -439,8 +606,9 @@ def run_workers(startup_file: str | None, running_file: str | None, startup: Sta
                 log_event("worker.config_failed", "error", file=err.file, line=err.line,
                           key=err.path, error=err.message)
             return 2
-        app = App(per_worker(startup, slot.index), running, startup_file=startup_file,
-                  running_file=running_file, worker=slot)
+        mine = per_worker(share_inbound_limits(startup, slot.count), slot.index)
+        app = App(mine, running, startup_file=startup_file, running_file=running_file,
+                  worker=slot)
         try:
             uvloop.run(app.run())
         except KeyboardInterrupt:
@@ -451,4 +619,8 @@ def run_workers(startup_file: str | None, running_file: str | None, startup: Sta
             return 1
         return 0
 
-    return Supervisor(startup, count, run_worker).run()
+    service = None
+    if host_limiter_wanted(startup, count):
+        def service(ready_fd: int) -> int:
+            return run_limiter_service(startup, ready_fd)
+    return Supervisor(startup, count, run_worker, service).run()

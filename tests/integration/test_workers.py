@@ -246,6 +246,13 @@ def test_workers_drop_privileges_each_and_own_their_shards(ferrymail_proc):
         for shard in (world / "spool", world / "spool" / "shard-1"):
             st = shard.stat()
             assert (st.st_uid, st.st_mode & 0o777) == (65534, 0o700)
+        # the limiter service runs as the user too, its socket the user's only
+        service = int(proc.wait_log(r"event=limiter\.spawned pid=(\d+)")[0].rsplit("=", 1)[1])
+        uid = Path(f"/proc/{service}/status").read_text()
+        assert re.search(r"^Uid:\s+65534\s+65534\s+65534\s+65534$", uid, re.M), uid
+        sock = (world / "spool" / "limiter.sock").stat()
+        assert (sock.st_uid, sock.st_mode & 0o777) == (65534, 0o600)
+        proc.wait_log(r"event=limiter\.state state=shared ", count=2)
         assert proc.stop() == 0
     finally:
         shutil.rmtree(world, ignore_errors=True)
@@ -270,17 +277,30 @@ def test_a_second_instance_cannot_share_the_port(ferrymail_proc, tmp_path: Path)
     assert first.proc.poll() is None
 
 
-def test_in_process_policies_keep_the_default_at_one_worker(ferrymail_proc, tmp_path: Path):
-    """No host-wide limiter yet: with policies and no cluster, `run` without a count starts
-    one process (limits exact), and an explicit count above 1 says the limits are per
-    worker."""
+def test_default_worker_count_is_the_cpus_with_host_wide_limits(ferrymail_proc,
+                                                                  tmp_path: Path):
+    """Without a count, `run` starts one worker per CPU, logs the count and why, and (with
+    N >= 2, no cluster) the limiter service that keeps policies exact for the host;
+    `environment.workers: 1` keeps one process."""
+    from ferrymail.supervisor import default_workers
+
+    cpus = default_workers()
     port = free_port()
     startup = startup_yaml(tmp_path, [server("s", [listener(port)])])
     running = running_yaml(["s"]) + "policies:\n  - fields: [localip]\n" \
                                     "    default: {concurrency: 2}\n"
-    single = ferrymail_proc(startup, running, wait=[(HOST, port)], workers=None)
-    assert not [ln for ln in single.logs() if "event=supervisor." in ln or " worker=" in ln]
+    many = ferrymail_proc(startup, running, wait=[(HOST, port)], workers=None)
+    many.wait_log(rf"event=supervisor\.workers workers={cpus} why=\"default: the CPUs ")
+    if cpus > 1:
+        many.wait_log("event=supervisor.started", timeout=30)
+        many.wait_log(r"event=limiter\.started ")
+        many.wait_log(r"event=limiter\.state state=shared .* worker=0", count=1)
+        assert not many.wait_log(r"event=limiter\.state state=shared ", count=cpus)[cpus:]
+    assert many.stop() == 0
+    one = startup.replace("environment:\n", "environment:\n  workers: 1\n", 1)
+    assert one != startup
+    single = ferrymail_proc(one, running, wait=[(HOST, port)], workers=None)
+    single.wait_log(r"event=supervisor\.workers workers=1 why=environment\.workers "
+                    r"limits=in-process")
+    assert not [ln for ln in single.logs() if " worker=" in ln or "event=limiter." in ln]
     assert single.stop() == 0
-    many = ferrymail_proc(startup, running, wait=[(HOST, port)], workers=2)
-    many.wait_log("event=supervisor.started", timeout=30)
-    many.wait_log(r"level=warning event=supervisor\.limits_per_worker workers=2 ")

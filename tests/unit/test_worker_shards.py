@@ -50,12 +50,10 @@ def test_shard_layout(tmp_path: Path) -> None:
 
 
 def test_worker_count_choice() -> None:
-    assert choose_workers(3, 2, 8, True) == (3, "--workers")
-    assert choose_workers(None, 2, 8, True) == (2, "environment.workers")
-    count, why = choose_workers(None, None, 8, False)
-    assert count == 1 and "--workers 8" in why
-    count, why = choose_workers(None, None, 8, True)
-    assert count == 1 and "in-process" in why
+    assert choose_workers(3, 2, 8) == (3, "--workers")
+    assert choose_workers(None, 2, 8) == (2, "environment.workers")
+    count, why = choose_workers(None, None, 8)
+    assert count == 8 and "CPUs" in why and "(8)" in why
 
 
 def test_log_context_ends_every_line() -> None:
@@ -100,3 +98,29 @@ def test_each_worker_is_a_cluster_member_of_its_own(tmp_path: Path) -> None:
     worker = make_limiter(startup, slot)
     assert single.cluster.instance == "mx1"  # type: ignore[attr-defined]
     assert worker.cluster.instance == "mx1/w1"  # type: ignore[attr-defined]
+
+
+def test_inbound_limits_are_shared_out_with_ceil(tmp_path: Path) -> None:
+    """N workers: each takes ⌈limit / N⌉ of limits.connections and connections_per_client
+    (0, unlimited, stays 0), so the host never accepts N times the configured number."""
+    from ferrymail.config import load_startup
+    from ferrymail.supervisor import share_inbound_limits
+
+    f = tmp_path / "startup.yaml"
+    f.write_text(f"""
+environment: {{pidfile: {tmp_path}/p.pid}}
+spool: {{path: {tmp_path}/spool}}
+servers:
+  - id: a
+    listeners: [{{port: 2525}}]
+    limits: {{connections: 1001, connections_per_client: 0}}
+  - id: b
+    listeners: [{{port: 2526}}]
+""")
+    startup = load_startup(str(f))
+    assert share_inbound_limits(startup, 1) is startup
+    three = share_inbound_limits(startup, 3)
+    a, b = three.servers
+    assert (a.limits.connections, a.limits.connections_per_client) == (334, 0)
+    assert (b.limits.connections, b.limits.connections_per_client) == (334, 17)  # 1000, 50
+    assert startup.servers[0].limits.connections == 1001  # the original is untouched

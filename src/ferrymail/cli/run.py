@@ -40,21 +40,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Whatever the daemon creates (spool files, SQLite's WAL and shared-memory files) is
     # for its own user only.
     os.umask(0o077)
-    local_shaping = bool(app.running.policies) and app.startup.cluster is None
+    log.batch_per_iteration()  # one write per event-loop iteration (workers inherit it)
     workers, why = choose_workers(args.workers, app.startup.environment.workers,
-                                  default_workers(), local_shaping)
-    if workers > 1 and local_shaping:
-        log.log_event("supervisor.limits_per_worker", "warning", workers=workers,
-                      error="policies are limited in-process: each worker enforces them "
-                            "for itself, so the host may send up to "
-                            f"{workers} times the configured limits; run one worker or "
-                            "configure a cluster")
+                                  default_workers())
+    log.log_event("supervisor.workers", workers=workers, why=why,
+                  limits="cluster (redis)" if app.startup.cluster is not None
+                  else "host-wide (limiter service)" if workers > 1 else "in-process")
     for shard in unserved_shards(app.startup.spool.path, workers):
         log.log_event("spool.shard_unserved", "warning", shard=str(shard), workers=workers,
                       error="a spool shard of a larger worker count: its mail stays queued "
                             "until ferrymail runs with more workers again")
     if workers > 1:
-        log.log_event("supervisor.workers", workers=workers, why=why)
         return run_workers(args.startup, args.running, app.startup, workers)
     try:
         uvloop.run(app.run())
@@ -63,6 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Exception as exc:  # startup failures: port in use, spool unusable, pidfile…
         log.log_event("app.start_failed", "error", error=f"{type(exc).__name__}: {exc}")
         return EXIT_FAIL
+    finally:
+        log.flush()
     return EXIT_OK
 
 
@@ -168,7 +166,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--startup", metavar="FILE", help="startup configuration (YAML)")
     p.add_argument("--running", metavar="FILE", help="running configuration (YAML)")
     p.add_argument("--workers", metavar="N", type=_positive,
-                   help="worker processes (default: environment.workers, else 1)")
+                   help="worker processes (default: environment.workers, else the number of CPUs)")
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)

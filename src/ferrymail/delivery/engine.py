@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +48,7 @@ from ferrymail.delivery.health import (
     classify,
     log_transition,
 )
+from ferrymail.delivery.ipparse import ip_version
 from ferrymail.delivery.loops import LOOP_STATUS, OwnListeners, hop_limit_error
 from ferrymail.delivery.mx import MXHost, Resolver
 from ferrymail.delivery.pool import ConnectionPool, PoolKey
@@ -60,7 +60,7 @@ from ferrymail.delivery.routing import (
     sources_from_hook,
     transport_sources,
 )
-from ferrymail.delivery.scheduler import Job, Scheduler, plan_retry
+from ferrymail.delivery.scheduler import Destination, Job, Scheduler, plan_retry
 from ferrymail.dkim import DkimError, DkimSigner, PrefixedBody
 from ferrymail.hooks import HookContext, HookDecision, HookError, PredeliveryHook
 from ferrymail.observe import metrics
@@ -239,6 +239,8 @@ class DeliveryEngine:
         # Shaping (orchestrator): in-process unless the App passes a cluster-wide one.
         self.limiter: Limiter = limiter if limiter is not None else LocalLimiter()
         self._leases: dict[int, Lease] = {}  # id(client) -> the slots its connection holds
+        if getattr(self.limiter, "host_wide", False):
+            self.scheduler.share = int(getattr(self.limiter, "workers", 1))
         self.health_store: HealthStore = health_store or LocalHealthStore()
         self.rotation = SourceRotation(HealthBook(running().proxyhealth,
                                                   on_transition=self._health_changed))
@@ -548,7 +550,7 @@ class DeliveryEngine:
                 if tried >= MAX_MX_ADDRESSES:
                     break
                 tried += 1
-                version = ipaddress.ip_address(ip).version
+                version = ip_version(ip)
                 family_sources = plan.for_family(version)
                 sources = self.rotation.order((transport.id, version, family_sources),
                                               family_sources, self.clock(), plan.rotate)
@@ -672,13 +674,18 @@ class DeliveryEngine:
                                   domains[0] if domains else "", job.destination.transport,
                                   str(src.proxy) if src.proxy else "direct")
                 limits = limits_for_domains(cfg, attempt, domains)
+                if getattr(self.limiter, "host_wide", False):
+                    limits = (*limits, *host_limits(job.destination, cfg))
                 if pooled is not None and pooled[0] == src:
                     client, reused = pooled[1], True
                     pooled = None
-                elif n > 0 and refused is not None:
-                    # The message's own source is full: an idle session of this alternative
-                    # carries it (it holds a slot other instances wait for; left idle it
-                    # would starve them until its idle time ran out).
+                elif (n > 0 and refused is not None and refused.kind == "concurrency"
+                      and not self.pool.has_idle(
+                          lambda c, key=refused.key: key in self._lease_keys(c))):
+                    # The message's own source is full, held by others (no idle session of
+                    # ours to close for it): an idle session of this alternative carries it
+                    # (it holds a slot other instances wait for; left idle it would starve
+                    # them until its idle time ran out).
                     client = self.pool.take(PoolKey(src, ip, port, tls.value))
                     reused = client is not None
                 if client is not None and not self._lease_covers(client, limits):
@@ -1149,6 +1156,17 @@ def _failure_kind(outcome: Outcome) -> str:
 def recipient_domains(recipients: Sequence[str]) -> tuple[str, ...]:
     """The distinct domains of ``recipients`` (lower case), sorted."""
     return tuple(sorted({r.rpartition("@")[2].lower().rstrip(".") for r in recipients}))
+
+
+def host_limits(dest: Destination, cfg: RunningConfig) -> tuple[Limit, Limit]:
+    """``queues.concurrency`` and ``queues.total_concurrency`` as concurrency limits of the
+    host-wide limiter (N workers without Redis), so that both connection caps hold for the
+    host: keys ``destination=TRANSPORT/NEXTHOP`` and ``queues.total_concurrency``. The
+    scheduler's per-destination window (slow start, failure feedback) stays per worker."""
+    key = f"destination={dest}"
+    total = "queues.total_concurrency"
+    return (Limit(key, key, cfg.queues.concurrency),
+            Limit(total, total, cfg.queues.total_concurrency))
 
 
 def _sooner(a: Denied | None, b: Denied) -> Denied:

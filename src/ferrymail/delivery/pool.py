@@ -115,6 +115,10 @@ class ConnectionPool:
         self._order[id(client)] = key
         return True
 
+    def has_idle(self, wanted: Callable[[SMTPClient], bool]) -> bool:
+        """Whether a parked session for which ``wanted`` is true exists."""
+        return any(wanted(p.client) for entries in self._idle.values() for p in entries)
+
     def close_idle(self, wanted: Callable[[SMTPClient], bool]) -> bool:
         """QUIT the longest-idle parked session for which ``wanted`` is true (e.g. one
         holding a concurrency slot another delivery waits for); True if there was one."""

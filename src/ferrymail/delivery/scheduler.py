@@ -221,6 +221,7 @@ class Scheduler:
         defer_job: Callable[[Job, str, float], Awaitable[float | None]] | None = None,
         state_path: Path | None = None,
     ) -> None:
+        self.share = 1  # workers sharing queues.concurrency host-wide (see _dispatch)
         if fetch_limit < 1:
             raise ValueError(f"fetch_limit must be at least 1, not {fetch_limit}")
         self.spool = spool
@@ -474,7 +475,9 @@ class Scheduler:
     def _dispatch(self) -> None:
         """Start jobs, destinations taking turns, within every limit (see `destinations`)."""
         cfg = self.config()
-        per_dest = cfg.queues.concurrency
+        # one of N workers sharing a host-wide cap: its window aims at its share, so that
+        # workers do not keep asking for slots the others hold (the cap itself stays exact)
+        per_dest = max(1, math.ceil(cfg.queues.concurrency / self.share))
         total = cfg.queues.total_concurrency
         policy = cfg.queues.destination
         unproven_cap = max(1, math.ceil(total * policy.unproven_share))
