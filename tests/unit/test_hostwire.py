@@ -284,3 +284,26 @@ async def wake_one_scenario(tmp_path: Path) -> None:
         await w0.stop()
         await w1.stop()
         await stop_service(svc)
+
+
+def test_connected_moves_the_interval_to_the_connection_and_rejects_bad_input() -> None:
+    clock = [1000.0]
+    svc = LimiterService(LocalLimiter(clock=lambda: clock[0]))
+    a, _ = conn("0")
+    ci = Limit("localip=192.0.2.1", "localip=192.0.2.1", connectinterval=0.5)
+
+    def ask(rid: int) -> dict:
+        reply = svc.handle(a, {"id": rid, "op": "connect", "a": attempt_to_wire(A),
+                               "l": [limit_to_wire(ci)], "lease": f"c{rid}"})
+        assert reply is not None
+        return reply
+
+    assert "lease" in ask(1)  # granted at 1000.0
+    clock[0] = 1000.3  # the connection stood 0.2 s after its grant
+    assert svc.handle(a, {"op": "connected", "ago": 0.1, "l": [limit_to_wire(ci)]}) is None
+    clock[0] = 1000.6  # past the grant's interval, not the connection's
+    assert ask(2)["denied"][0] == "connectinterval"
+    clock[0] = 1000.7
+    assert "lease" in ask(3)
+    with pytest.raises(ProtocolError):
+        svc.handle(a, {"op": "connected", "ago": -1, "l": [limit_to_wire(ci)]})
