@@ -221,6 +221,16 @@ def test_workers_option_and_key_are_validated(tmp_path: Path):
     out = run_cli("config", "check", str(bad))
     assert out.returncode == 1
     assert out.stdout.startswith(f"{bad}:2: environment.workers: ")
+    # a huge count would fork that many interpreters: refused before anything starts
+    out = run_cli("run", "--workers", "100000", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "at most 256 workers" in out.stderr
+    assert not (tmp_path / "var").exists()
+    bad.write_text("environment:\n  workers: 100000\n")
+    out = run_cli("config", "check", str(bad))
+    assert out.returncode == 1
+    assert out.stdout.startswith(f"{bad}:2: environment.workers: ")
+    assert "256" in out.stdout
 
 
 def test_workers_drop_privileges_each_and_own_their_shards(ferrymail_proc):
