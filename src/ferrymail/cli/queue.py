@@ -144,7 +144,16 @@ def cmd_queue(args: argparse.Namespace) -> int:
         if client is None:
             raise AdminUnavailable("the admin API is switched off (admin.socket: false)")
         clients = [client, *other_workers(startup)]
-        result = _ask_workers(clients, what, args, flt)
+        try:
+            result = _ask_workers(clients, what, args, flt)
+        except AdminError as exc:
+            # a message in a shard no worker serves is listed (below), so it can be shown
+            if what != "show" or exc.status != 404:
+                raise
+            extra = _unserved_shards(startup, len(clients))
+            result = _spool_fallback(startup, what, args, flt, paths=extra) if extra else None
+            if result is None:
+                raise
         if what in ("list", "summary"):
             result = _with_unserved_shards(startup, result, len(clients), what, args, flt)
     except AdminError as exc:
@@ -180,14 +189,18 @@ def _with_unserved_shards(startup: StartupConfig, result: dict[str, Any], served
                           what: str, args: argparse.Namespace, flt: Any) -> dict[str, Any]:
     """Add what lies in shards no running worker serves (left by a larger ``--workers``),
     read from the spool, so ``list`` and ``summary`` never hide a queued message."""
-    from ferrymail.supervisor import shard_paths
-
-    root = Path(startup.spool.path)
-    extra = [p for p in shard_paths(root)
-             if p != root and int(p.name.rsplit("-", 1)[1]) >= served]
+    extra = _unserved_shards(startup, served)
     if not extra:
         return result
-    found = _spool_fallback(startup, "list", args, flt, paths=extra)["messages"]
+    found: list[dict[str, Any]] = []
+    unserved = []  # said beside the list: no worker retries these, whatever "retry at" says
+    for path in extra:
+        mine = _spool_fallback(startup, "list", args, flt, paths=[path])["messages"]
+        found += mine
+        if mine:
+            unserved.append({"shard": str(path), "messages": len(mine),
+                             "workers_needed": int(path.name.rsplit("-", 1)[1]) + 1})
+    result = {**result, "unserved": unserved}
     if what == "list":
         msgs = sorted([*result["messages"], *found], key=lambda m: m["id"])
         return {**result, "messages": msgs[:args.limit]}
@@ -195,6 +208,22 @@ def _with_unserved_shards(startup: StartupConfig, result: dict[str, Any], served
 
     return {**result, "queues": merge_summaries(result["queues"],
                                                 summarize(found, now=time.time()))}
+
+
+def _unserved_shards(startup: StartupConfig, served: int) -> list[Path]:
+    """Shard directories numbered ``served`` or above: no running worker holds them."""
+    from ferrymail.supervisor import shard_paths
+
+    root = Path(startup.spool.path)
+    return [p for p in shard_paths(root)
+            if p != root and int(p.name.rsplit("-", 1)[1]) >= served]
+
+
+def _print_unserved(result: dict[str, Any]) -> None:
+    for u in result.get("unserved", ()):
+        print(f"{u['messages']} message(s) in {u['shard']}: no running worker serves this "
+              f"shard; they wait until ferrymail runs with at least {u['workers_needed']} "
+              "workers")
 
 
 def _ask_workers(clients: list[Any], what: str, args: argparse.Namespace, flt: Any) -> Any:
@@ -277,6 +306,7 @@ def _print(what: str, result: dict[str, Any], args: argparse.Namespace, source: 
                 print(line)
         print(f"{len(msgs)} message(s)" + (" (limit reached)" if len(msgs) >= args.limit
                                            else ""))
+        _print_unserved(result)
     elif what == "show":
         m = result
         print(f"queue id:  {m['id']}  ({m['state']})")
@@ -309,6 +339,7 @@ def _print(what: str, result: dict[str, Any], args: argparse.Namespace, source: 
                 print(f"{'':>73}last: {g['last_error']}")
         if result.get("hold"):
             print("queues.hold is on: no delivery starts")
+        _print_unserved(result)
         if source == "spool":
             print("(read from the spool: no daemon answers; wait reasons need the daemon)")
     else:
