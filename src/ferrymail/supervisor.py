@@ -238,6 +238,7 @@ class Supervisor:
     service: _Worker | None = None
     _signals: list[int] = field(default_factory=list)
     _sockets: dict[str, list[list[socket.socket]]] = field(default_factory=dict)
+    _stopping: bool = False  # set by _stop_all: an exit is then expected, nothing restarts
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; 0, or 1 if the first start failed."""
@@ -348,8 +349,13 @@ class Supervisor:
             w.exits += 1
             how = (f"signal {signal.Signals(-os.waitstatus_to_exitcode(status)).name}"
                    if os.WIFSIGNALED(status) else f"exit {os.waitstatus_to_exitcode(status)}")
-            log_event("worker.exited", "warning", worker=w.index, pid=pid, status=how,
-                      lived=f"{lived:.1f}s", restart_in=f"{w.backoff:g}s")
+            if self._stopping:
+                w.restart_at = None
+                log_event("worker.exited", worker=w.index, pid=pid, status=how,
+                          lived=f"{lived:.1f}s", why="stopping")
+            else:
+                log_event("worker.exited", "warning", worker=w.index, pid=pid, status=how,
+                          lived=f"{lived:.1f}s", restart_in=f"{w.backoff:g}s")
             w.pid = 0
             gone.append(w)
         return gone
@@ -467,8 +473,14 @@ class Supervisor:
         s.exits += 1
         how = (f"signal {signal.Signals(-os.waitstatus_to_exitcode(status)).name}"
                if os.WIFSIGNALED(status) else f"exit {os.waitstatus_to_exitcode(status)}")
-        log_event("limiter.exited", "warning", pid=s.pid, status=how, lived=f"{lived:.1f}s",
-                  restart_in=f"{s.restart_at - time.monotonic():.1f}s")
+        if self._stopping:
+            s.restart_at = None
+            log_event("limiter.exited", pid=s.pid, status=how, lived=f"{lived:.1f}s",
+                      why="stopping")
+        else:
+            log_event("limiter.exited", "warning", pid=s.pid, status=how,
+                      lived=f"{lived:.1f}s",
+                      restart_in=f"{s.restart_at - time.monotonic():.1f}s")
         s.pid = 0
 
     def _wait_ready(self) -> bool:
@@ -515,6 +527,7 @@ class Supervisor:
 
     def _stop_all(self, grace: float = 30.0) -> None:
         """SIGTERM every live worker; SIGKILL what still runs after ``grace`` seconds."""
+        self._stopping = True
         for w in self.workers:
             w.restart_at = None
             if w.pid:

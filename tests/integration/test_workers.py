@@ -105,6 +105,14 @@ def test_reload_reaches_every_worker_and_queue_list_sees_every_shard(ferrymail_p
     assert gone not in ids1
     assert proc.stop() == 0
     assert not (tmp_path / "ferrymail.pid").exists()
+    # a stop is not a crash: no warning that promises a restart
+    stopping = proc.logs()
+    stopping = stopping[next(i for i, line in enumerate(stopping)
+                             if "event=app.stopping" in line):]
+    exits = [line for line in stopping if re.search(r"event=(worker|limiter)\.exited ", line)]
+    assert len(exits) == 3, stopping  # two workers and the limiter service
+    assert all("level=info" in line and "restart_in" not in line and "why=stopping" in line
+               for line in exits), exits
 
     # one worker now: shard-1's mail is kept, listed, and its being left alone is said
     single = ferrymail_proc(startup, running_yaml(["s"]), wait=[(HOST, port)], workers=1)
