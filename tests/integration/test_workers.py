@@ -332,3 +332,36 @@ def test_default_worker_count_is_the_cpus_with_host_wide_limits(ferrymail_proc,
                     r"limits=in-process")
     assert not [ln for ln in single.logs() if " worker=" in ln or "event=limiter." in ln]
     assert single.stop() == 0
+
+
+def test_top_and_queue_with_a_worker_that_does_not_answer(ferrymail_proc, tmp_path: Path):
+    """A stopped worker (SIGSTOP: its socket accepts, nothing replies) costs `top` a short
+    wait, and the frame names it; worker 0 not answering is a clear error, no traceback."""
+    port = free_port()
+    startup = startup_yaml(tmp_path, [server("s", [listener(port)])])
+    proc = ferrymail_proc(startup, running_yaml(["s"]), wait=[(HOST, port)], workers=2)
+    proc.wait_log("event=supervisor.started", timeout=30)
+    w0, w1 = worker_pids(proc, 0)[-1], worker_pids(proc, 1)[-1]
+    top = ("top", "--once", "--startup", str(proc.startup_path))
+    os.kill(w1, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        out = run_cli(*top, cwd=tmp_path, timeout=60)
+        took = time.monotonic() - started
+        assert out.returncode == 0, out.stderr
+        assert "workers 1/2" in out.stdout and "not answering: worker(s) 1 " in out.stdout, \
+            out.stdout
+        assert took < 8, f"top --once took {took:.1f}s with one worker stopped"
+    finally:
+        os.kill(w1, signal.SIGCONT)
+    os.kill(w0, signal.SIGSTOP)
+    try:
+        out = run_cli(*top, cwd=tmp_path, timeout=60)
+    finally:
+        os.kill(w0, signal.SIGCONT)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("ferrymail top: ferrymail on ") and "did not answer" in \
+        out.stderr, out.stderr
+    out = run_cli(*top, cwd=tmp_path, timeout=60)  # both serve again
+    assert out.returncode == 0 and "workers 2/2" in out.stdout, out
