@@ -365,3 +365,36 @@ def test_top_and_queue_with_a_worker_that_does_not_answer(ferrymail_proc, tmp_pa
         out.stderr, out.stderr
     out = run_cli(*top, cwd=tmp_path, timeout=60)  # both serve again
     assert out.returncode == 0 and "workers 2/2" in out.stdout, out
+
+
+def test_queue_list_says_when_the_limiter_service_is_unreachable(ferrymail_proc,
+                                                                  tmp_path: Path):
+    """Each worker's host limiter state is on file like the Redis cluster's: `queue list`
+    says the limits are host-wide, and which worker splits them while the service is gone
+    (killed while the supervisor is stopped, so it cannot restart it yet)."""
+    port = free_port()
+    startup = startup_yaml(tmp_path, [server("s", [listener(port)])])
+    proc = ferrymail_proc(startup, running_yaml(["s"]), wait=[(HOST, port)], workers=2)
+    proc.wait_log("event=supervisor.started", timeout=30)
+    proc.wait_log(r"event=limiter\.state state=shared ", count=2, timeout=10)
+    qlist = ("queue", "list", "--startup", str(proc.startup_path))
+    out = run_cli(*qlist, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "limiter: host-wide (limiter service), 2/2 worker(s) sharing" in out.stdout, out
+    service = int(proc.wait_log(r"event=limiter\.spawned pid=(\d+)")[0].split("pid=")[1])
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        os.kill(service, signal.SIGKILL)
+        proc.wait_log(r"event=limiter\.state state=fallback ", count=2, timeout=10)
+        out = run_cli(*qlist, cwd=tmp_path)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert out.returncode == 0, out.stderr
+    for k in (0, 1):
+        assert re.search(rf"^limiter: service unreachable: worker {k} splits the limits 1/2 "
+                         r"since \S+ \(", out.stdout, re.M), out.stdout
+    proc.wait_log(r"event=limiter\.state state=shared previous=fallback", count=2, timeout=15)
+    out = run_cli(*qlist, cwd=tmp_path)
+    assert "limiter: host-wide (limiter service), 2/2 worker(s) sharing" in out.stdout, out
+    assert proc.stop() == 0
+    assert not list(tmp_path.glob("spool/**/limiter-status.json"))

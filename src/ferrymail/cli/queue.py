@@ -56,6 +56,37 @@ def cluster_line(spool_dir: Path) -> str:
             f"instance {st.get('instance')}, since {since}")
 
 
+def host_limiter_lines(spool_dir: Path) -> list[str]:
+    """``limiter: host-wide (limiter service), 2/2 worker(s) sharing``, or a line per worker
+    that splits the limits because the service is unreachable, from each worker's status
+    file (`ferrymail.orchestrator.host`); [] without workers."""
+    import json
+
+    from ferrymail.orchestrator.host import STATUS_FILE
+    from ferrymail.orchestrator.limiter import iso
+    from ferrymail.supervisor import shard_paths
+
+    states = []
+    for shard in shard_paths(spool_dir):
+        try:
+            states.append(json.loads((shard / STATUS_FILE).read_text()))
+        except (OSError, ValueError):
+            continue
+    if not states:
+        return []
+    # the running count is worker 0's; a file of another count is a killed run's leftover
+    states = [st for st in states if st.get("workers") == states[0].get("workers")]
+    out = [f"limiter: service unreachable: worker {st.get('worker')} splits the limits "
+           f"1/{st.get('workers')} since {iso(float(st.get('since', 0)))} "
+           f"({st.get('error') or 'no answer'})"
+           for st in states if st.get("state") == "fallback"]
+    shared = sum(st.get("state") == "shared" for st in states)
+    if shared:
+        out.insert(0, f"limiter: host-wide (limiter service), {shared}/"
+                      f"{states[0].get('workers')} worker(s) sharing")
+    return out
+
+
 def _filter(args: argparse.Namespace) -> Any:
     from ferrymail.admin.queue import QueueFilter
     from ferrymail.config import parse_duration
@@ -287,6 +318,8 @@ def _print(what: str, result: dict[str, Any], args: argparse.Namespace, source: 
         cluster = cluster_line(spool_dir)
         if cluster:
             print(cluster)
+        for line in host_limiter_lines(spool_dir):
+            print(line)
         for m in msgs:
             print(f"{m['id']}  {_age(m['age_s']):>4}  <{m['sender']}>  "
                   f"client={m['client_ip']}  size={m['size']}  server={m['server']}  "
