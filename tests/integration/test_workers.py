@@ -396,5 +396,10 @@ def test_queue_list_says_when_the_limiter_service_is_unreachable(ferrymail_proc,
     proc.wait_log(r"event=limiter\.state state=shared previous=fallback", count=2, timeout=15)
     out = run_cli(*qlist, cwd=tmp_path)
     assert "limiter: host-wide (limiter service), 2/2 worker(s) sharing" in out.stdout, out
+    left = (tmp_path / "spool" / "limiter-status.json").read_text()
     assert proc.stop() == 0
     assert not list(tmp_path.glob("spool/**/limiter-status.json"))
+    # a file a SIGKILLed run left behind: nothing runs, so no limiter state is claimed
+    (tmp_path / "spool" / "limiter-status.json").write_text(left)
+    out = run_cli(*qlist, cwd=tmp_path)
+    assert out.returncode == 0 and "limiter:" not in out.stdout, out

@@ -318,7 +318,8 @@ def _print(what: str, result: dict[str, Any], args: argparse.Namespace, source: 
         cluster = cluster_line(spool_dir)
         if cluster:
             print(cluster)
-        for line in host_limiter_lines(spool_dir):
+        # the workers' files; from the spool (no daemon) they are a killed run's leftovers
+        for line in host_limiter_lines(spool_dir) if source == "daemon" else ():
             print(line)
         for m in msgs:
             print(f"{m['id']}  {_age(m['age_s']):>4}  <{m['sender']}>  "
