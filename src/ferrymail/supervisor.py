@@ -80,13 +80,31 @@ def shard_paths(root: str | Path) -> list[Path]:
 def unserved_shards(root: str | Path, count: int) -> list[Path]:
     """Shards under ``root`` holding a spool that ``count`` workers leave alone (left by a
     larger worker count before): their mail is kept but not delivered until the count is
-    raised again."""
+    raised again. A shard whose spool lock another process holds is served (by another run
+    on this spool, which the start then refuses) and is not listed."""
     out = []
     for path in shard_paths(root)[1:]:
         index = int(path.name.removeprefix(SHARD_PREFIX))
-        if index >= count and (path / "spool.db").exists():
+        if index >= count and (path / "spool.db").exists() and not _locked(path):
             out.append(path)
     return out
+
+
+def _locked(path: Path) -> bool:
+    """Whether a process holds ``path``'s spool lock (`SqliteSpool` flocks its directory)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops a lock just taken
+    return False
 
 
 def default_workers() -> int:
