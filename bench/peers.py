@@ -533,9 +533,11 @@ transportgroups:
 
 @contextlib.contextmanager
 def ferrymail(d: Path, host: str = "127.0.0.1",
-              args: tuple[str, ...] = ("--workers", "1")) -> Iterator[Peer]:
+              args: tuple[str, ...] = ("--workers", "1"),
+              prefix: tuple[str, ...] = ()) -> Iterator[Peer]:
     """`ferrymail run` with a direct and a PROXY-protocol listener and an fsynced spool;
-    `args` go on its command line (e.g. `("--workers", "2")`)."""
+    `args` go on its command line (e.g. `("--workers", "2")`), `prefix` before it (e.g.
+    `python -m cProfile -o FILE`: the ferrymail script then runs under it)."""
     exe = VENV_BIN / "ferrymail"
     if not exe.exists():
         raise BenchError(f"{exe} is missing: pip install -e . in the venv")
@@ -545,8 +547,8 @@ def ferrymail(d: Path, host: str = "127.0.0.1",
     startup.write_text(ferrymail_startup_yaml(host, ports, d))
     running.write_text(ferrymail_running_yaml(host, free_port(host)))
     log = d / "ferrymail.log"
-    proc = spawn([str(exe), "run", "--startup", str(startup), "--running", str(running),
-                  *args], log)
+    proc = spawn([*prefix, str(exe), "run", "--startup", str(startup), "--running",
+                  str(running), *args], log)
     try:
         for p in (ports.direct, ports.proxied):
             try:

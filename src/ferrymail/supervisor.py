@@ -46,6 +46,7 @@ from pathlib import Path
 from ferrymail import sdnotify
 from ferrymail.config import StartupConfig
 from ferrymail.config.models import StartupServer
+from ferrymail.observe.log import flush as flush_log
 from ferrymail.observe.log import log_event
 
 SHARD_PREFIX = "shard-"
@@ -409,6 +410,7 @@ class Supervisor:
                               error=f"{type(exc).__name__}: {exc}")
             finally:
                 with contextlib.suppress(Exception):
+                    flush_log()  # lines batched in the last loop iteration (os._exit skips atexit)
                     sys.stdout.flush()
                     sys.stderr.flush()
                 os._exit(code)
@@ -442,6 +444,7 @@ class Supervisor:
                 log_event("limiter.failed", "error", error=f"{type(exc).__name__}: {exc}")
         finally:
             with contextlib.suppress(Exception):
+                flush_log()  # lines batched in the last loop iteration (os._exit skips atexit)
                 sys.stdout.flush()
                 sys.stderr.flush()
             os._exit(code)

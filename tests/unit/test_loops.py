@@ -48,3 +48,18 @@ def test_own_listeners():
 def test_is_local_address():
     assert is_local_address("127.0.0.1") and is_local_address("::1")
     assert not is_local_address("192.0.2.55") and not is_local_address("not an ip")
+
+
+def _header_block_reference(data: bytes) -> bytes:
+    if data.startswith((b"\r\n", b"\n")):
+        return b""
+    ends = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
+    return data[: min(ends)] if ends else data
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"\r\n\r\n", b"\n\n", b"b:c"]),
+                max_size=30).map(b"".join))
+def test_header_block_agrees_with_searching_the_whole_message(data: bytes) -> None:
+    from ferrymail.delivery.loops import header_block
+
+    assert header_block(data) == _header_block_reference(data)

@@ -332,3 +332,20 @@ def test_gcra_reservations_never_exceed_rate_in_any_window(n, period, burst, ahe
         while j < len(sent) and sent[j] < t + window:
             j += 1
         assert j - i <= bound + 1e-6
+
+
+def test_suspension_file_sees_another_writer_within_the_recheck_and_its_own_at_once(tmp_path):
+    import time as _time
+
+    from ferrymail.orchestrator import suspensions
+
+    path = tmp_path / "suspensions.json"
+    mine, other = SuspensionFile(path), SuspensionFile(path)
+    assert mine.current() == []
+    other.add(new_suspension({"localip": "192.0.2.1"}, 60, "by hand"))
+    deadline = _time.monotonic() + 5 * suspensions.RECHECK + 5
+    while not mine.current():  # seen within RECHECK (a stat at most that often)
+        assert _time.monotonic() < deadline, "another process's suspension never seen"
+        _time.sleep(0.01)
+    mine.add(new_suspension({"localip": "192.0.2.2"}, 60, "own"))
+    assert {s.fields["localip"] for s in mine.current()} == {"192.0.2.1", "192.0.2.2"}

@@ -97,3 +97,23 @@ def test_stuffed_output_never_has_a_bare_line_ending(data):
     if expected and not expected.endswith(b"\r\n"):
         expected += b"\r\n"
     assert body == expected
+
+
+def _dot_stuff_reference(data: bytes) -> bytes:
+    """dot_stuff as first written (three counts and a plain search): the fast one must agree."""
+    cr = data.count(b"\r")
+    if cr != data.count(b"\n") or cr != data.count(b"\r\n"):
+        data = to_crlf(data)
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data.startswith(b"."):
+        data = b"." + data
+    if b"\r\n." in data:
+        data = data.replace(b"\r\n.", b"\r\n..")
+    return data + b".\r\n"
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"a", b"\r\n.", b"\n.", b"\r."]),
+                max_size=40).map(b"".join))
+def test_dot_stuff_agrees_with_the_plain_reference(data: bytes) -> None:
+    assert dot_stuff(data) == _dot_stuff_reference(data)

@@ -325,6 +325,12 @@ def test_unknown_ids_and_recipients(tmp_path):
             await spool.update(qid, [upd("a@x", FAILED), upd("nobody@x", DELIVERED)])
         with pytest.raises(SpoolError, match="'bogus' is not a valid RecipientState"):
             await spool.update(qid, [upd("b@x", DELIVERED), upd("a@x", "bogus")])  # type: ignore[arg-type]
+        # a last update (every recipient final) with a bad value is refused as any other
+        with pytest.raises(SpoolError, match="invalid literal for int"):
+            await spool.update(qid, [upd("a@x", DELIVERED), upd("b@x", FAILED, "x")])  # type: ignore[arg-type]
+        with pytest.raises(SpoolError, match="no recipient 'nobody@x'"):
+            await spool.update(qid, [upd("a@x", DELIVERED), upd("b@x", FAILED),
+                                     upd("nobody@x", DELIVERED)])
         msg = await spool.get(qid)
         assert [r.state for r in msg.recipients] == [QUEUED, QUEUED]
         await spool.delete(qid)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ferrymail.observe.log import log_event
+from ferrymail.observe.log import flush_before_reply, log_event
 
 MAX_HEAD = 16 * 1024
 MAX_BODY = 1024 * 1024
@@ -190,6 +190,7 @@ class HTTPServer:
             head = (f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Status')}\r\n"
                     f"Content-Type: {resp.content_type}\r\n"
                     f"Content-Length: {len(resp.body)}\r\nConnection: close\r\n\r\n")
+            flush_before_reply()
             writer.write(head.encode("latin-1") + resp.body)
             with contextlib.suppress(ConnectionError):
                 await writer.drain()

@@ -41,6 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Whatever the daemon creates (spool files, SQLite's WAL and shared-memory files) is
     # for its own user only.
     os.umask(0o077)
+    log.batch_per_iteration()  # one write per event-loop iteration (workers inherit it)
     workers, why = choose_workers(args.workers, app.startup.environment.workers,
                                   default_workers())
     log.log_event("supervisor.workers", workers=workers, why=why,
@@ -59,6 +60,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Exception as exc:  # startup failures: port in use, spool unusable, pidfile…
         log.log_event("app.start_failed", "error", error=f"{type(exc).__name__}: {exc}")
         return EXIT_FAIL
+    finally:
+        log.flush()
     return EXIT_OK
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +48,7 @@ from ferrymail.delivery.health import (
     classify,
     log_transition,
 )
+from ferrymail.delivery.ipparse import ip_version
 from ferrymail.delivery.loops import LOOP_STATUS, OwnListeners, hop_limit_error
 from ferrymail.delivery.mx import MXHost, Resolver
 from ferrymail.delivery.pool import ConnectionPool, PoolKey
@@ -550,7 +550,7 @@ class DeliveryEngine:
                 if tried >= MAX_MX_ADDRESSES:
                     break
                 tried += 1
-                version = ipaddress.ip_address(ip).version
+                version = ip_version(ip)
                 family_sources = plan.for_family(version)
                 sources = self.rotation.order((transport.id, version, family_sources),
                                               family_sources, self.clock(), plan.rotate)

@@ -20,6 +20,8 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ferrymail.delivery.ipparse import parse_ip
+
 LOOP_STATUS = "5.4.6"  # RFC 3463: routing loop detected
 DEFAULT_HOP_LIMIT = 50  # Postfix hopcount_limit
 
@@ -29,7 +31,11 @@ def header_block(data: bytes) -> bytes:
     endings), or the whole message if it has no body."""
     if data.startswith((b"\r\n", b"\n")):
         return b""
-    ends = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
+    crlf = data.find(b"\r\n\r\n")
+    # an LF LF can only end the header earlier: search no further (a 100 KB body in CRLF
+    # has none, and scanning it all cost more than the rest of the loop checks)
+    lf = data.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(data))
+    ends = [i for i in (crlf, lf) if i >= 0]
     return data[: min(ends)] if ends else data
 
 
@@ -87,7 +93,7 @@ class OwnListeners:
     def match(self, ip: str, port: int) -> str | None:
         """The listener ``ip:port`` would reach (``"[::]:25"`` style), or None."""
         try:
-            target = ipaddress.ip_address(ip)
+            target = parse_ip(ip)
         except ValueError:
             return None
         for address, lport in self.listeners:
@@ -96,6 +102,6 @@ class OwnListeners:
             if address is None:
                 if is_local_address(str(target)):
                     return f"*:{lport}"
-            elif ipaddress.ip_address(address) == target:
+            elif parse_ip(address) == target:
                 return f"[{address}]:{lport}" if ":" in address else f"{address}:{lport}"
         return None

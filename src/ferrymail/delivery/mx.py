@@ -20,6 +20,7 @@ import dns.name
 import dns.resolver
 
 from ferrymail.delivery.errors import DeliveryError
+from ferrymail.delivery.ipparse import ip_version, parse_ip
 
 FAMILIES: tuple[str, ...] = ("ipv4", "ipv6")
 _RDTYPE = {"ipv4": "A", "ipv6": "AAAA"}
@@ -51,7 +52,7 @@ def _check_families(families: Sequence[str]) -> tuple[str, ...]:
 
 
 def _ip_family(ip: str) -> str:
-    return "ipv6" if ipaddress.ip_address(ip).version == 6 else "ipv4"
+    return "ipv6" if ip_version(ip) == 6 else "ipv4"
 
 
 def parse_domain_literal(text: str) -> str | None:
@@ -171,7 +172,7 @@ class Resolver:
         fams = _check_families(families)
         literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         try:
-            ip = ipaddress.ip_address(literal.removeprefix("IPv6:"))
+            ip = parse_ip(literal.removeprefix("IPv6:"))
         except ValueError:
             ip = None
         if ip is not None:

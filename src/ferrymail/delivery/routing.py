@@ -21,6 +21,7 @@ from ferrymail.config.proxyha import ProxyCheck
 from ferrymail.delivery.connect import ProxyRoute, Source
 from ferrymail.delivery.errors import DeliveryError
 from ferrymail.delivery.health import CheckTarget, HealthBook
+from ferrymail.delivery.ipparse import ip_version
 from ferrymail.spool import Envelope, RecipientRecord
 
 MAX_ROTATION_KEYS = 10000
@@ -180,7 +181,7 @@ def sources_from_hook(
 
 
 def _version(address: str) -> int:
-    return ipaddress.ip_address(address).version
+    return ip_version(address)
 
 
 # -- per-message source choice -----------------------------------------------------------------

@@ -26,6 +26,7 @@ from ferrymail.orchestrator.policy import Attempt, value_matches
 
 FILE_NAME = "suspensions.json"
 MAX_SUSPENSIONS = 10000  # a bound on the store: adding beyond it is refused
+RECHECK = 0.25  # seconds between looks at the file's mtime (`current` runs per message)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class SuspensionFile:
         self.path = Path(path)
         self._mtime: float | None = None
         self._items: list[Suspension] = []
+        self._checked = -RECHECK  # time.monotonic() of the last stat
 
     def load(self) -> list[Suspension]:
         """The stored suspensions (expired ones included); [] when there is no file."""
@@ -97,6 +99,7 @@ class SuspensionFile:
         return [Suspension.from_json(json.dumps(d)) for d in data]
 
     def save(self, items: list[Suspension]) -> None:
+        self._checked = -RECHECK  # our own change: the next `current` reads it
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps([json.loads(s.to_json()) for s in items], indent=1))
@@ -119,7 +122,13 @@ class SuspensionFile:
         return True
 
     def current(self) -> list[Suspension]:
-        """The cached list, re-read when the file changed (cheap: one stat)."""
+        """The cached list, re-read when the file changed: one stat, at most every
+        `RECHECK` seconds (a change by another process counts within that; by this one at
+        once)."""
+        now = time.monotonic()
+        if now - self._checked < RECHECK:
+            return self._items
+        self._checked = now
         try:
             mtime = self.path.stat().st_mtime_ns
         except FileNotFoundError:

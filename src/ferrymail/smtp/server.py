@@ -28,7 +28,7 @@ from typing import Any
 from ferrymail import auth as authlib
 from ferrymail.config import RunningConfig, StartupServer
 from ferrymail.config.auth import ServerAuth
-from ferrymail.observe.log import enabled, log_event, log_formatted, quote
+from ferrymail.observe.log import enabled, flush_before_reply, log_event, log_formatted, quote
 from ferrymail.observe.metrics import PROXY_HEADER_ERRORS
 from ferrymail.proxy import ProxyDecoder, ProxyError, ProxyHeader
 from ferrymail.smtp import auth as smtp_auth
@@ -645,6 +645,7 @@ class InboundConnection(asyncio.Protocol):
             self.task = self.loop.create_task(self._starttls(early, implicit=True))
             return
         self.state = _SMTP
+        flush_before_reply()
         self.transport.write(self.session.banner())  # type: ignore[union-attr]
         self._arm_timer()
 
@@ -948,6 +949,7 @@ class InboundConnection(asyncio.Protocol):
         assert self.session is not None
         if implicit:
             self.session.tls = True
+            flush_before_reply()
             transport.write(self.session.banner())
             self.data_phase = False
             self.deadline = self.last_activity + self.server.timeouts.command
@@ -977,6 +979,7 @@ class InboundConnection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
+            flush_before_reply()  # e.g. the smtp.transaction line before its 250
             t.write(data)
 
     def _close(self) -> None:

@@ -52,6 +52,7 @@ from .base import (
     parse_queue_id,
 )
 from .body import BODIES_DIR, PART_SUFFIX, BodyWriter, SpooledBody
+from .recent import RecentBodies
 from .reserve import RESERVE_NAME, SpaceReserve
 from .sqlite_control import SqliteQueueControl
 
@@ -68,6 +69,9 @@ JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 PAGE_SIZE = 16384
 
 _PENDING_SQL = "state IN ('queued', 'deferred')"  # must match the partial index text
+_FINAL_STATES = frozenset((RecipientState.DELIVERED, RecipientState.FAILED))
+_PENDING_NAMES = frozenset(("queued", "deferred"))  # as _PENDING_SQL names them
+SAVEPOINT_NEEDED = object()  # an op's apply_checked: "run my apply in a savepoint"
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS messages (
@@ -250,13 +254,46 @@ class _Update(_Op):
         super().__init__(future, msg_id)
         self.updates = updates
 
+    def apply_checked(self, conn: sqlite3.Connection) -> object:
+        """The common last update (every recipient it names delivered or failed, none other
+        pending) without a savepoint: it raises only before its first write, then removes
+        the message (its recipients' new states would go with it). `SAVEPOINT_NEEDED` for
+        any other update (then `apply` runs inside a savepoint)."""
+        if not all(upd.state in _FINAL_STATES for upd in self.updates):
+            return SAVEPOINT_NEEDED
+        rows = conn.execute(
+            "SELECT address, idx, state FROM recipients WHERE msg = ?", (self.msg_id,)
+        ).fetchall()
+        if not rows:
+            raise MessageNotFound(f"no message {format_queue_id(self.msg_id)} in the spool")
+        self._params({address: idx for address, idx, _ in rows})  # refuses what apply refuses
+        named = {upd.address for upd in self.updates}
+        if any(state in _PENDING_NAMES and address not in named for address, _, state in rows):
+            return SAVEPOINT_NEEDED
+        self.body_file_gone = _remove(conn, self.msg_id) == _GONE_WITH_FILE
+        return None
+
     def apply(self, conn: sqlite3.Connection) -> None:
         rows = conn.execute(
             "SELECT address, idx FROM recipients WHERE msg = ?", (self.msg_id,)
         ).fetchall()
         if not rows:
             raise MessageNotFound(f"no message {format_queue_id(self.msg_id)} in the spool")
-        index = dict(rows)
+        params = self._params(dict(rows))
+        conn.executemany(
+            "UPDATE recipients SET state = ?, attempts = ?, next_attempt = ?, last_reply = ?,"
+            " notified = COALESCE(?, notified) WHERE msg = ? AND idx = ?",
+            params,
+        )
+        pending = conn.execute(
+            f"SELECT 1 FROM recipients WHERE msg = ? AND {_PENDING_SQL} LIMIT 1", (self.msg_id,)
+        ).fetchone()
+        if pending is None:
+            self.body_file_gone = _remove(conn, self.msg_id) == _GONE_WITH_FILE
+
+    def _params(self, index: dict[str, int]) -> builtins.list[tuple[Any, ...]]:
+        """The UPDATE's rows; SpoolError for a recipient the message does not have, ValueError
+        or TypeError for a bad value."""
         params = []
         for upd in self.updates:
             idx = index.get(upd.address)
@@ -275,20 +312,16 @@ class _Update(_Op):
                     idx,
                 )
             )
-        conn.executemany(
-            "UPDATE recipients SET state = ?, attempts = ?, next_attempt = ?, last_reply = ?,"
-            " notified = COALESCE(?, notified) WHERE msg = ? AND idx = ?",
-            params,
-        )
-        pending = conn.execute(
-            f"SELECT 1 FROM recipients WHERE msg = ? AND {_PENDING_SQL} LIMIT 1", (self.msg_id,)
-        ).fetchone()
-        if pending is None:
-            self.body_file_gone = _remove(conn, self.msg_id) == _GONE_WITH_FILE
+        return params
 
 
 class _Delete(_Op):
     verb = "delete"
+
+    def apply_checked(self, conn: sqlite3.Connection) -> object:
+        """No savepoint needed: `_remove` writes nothing when the message is not there."""
+        self.apply(conn)
+        return None
 
     def apply(self, conn: sqlite3.Connection) -> None:
         gone = _remove(conn, self.msg_id)
@@ -303,10 +336,10 @@ _GONE, _GONE_WITH_FILE = 1, 2
 def _remove(conn: sqlite3.Connection, msg_id: int) -> int:
     """Delete a message's rows: 0 if there was none, _GONE_WITH_FILE if its body is a file."""
     gone = conn.execute("DELETE FROM messages WHERE id = ?", (msg_id,)).rowcount
+    if not gone:
+        return 0  # nothing written
     blob = conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,)).rowcount
     conn.execute("DELETE FROM recipients WHERE msg = ?", (msg_id,))
-    if not gone:
-        return 0
     return _GONE if blob else _GONE_WITH_FILE
 
 
@@ -376,6 +409,7 @@ class SqliteSpool(SqliteQueueControl, Spool):
         self._ckpt_stop = False
         self._ckpt_pages = 0
         self._ckpt_every = 250
+        self.recent = RecentBodies()  # bodies just stored, for the first delivery's read
 
     @property
     def min_free(self) -> int:
@@ -472,7 +506,9 @@ class SqliteSpool(SqliteQueueControl, Spool):
         _check_envelope(envelope)
         if not isinstance(data, bytes):
             data = bytes(data)  # a copy: the caller may reuse its buffer
-        return await self._write(lambda fut: _Store(fut, msg_id, envelope, data))
+        stored = await self._write(lambda fut: _Store(fut, msg_id, envelope, data))
+        self.recent.put(msg_id, data)
+        return stored
 
     async def _store_file(self, envelope: Envelope, body: BodyWriter) -> str:
         msg_id = parse_queue_id(body.queue_id)
@@ -508,10 +544,15 @@ class SqliteSpool(SqliteQueueControl, Spool):
     async def update(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> None:
         msg_id = self._msg_id(queue_id)
         frozen = tuple(updates)
+        if all(u.state in _FINAL_STATES for u in frozen):
+            # the message may go with this update (no recipient left pending): its body must
+            # not outlive it here (a read then says MessageNotFound, as the database would)
+            self.recent.discard(msg_id)
         await self._write(lambda fut: _Update(fut, msg_id, frozen))
 
     async def delete(self, queue_id: str) -> None:
         msg_id = self._msg_id(queue_id)
+        self.recent.discard(msg_id)
         await self._write(lambda fut: _Delete(fut, msg_id))
 
     async def _write(self, make: Any) -> Any:
@@ -530,6 +571,8 @@ class SqliteSpool(SqliteQueueControl, Spool):
         """The message data: bytes, or for a large message a `SpooledBody` to read in
         chunks. MessageNotFound if there is no such message."""
         msg_id = self._msg_id(queue_id)
+        if self._state == _OPEN and (kept := self.recent.get(msg_id)) is not None:
+            return kept
         data = await self._read(self._q_read, msg_id)
         if data is None:
             raise MessageNotFound(f"no message {queue_id} in spool {self.path}")
@@ -885,6 +928,19 @@ class SqliteSpool(SqliteQueueControl, Spool):
                 _insert_stores(conn, stores)
                 results += [(op.future, format_queue_id(op.msg_id), None) for op in stores]
             for op in others:
+                checked = getattr(op, "apply_checked", None)
+                if checked is not None:
+                    # raises before any write, or a database error that fails the batch
+                    try:
+                        value = checked(conn)
+                    except Exception as exc:
+                        if isinstance(exc, sqlite3.Error):
+                            raise
+                        results.append((op.future, None, self._op_error(op, exc)))
+                        continue
+                    if value is not SAVEPOINT_NEEDED:
+                        results.append((op.future, value, None))
+                        continue
                 conn.execute("SAVEPOINT op")
                 try:
                     value = op.apply(conn)
