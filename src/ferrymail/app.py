@@ -65,11 +65,13 @@ def make_limiter(startup: StartupConfig, worker: WorkerSlot | None = None) -> Li
     shard; suspensions stay in the spool directory itself, shared by all workers."""
     if startup.cluster is None:
         if worker is not None and worker.count > 1:
+            from ferrymail.orchestrator.host import STATUS_FILE as HOST_STATUS
             from ferrymail.orchestrator.host import HostLimiter
             from ferrymail.orchestrator.hostservice import socket_path
 
             return HostLimiter(socket_path(startup.spool.path), startup.spool.path,
-                               workers=worker.count, worker=worker.index)
+                               workers=worker.count, worker=worker.index,
+                               status_file=worker.spool_path / HOST_STATUS)
         return LocalLimiter.for_spool(startup.spool.path)
     from ferrymail.orchestrator.redis import RedisLimiter
 

@@ -81,13 +81,31 @@ def shard_paths(root: str | Path) -> list[Path]:
 def unserved_shards(root: str | Path, count: int) -> list[Path]:
     """Shards under ``root`` holding a spool that ``count`` workers leave alone (left by a
     larger worker count before): their mail is kept but not delivered until the count is
-    raised again."""
+    raised again. A shard whose spool lock another process holds is served (by another run
+    on this spool, which the start then refuses) and is not listed."""
     out = []
     for path in shard_paths(root)[1:]:
         index = int(path.name.removeprefix(SHARD_PREFIX))
-        if index >= count and (path / "spool.db").exists():
+        if index >= count and (path / "spool.db").exists() and not _locked(path):
             out.append(path)
     return out
+
+
+def _locked(path: Path) -> bool:
+    """Whether a process holds ``path``'s spool lock (`SqliteSpool` flocks its directory)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops a lock just taken
+    return False
 
 
 def default_workers() -> int:
@@ -239,6 +257,7 @@ class Supervisor:
     service: _Worker | None = None
     _signals: list[int] = field(default_factory=list)
     _sockets: dict[str, list[list[socket.socket]]] = field(default_factory=dict)
+    _stopping: bool = False  # set by _stop_all: an exit is then expected, nothing restarts
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; 0, or 1 if the first start failed."""
@@ -349,8 +368,13 @@ class Supervisor:
             w.exits += 1
             how = (f"signal {signal.Signals(-os.waitstatus_to_exitcode(status)).name}"
                    if os.WIFSIGNALED(status) else f"exit {os.waitstatus_to_exitcode(status)}")
-            log_event("worker.exited", "warning", worker=w.index, pid=pid, status=how,
-                      lived=f"{lived:.1f}s", restart_in=f"{w.backoff:g}s")
+            if self._stopping:
+                w.restart_at = None
+                log_event("worker.exited", worker=w.index, pid=pid, status=how,
+                          lived=f"{lived:.1f}s", why="stopping")
+            else:
+                log_event("worker.exited", "warning", worker=w.index, pid=pid, status=how,
+                          lived=f"{lived:.1f}s", restart_in=f"{w.backoff:g}s")
             w.pid = 0
             gone.append(w)
         return gone
@@ -470,8 +494,14 @@ class Supervisor:
         s.exits += 1
         how = (f"signal {signal.Signals(-os.waitstatus_to_exitcode(status)).name}"
                if os.WIFSIGNALED(status) else f"exit {os.waitstatus_to_exitcode(status)}")
-        log_event("limiter.exited", "warning", pid=s.pid, status=how, lived=f"{lived:.1f}s",
-                  restart_in=f"{s.restart_at - time.monotonic():.1f}s")
+        if self._stopping:
+            s.restart_at = None
+            log_event("limiter.exited", pid=s.pid, status=how, lived=f"{lived:.1f}s",
+                      why="stopping")
+        else:
+            log_event("limiter.exited", "warning", pid=s.pid, status=how,
+                      lived=f"{lived:.1f}s",
+                      restart_in=f"{s.restart_at - time.monotonic():.1f}s")
         s.pid = 0
 
     def _wait_ready(self) -> bool:
@@ -518,6 +548,7 @@ class Supervisor:
 
     def _stop_all(self, grace: float = 30.0) -> None:
         """SIGTERM every live worker; SIGKILL what still runs after ``grace`` seconds."""
+        self._stopping = True
         for w in self.workers:
             w.restart_at = None
             if w.pid:

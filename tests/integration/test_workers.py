@@ -72,7 +72,7 @@ def test_reload_reaches_every_worker_and_queue_list_sees_every_shard(ferrymail_p
     proc.wait_log("event=config.reloaded", count=2, timeout=15)
     for _ in range(300):
         assert relay_rcpt(port) == 250  # no worker kept the old configuration
-        if spool_count(spool) and spool_count(spool / "shard-1"):
+        if spool_count(spool) and spool_count(spool / "shard-1") >= 2:
             break
     else:
         pytest.fail("300 connections never reached both workers")
@@ -105,12 +105,30 @@ def test_reload_reaches_every_worker_and_queue_list_sees_every_shard(ferrymail_p
     assert gone not in ids1
     assert proc.stop() == 0
     assert not (tmp_path / "ferrymail.pid").exists()
+    # a stop is not a crash: no warning that promises a restart
+    stopping = proc.logs()
+    stopping = stopping[next(i for i, line in enumerate(stopping)
+                             if "event=app.stopping" in line):]
+    exits = [line for line in stopping if re.search(r"event=(worker|limiter)\.exited ", line)]
+    assert len(exits) == 3, stopping  # two workers and the limiter service
+    assert all("level=info" in line and "restart_in" not in line and "why=stopping" in line
+               for line in exits), exits
 
     # one worker now: shard-1's mail is kept, listed, and its being left alone is said
     single = ferrymail_proc(startup, running_yaml(["s"]), wait=[(HOST, port)], workers=1)
     single.wait_log(r"level=warning event=spool\.shard_unserved .*shard-1", timeout=10)
     out = run_cli("queue", "list", "--startup", str(proc.startup_path), cwd=tmp_path)
     assert f"{len(ids0) + len(ids1)} message(s)" in out.stdout
+    # ... and said there too: no worker retries them (their "retry at" would mislead)
+    unserved = (f"{len(ids1)} message(s) in {spool / 'shard-1'}: no running worker serves "
+                "this shard; they wait until ferrymail runs with at least 2 workers")
+    assert unserved in out.stdout, out.stdout
+    out = run_cli("queue", "summary", "--startup", str(proc.startup_path), cwd=tmp_path)
+    assert out.returncode == 0 and unserved in out.stdout, out
+    # a listed message can be shown (read from its shard)
+    shown = run_cli("queue", "show", ids1[0], "--startup", str(proc.startup_path),
+                    cwd=tmp_path)
+    assert shown.returncode == 0 and f"queue id:  {ids1[0]}" in shown.stdout, shown
 
 
 def relay_to(sink_port: int) -> str:
@@ -221,6 +239,16 @@ def test_workers_option_and_key_are_validated(tmp_path: Path):
     out = run_cli("config", "check", str(bad))
     assert out.returncode == 1
     assert out.stdout.startswith(f"{bad}:2: environment.workers: ")
+    # a huge count would fork that many interpreters: refused before anything starts
+    out = run_cli("run", "--workers", "100000", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "at most 256 workers" in out.stderr
+    assert not (tmp_path / "var").exists()
+    bad.write_text("environment:\n  workers: 100000\n")
+    out = run_cli("config", "check", str(bad))
+    assert out.returncode == 1
+    assert out.stdout.startswith(f"{bad}:2: environment.workers: ")
+    assert "256" in out.stdout
 
 
 def test_workers_drop_privileges_each_and_own_their_shards(ferrymail_proc):
@@ -304,3 +332,74 @@ def test_default_worker_count_is_the_cpus_with_host_wide_limits(ferrymail_proc,
                     r"limits=in-process")
     assert not [ln for ln in single.logs() if " worker=" in ln or "event=limiter." in ln]
     assert single.stop() == 0
+
+
+def test_top_and_queue_with_a_worker_that_does_not_answer(ferrymail_proc, tmp_path: Path):
+    """A stopped worker (SIGSTOP: its socket accepts, nothing replies) costs `top` a short
+    wait, and the frame names it; worker 0 not answering is a clear error, no traceback."""
+    port = free_port()
+    startup = startup_yaml(tmp_path, [server("s", [listener(port)])])
+    proc = ferrymail_proc(startup, running_yaml(["s"]), wait=[(HOST, port)], workers=2)
+    proc.wait_log("event=supervisor.started", timeout=30)
+    w0, w1 = worker_pids(proc, 0)[-1], worker_pids(proc, 1)[-1]
+    top = ("top", "--once", "--startup", str(proc.startup_path))
+    os.kill(w1, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        out = run_cli(*top, cwd=tmp_path, timeout=60)
+        took = time.monotonic() - started
+        assert out.returncode == 0, out.stderr
+        assert "workers 1/2" in out.stdout and "not answering: worker(s) 1 " in out.stdout, \
+            out.stdout
+        assert took < 8, f"top --once took {took:.1f}s with one worker stopped"
+    finally:
+        os.kill(w1, signal.SIGCONT)
+    os.kill(w0, signal.SIGSTOP)
+    try:
+        out = run_cli(*top, cwd=tmp_path, timeout=60)
+    finally:
+        os.kill(w0, signal.SIGCONT)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("ferrymail top: ferrymail on ") and "did not answer" in \
+        out.stderr, out.stderr
+    out = run_cli(*top, cwd=tmp_path, timeout=60)  # both serve again
+    assert out.returncode == 0 and "workers 2/2" in out.stdout, out
+
+
+def test_queue_list_says_when_the_limiter_service_is_unreachable(ferrymail_proc,
+                                                                  tmp_path: Path):
+    """Each worker's host limiter state is on file like the Redis cluster's: `queue list`
+    says the limits are host-wide, and which worker splits them while the service is gone
+    (killed while the supervisor is stopped, so it cannot restart it yet)."""
+    port = free_port()
+    startup = startup_yaml(tmp_path, [server("s", [listener(port)])])
+    proc = ferrymail_proc(startup, running_yaml(["s"]), wait=[(HOST, port)], workers=2)
+    proc.wait_log("event=supervisor.started", timeout=30)
+    proc.wait_log(r"event=limiter\.state state=shared ", count=2, timeout=10)
+    qlist = ("queue", "list", "--startup", str(proc.startup_path))
+    out = run_cli(*qlist, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "limiter: host-wide (limiter service), 2/2 worker(s) sharing" in out.stdout, out
+    service = int(proc.wait_log(r"event=limiter\.spawned pid=(\d+)")[0].split("pid=")[1])
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        os.kill(service, signal.SIGKILL)
+        proc.wait_log(r"event=limiter\.state state=fallback ", count=2, timeout=10)
+        out = run_cli(*qlist, cwd=tmp_path)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert out.returncode == 0, out.stderr
+    for k in (0, 1):
+        assert re.search(rf"^limiter: service unreachable: worker {k} splits the limits 1/2 "
+                         r"since \S+ \(", out.stdout, re.M), out.stdout
+    proc.wait_log(r"event=limiter\.state state=shared previous=fallback", count=2, timeout=15)
+    out = run_cli(*qlist, cwd=tmp_path)
+    assert "limiter: host-wide (limiter service), 2/2 worker(s) sharing" in out.stdout, out
+    left = (tmp_path / "spool" / "limiter-status.json").read_text()
+    assert proc.stop() == 0
+    assert not list(tmp_path.glob("spool/**/limiter-status.json"))
+    # a file a SIGKILLed run left behind: nothing runs, so no limiter state is claimed
+    (tmp_path / "spool" / "limiter-status.json").write_text(left)
+    out = run_cli(*qlist, cwd=tmp_path)
+    assert out.returncode == 0 and "limiter:" not in out.stdout, out

@@ -182,3 +182,38 @@ def test_message_content_of_a_spooled_body(tmp_path: Path, monkeypatch: pytest.M
     cut = q.message_content(body, True)
     assert len(cut["message"]) == 100 and cut["truncated"] is True
     assert "message" not in q.message_content(raw, False)
+
+
+def test_a_daemon_that_accepts_but_never_answers_is_unavailable(tmp_path: Path):
+    """A stopped (SIGSTOP) or wedged worker accepts on its socket (the kernel's backlog) and
+    never replies: the client says so within its timeout, as AdminUnavailable (the CLI then
+    reads the spool or names the worker), not a TimeoutError traceback."""
+    import socket
+    import threading
+
+    from ferrymail.admin.client import AdminClient, AdminUnavailable
+
+    path = str(tmp_path / "w.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+    try:
+        client = AdminClient(socket_path=path, timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(AdminUnavailable, match=rf"{path} did not answer within 0.5 s"):
+            client.get("/v1/stats")
+        assert time.monotonic() - started < 5
+        srv.accept()[0].close()  # the first request's connection, long given up
+
+        def hang_up() -> None:  # a worker dying mid-request: also unavailable, named
+            conn, _ = srv.accept()
+            conn.recv(1024)
+            conn.close()
+
+        t = threading.Thread(target=hang_up)
+        t.start()
+        with pytest.raises(AdminUnavailable, match=rf"{path} did not answer: "):
+            client.get("/v1/stats")
+        t.join(5)
+    finally:
+        srv.close()

@@ -83,6 +83,18 @@ def test_unserved_shards_are_those_of_a_larger_worker_count(tmp_path: Path) -> N
     assert unserved_shards(root, 4) == []
     assert unserved_shards(root, 2) == [root / "shard-3"]  # shard-2 holds no spool
     assert unserved_shards(root, 1) == [root / "shard-1", root / "shard-3"]
+    # a shard another run's worker holds (its spool lock) is served, just not by us: a run
+    # about to be refused for the spool in use warned of it as unserved
+    import fcntl
+    import os
+
+    fd = os.open(root / "shard-1", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert unserved_shards(root, 1) == [root / "shard-3"]
+    finally:
+        os.close(fd)
+    assert unserved_shards(root, 1) == [root / "shard-1", root / "shard-3"]
 
 
 def test_each_worker_is_a_cluster_member_of_its_own(tmp_path: Path) -> None:

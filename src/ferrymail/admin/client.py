@@ -3,7 +3,8 @@ loopback TCP with a bearer token).
 
 ``AdminClient.for_startup(startup)`` finds the socket from the startup config. A call returns
 the decoded JSON; `AdminUnavailable` when nothing answers on the socket (no daemon: read-only
-commands then read the spool), `AdminError` for an error reply (its status and JSON body).
+commands then read the spool) or no reply comes within the timeout, `AdminError` for an
+error reply (its status and JSON body).
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class AdminClient:
         assert self.tcp is not None
         return http.client.HTTPConnection(self.tcp[0], self.tcp[1], timeout=self.timeout)
 
+    def _where(self) -> str:
+        return self.socket_path or f"{self.tcp}"
+
     def request(self, method: str, path: str, query: list[tuple[str, str]] | None = None,
                 body: Any = None) -> Any:
         url = path + (("?" + urlencode(query)) if query else "")
@@ -96,12 +100,18 @@ class AdminClient:
             try:
                 conn.connect()
             except OSError as exc:
-                where = self.socket_path or f"{self.tcp}"
-                raise AdminUnavailable(f"no ferrymail answers on {where}: {exc.strerror or exc}"
-                                       ) from None
-            conn.request(method, url, body=data, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
+                raise AdminUnavailable(f"no ferrymail answers on {self._where()}: "
+                                       f"{exc.strerror or exc}") from None
+            try:
+                conn.request(method, url, body=data, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+            except TimeoutError:  # accepted (the kernel's backlog) but wedged or stopped
+                raise AdminUnavailable(f"ferrymail on {self._where()} did not answer within "
+                                       f"{self.timeout:g} s") from None
+            except (OSError, http.client.HTTPException) as exc:  # died mid-request
+                raise AdminUnavailable(f"ferrymail on {self._where()} did not answer: "
+                                       f"{exc or type(exc).__name__}") from None
         finally:
             conn.close()
         try:

@@ -56,6 +56,37 @@ def cluster_line(spool_dir: Path) -> str:
             f"instance {st.get('instance')}, since {since}")
 
 
+def host_limiter_lines(spool_dir: Path) -> list[str]:
+    """``limiter: host-wide (limiter service), 2/2 worker(s) sharing``, or a line per worker
+    that splits the limits because the service is unreachable, from each worker's status
+    file (`ferrymail.orchestrator.host`); [] without workers."""
+    import json
+
+    from ferrymail.orchestrator.host import STATUS_FILE
+    from ferrymail.orchestrator.limiter import iso
+    from ferrymail.supervisor import shard_paths
+
+    states = []
+    for shard in shard_paths(spool_dir):
+        try:
+            states.append(json.loads((shard / STATUS_FILE).read_text()))
+        except (OSError, ValueError):
+            continue
+    if not states:
+        return []
+    # the running count is worker 0's; a file of another count is a killed run's leftover
+    states = [st for st in states if st.get("workers") == states[0].get("workers")]
+    out = [f"limiter: service unreachable: worker {st.get('worker')} splits the limits "
+           f"1/{st.get('workers')} since {iso(float(st.get('since', 0)))} "
+           f"({st.get('error') or 'no answer'})"
+           for st in states if st.get("state") == "fallback"]
+    shared = sum(st.get("state") == "shared" for st in states)
+    if shared:
+        out.insert(0, f"limiter: host-wide (limiter service), {shared}/"
+                      f"{states[0].get('workers')} worker(s) sharing")
+    return out
+
+
 def _filter(args: argparse.Namespace) -> Any:
     from ferrymail.admin.queue import QueueFilter
     from ferrymail.config import parse_duration
@@ -144,7 +175,16 @@ def cmd_queue(args: argparse.Namespace) -> int:
         if client is None:
             raise AdminUnavailable("the admin API is switched off (admin.socket: false)")
         clients = [client, *other_workers(startup)]
-        result = _ask_workers(clients, what, args, flt)
+        try:
+            result = _ask_workers(clients, what, args, flt)
+        except AdminError as exc:
+            # a message in a shard no worker serves is listed (below), so it can be shown
+            if what != "show" or exc.status != 404:
+                raise
+            extra = _unserved_shards(startup, len(clients))
+            result = _spool_fallback(startup, what, args, flt, paths=extra) if extra else None
+            if result is None:
+                raise
         if what in ("list", "summary"):
             result = _with_unserved_shards(startup, result, len(clients), what, args, flt)
     except AdminError as exc:
@@ -180,14 +220,18 @@ def _with_unserved_shards(startup: StartupConfig, result: dict[str, Any], served
                           what: str, args: argparse.Namespace, flt: Any) -> dict[str, Any]:
     """Add what lies in shards no running worker serves (left by a larger ``--workers``),
     read from the spool, so ``list`` and ``summary`` never hide a queued message."""
-    from ferrymail.supervisor import shard_paths
-
-    root = Path(startup.spool.path)
-    extra = [p for p in shard_paths(root)
-             if p != root and int(p.name.rsplit("-", 1)[1]) >= served]
+    extra = _unserved_shards(startup, served)
     if not extra:
         return result
-    found = _spool_fallback(startup, "list", args, flt, paths=extra)["messages"]
+    found: list[dict[str, Any]] = []
+    unserved = []  # said beside the list: no worker retries these, whatever "retry at" says
+    for path in extra:
+        mine = _spool_fallback(startup, "list", args, flt, paths=[path])["messages"]
+        found += mine
+        if mine:
+            unserved.append({"shard": str(path), "messages": len(mine),
+                             "workers_needed": int(path.name.rsplit("-", 1)[1]) + 1})
+    result = {**result, "unserved": unserved}
     if what == "list":
         msgs = sorted([*result["messages"], *found], key=lambda m: m["id"])
         return {**result, "messages": msgs[:args.limit]}
@@ -195,6 +239,22 @@ def _with_unserved_shards(startup: StartupConfig, result: dict[str, Any], served
 
     return {**result, "queues": merge_summaries(result["queues"],
                                                 summarize(found, now=time.time()))}
+
+
+def _unserved_shards(startup: StartupConfig, served: int) -> list[Path]:
+    """Shard directories numbered ``served`` or above: no running worker holds them."""
+    from ferrymail.supervisor import shard_paths
+
+    root = Path(startup.spool.path)
+    return [p for p in shard_paths(root)
+            if p != root and int(p.name.rsplit("-", 1)[1]) >= served]
+
+
+def _print_unserved(result: dict[str, Any]) -> None:
+    for u in result.get("unserved", ()):
+        print(f"{u['messages']} message(s) in {u['shard']}: no running worker serves this "
+              f"shard; they wait until ferrymail runs with at least {u['workers_needed']} "
+              "workers")
 
 
 def _ask_workers(clients: list[Any], what: str, args: argparse.Namespace, flt: Any) -> Any:
@@ -258,6 +318,9 @@ def _print(what: str, result: dict[str, Any], args: argparse.Namespace, source: 
         cluster = cluster_line(spool_dir)
         if cluster:
             print(cluster)
+        # the workers' files; from the spool (no daemon) they are a killed run's leftovers
+        for line in host_limiter_lines(spool_dir) if source == "daemon" else ():
+            print(line)
         for m in msgs:
             print(f"{m['id']}  {_age(m['age_s']):>4}  <{m['sender']}>  "
                   f"client={m['client_ip']}  size={m['size']}  server={m['server']}  "
@@ -277,6 +340,7 @@ def _print(what: str, result: dict[str, Any], args: argparse.Namespace, source: 
                 print(line)
         print(f"{len(msgs)} message(s)" + (" (limit reached)" if len(msgs) >= args.limit
                                            else ""))
+        _print_unserved(result)
     elif what == "show":
         m = result
         print(f"queue id:  {m['id']}  ({m['state']})")
@@ -309,6 +373,7 @@ def _print(what: str, result: dict[str, Any], args: argparse.Namespace, source: 
                 print(f"{'':>73}last: {g['last_error']}")
         if result.get("hold"):
             print("queues.hold is on: no delivery starts")
+        _print_unserved(result)
         if source == "spool":
             print("(read from the spool: no daemon answers; wait reasons need the daemon)")
     else:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ferrymail.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, print_config_error
 from ferrymail.config import ConfigError, check_files, load_startup
+from ferrymail.config.models import MAX_WORKERS
 from ferrymail.observe import log
 
 
@@ -155,6 +156,8 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of workers")
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{text!r}: at most {MAX_WORKERS} workers")
     return value
 
 

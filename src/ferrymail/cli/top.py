@@ -8,6 +8,8 @@ import sys
 from ferrymail.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, print_config_error
 from ferrymail.config import ConfigError, load_startup
 
+WORKER_TIMEOUT = 2.0  # seconds each frame waits for workers 1.. (worker 0: 10 s)
+
 
 def cmd_top(args: argparse.Namespace) -> int:
     from ferrymail.admin.client import AdminClient, AdminError, AdminUnavailable, other_workers
@@ -23,7 +25,9 @@ def cmd_top(args: argparse.Namespace) -> int:
         print("ferrymail top: the admin API is switched off", file=sys.stderr)
         return EXIT_FAIL
     try:
-        top.run([client, *other_workers(startup, timeout=10)], interval=args.interval,
+        # another worker may be restarting or stopped: a short wait, the frame says so
+        top.run([client, *other_workers(startup, timeout=WORKER_TIMEOUT)],
+                interval=args.interval,
                 once=args.once)
     except KeyboardInterrupt:
         return EXIT_OK

@@ -122,6 +122,11 @@ class Logging(_Model):
         return self
 
 
+# Each worker is a whole interpreter (tens of MB) with its own ports and sockets: a count
+# beyond any CPU count in use would only fork the host into the ground.
+MAX_WORKERS = 256
+
+
 class Environment(_Model):
     hostname: Hostname = Field(default_factory=socket.getfqdn)
     pidfile: Annotated[str, Field(min_length=1, strict=True)] = "./var/ferrymail.pid"
@@ -129,8 +134,8 @@ class Environment(_Model):
     # privileges dropped after binding, before the spool opens (privileges.py)
     user: UserName | None = None
     group: GroupName | None = None
-    # worker processes of `ferrymail run` (supervisor.py); None: 1
-    workers: PositiveInt | None = None
+    # worker processes of `ferrymail run` (supervisor.py); None: one per CPU
+    workers: Annotated[PositiveInt, Field(le=MAX_WORKERS)] | None = None
 
 
 class Listener(_Model):

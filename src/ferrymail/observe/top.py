@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rich.console import Console, Group
@@ -88,6 +89,10 @@ def render(stats: dict[str, Any], before: dict[str, Any] | None,
     )
     head.add_row(f"received {stats['received']:.0f}", f"delivered {stats['delivered']:.0f}",
                  f"deferred {stats['deferred']:.0f}", f"bounced {stats['failed']:.0f}", "", "")
+    parts: list[Any] = [head]
+    if stats.get("silent"):
+        parts.append(Text(f"not answering: worker(s) {', '.join(map(str, stats['silent']))} "
+                          "(left out of these figures)", style="bold red"))
 
     queue = Table(title="queue", title_justify="left", expand=False)
     for state in ("queued", "deferred", "held", "in-flight"):
@@ -129,18 +134,25 @@ def render(stats: dict[str, Any], before: dict[str, Any] | None,
     for e in stats["errors"][-8:]:
         errors.add_row(time.strftime("%H:%M:%S", time.localtime(e["at"])), e["transport"],
                        e["kind"], e["error"])
-    return Group(head, queue, dest, errors, src)
+    return Group(*parts, queue, dest, errors, src)
 
 
-def _ask(clients: Sequence[AdminClient], path: str) -> list[Any]:
-    """``GET path`` from every worker that answers; worker 0 (the first) must."""
-    out = [clients[0].get(path)]
-    for client in clients[1:]:
+def _ask(clients: Sequence[AdminClient], path: str) -> tuple[list[Any], list[int]]:
+    """``GET path`` from every worker at once: (the answers, the indexes of the workers that
+    did not answer). Worker 0 (the first) must answer: its error is raised. A stopped or
+    restarting worker costs one client timeout per frame, not one per worker."""
+    if len(clients) == 1:
+        return [clients[0].get(path)], []
+    with ThreadPoolExecutor(len(clients)) as pool:
+        futures = [pool.submit(c.get, path) for c in clients]
+    out = [futures[0].result()]
+    silent = []
+    for i, f in enumerate(futures[1:], 1):
         try:
-            out.append(client.get(path))
+            out.append(f.result())
         except (AdminUnavailable, AdminError, OSError):
-            continue  # restarting: left out of this frame, the head says so
-    return out
+            silent.append(i)  # left out of this frame, the head says so
+    return out, silent
 
 
 def run(clients: AdminClient | Sequence[AdminClient], *, interval: float = 1.0,
@@ -156,13 +168,15 @@ def run(clients: AdminClient | Sequence[AdminClient], *, interval: float = 1.0,
 
     def frame() -> Group:
         nonlocal before, summary, summary_at
-        answers = _ask(workers, "/v1/stats")
+        answers, silent = _ask(workers, "/v1/stats")
         stats = merge_stats(answers)
         if len(workers) > 1:
-            stats = {**stats, "workers": f"{len(answers)}/{len(workers)}"}
+            stats = {**stats, "workers": f"{len(answers)}/{len(workers)}", "silent": silent}
         if time.monotonic() - summary_at >= SUMMARY_EVERY:
-            summary = merge_summaries(*(a["queues"] for a in _ask(workers,
-                                                                  "/v1/queue/summary")))
+            # only those that just answered: a silent worker is not waited for twice
+            alive = [w for i, w in enumerate(workers) if i not in silent]
+            summary = merge_summaries(*(a["queues"] for a in _ask(alive,
+                                                                  "/v1/queue/summary")[0]))
             summary_at = time.monotonic()
         out = render(stats, before, summary)
         before = stats

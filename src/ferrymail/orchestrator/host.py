@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import secrets
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,7 @@ from ferrymail.orchestrator.local import LocalLimiter
 from ferrymail.orchestrator.policy import Attempt, Limit
 from ferrymail.orchestrator.suspensions import FILE_NAME, Suspension, SuspensionFile
 
+STATUS_FILE = "limiter-status.json"  # in each worker's shard: its state, for queue list
 TIMEOUT = 1.0  # seconds for a reply (or to connect) before falling back
 BACKOFF_START, BACKOFF_MAX = 0.1, 1.0
 MAX_BUFFER = 1 << 20  # bytes queued to a service that does not read: it is down
@@ -61,8 +65,10 @@ class HostLimiter:
     host_wide = True  # the engine puts its per-destination connection cap in here too
 
     def __init__(self, socket_path: str | Path, spool_dir: str | Path, *, workers: int,
-                 worker: int = 0, timeout: float = TIMEOUT) -> None:
+                 worker: int = 0, timeout: float = TIMEOUT,
+                 status_file: Path | None = None) -> None:
         self.path = Path(socket_path)
+        self.status_file = status_file
         self.workers = max(1, workers)
         self.worker = worker
         self.timeout = timeout
@@ -108,6 +114,21 @@ class HostLimiter:
                   previous=old, workers=self.workers, socket=str(self.path),
                   limits="split" if state == "fallback" else "host-wide",
                   error=self.last_error if state == "fallback" else None)
+        self._write_status()
+
+    def _write_status(self) -> None:
+        """The state, atomically, to ``status_file`` (read by ``queue list``)."""
+        if self.status_file is None:
+            return
+        doc = {"state": self.state, "workers": self.workers, "worker": self.worker,
+               "since": time.time(), "error": self.last_error or None}
+        try:
+            tmp = self.status_file.with_name(self.status_file.name + ".tmp")
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, self.status_file)
+        except OSError as e:
+            log_event("limiter.status_failed", "warning", file=str(self.status_file),
+                      error=str(e))
 
     # -- lifecycle
 
@@ -126,6 +147,9 @@ class HostLimiter:
             self._task = None
         self._close()
         self._wake_all()
+        if self.status_file is not None:
+            with contextlib.suppress(OSError):
+                self.status_file.unlink()
 
     async def _run(self) -> None:
         backoff = BACKOFF_START
