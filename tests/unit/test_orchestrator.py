@@ -72,6 +72,20 @@ def test_grouping_condition_and_default():
     assert "localip=192.0.2.1" not in other  # second policy: no default, no match
 
 
+def test_limits_are_remembered_per_config_and_a_reload_brings_new_ones():
+    """limits_for remembers a path's limits, keyed on the running config object: the same
+    attempt under a reloaded config with other numbers gets the new numbers at once."""
+    a = attempt()
+    old = parse_running(POLICIES)
+    first = limits_for(old, a)
+    assert limits_for(old, a) is first  # the remembered tuple
+    new = parse_running(POLICIES.replace("{ concurrency: 5,", "{ concurrency: 7,"))
+    by_key = {lim.key: lim for lim in limits_for(new, a)}
+    assert by_key["localip=192.0.2.1|grouping=example.net"].concurrency == 7
+    assert limits_for(new, attempt(localip="192.0.2.10"))[0].key.startswith("localip=192.0.2.10")
+    assert {lim.key: lim for lim in limits_for(old, a)} == {lim.key: lim for lim in first}
+
+
 def test_list_and_cidr_conditions_and_scarcest_first():
     cfg = parse_running(POLICIES)
     warm = {lim.key: lim for lim in limits_for(cfg, attempt(localip="192.0.2.11"))}

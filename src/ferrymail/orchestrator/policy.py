@@ -147,10 +147,46 @@ def policy_key(policy: Policy, attempt: Attempt) -> tuple[str, str]:
     return "|".join(pairs), ", ".join(pairs)
 
 
+LIMITS_MEMO_MAX = 4096  # attempts whose limits are remembered per running config
+
+
+class _LimitsMemo:
+    """``limits_for`` results of the running config in force: a delivery path (source, MX,
+    domain, ...) repeats for every message, and matching every condition again cost about
+    a tenth of the delivery CPU with policies (bench/shaping.py). Keyed on the config
+    object itself (frozen; a reload brings a new one, which empties the memo)."""
+
+    def __init__(self) -> None:
+        self.cfg: RunningConfig | None = None
+        self.items: dict[Attempt, tuple[Limit, ...]] = {}
+
+    def get(self, cfg: RunningConfig, attempt: Attempt) -> tuple[Limit, ...] | None:
+        if cfg is not self.cfg:
+            self.cfg, self.items = cfg, {}
+            return None
+        return self.items.get(attempt)
+
+    def put(self, attempt: Attempt, limits: tuple[Limit, ...]) -> None:
+        if len(self.items) >= LIMITS_MEMO_MAX:
+            self.items.clear()
+        self.items[attempt] = limits
+
+
+_memo = _LimitsMemo()
+
+
 def limits_for(cfg: RunningConfig, attempt: Attempt) -> tuple[Limit, ...]:
     """Every limit on ``attempt``; ``attempt.grouping`` is filled in from the config."""
     if not cfg.policies:
         return ()
+    found = _memo.get(cfg, attempt)
+    if found is None:
+        found = _limits_for(cfg, attempt)
+        _memo.put(attempt, found)
+    return found
+
+
+def _limits_for(cfg: RunningConfig, attempt: Attempt) -> tuple[Limit, ...]:
     if not attempt.grouping:
         attempt = with_grouping(cfg, attempt)
     out: list[Limit] = []
