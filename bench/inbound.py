@@ -35,6 +35,8 @@ import peers  # bench/ is not a package: found via sys.path
 import sidebyside
 from peers import BenchError, Peer
 
+from ferrymail.supervisor import default_workers, shard_paths
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Inbound"
 
@@ -79,7 +81,18 @@ class Result:
 # --- variants --------------------------------------------------------------------------------
 
 def ferrymail_spool_summary(spool: Path) -> dict[str, int]:
-    """Counts read straight from a stopped ferrymail's SQLite spool (read-only)."""
+    """Counts read straight from a stopped ferrymail's SQLite spool (read-only), summed over
+    every worker's shard (``shard-K`` below the spool directory); ``min_size`` the least."""
+    parts = [shard_summary(p) for p in shard_paths(spool) if (p / "spool.db").exists()]
+    if not parts:
+        raise BenchError(f"no spool database at {spool / 'spool.db'}")
+    out = {k: sum(x[k] for x in parts) for k in parts[0]}
+    out["min_size"] = min(x["min_size"] for x in parts)
+    return out
+
+
+def shard_summary(spool: Path) -> dict[str, int]:
+    """The counts of one shard's database."""
     db = spool / "spool.db"
     if not db.exists():
         raise BenchError(f"no spool database at {db}")
@@ -106,9 +119,10 @@ def ferrymail_spool_summary(spool: Path) -> dict[str, int]:
         conn.close()
 
 
-def start_ferrymail(proxied: bool) -> Callable[[contextlib.ExitStack, Path], Target]:
+def start_ferrymail(proxied: bool, workers: int = 1
+                    ) -> Callable[[contextlib.ExitStack, Path], Target]:
     def start(stack: contextlib.ExitStack, d: Path) -> Target:
-        fm = stack.enter_context(peers.ferrymail(d))
+        fm = stack.enter_context(peers.ferrymail(d, args=("--workers", str(workers))))
         proxy = None
         host, port = fm.host, fm.port
         if proxied:
@@ -197,16 +211,19 @@ def start_sink(stack: contextlib.ExitStack, d: Path) -> Target:
     return Target(sink.host, sink.port, sink)
 
 
+CPUS = default_workers()
 VARIANTS = [
     Variant("ferrymail-direct", "ferrymail, direct, fsync spool", start_ferrymail(False)),
     Variant("ferrymail-proxied", "ferrymail behind HAProxy (PROXY v2), fsync spool",
             start_ferrymail(True)),
+    Variant("ferrymail-workers", f"ferrymail, direct, fsync spool, {CPUS} workers (the default)",
+            start_ferrymail(False, CPUS)),
     Variant("aiosmtpd-discard", "aiosmtpd + uvloop, discard", start_aiosmtpd("discard")),
     Variant("aiosmtpd-fsync", "aiosmtpd + uvloop, append + fsync", start_aiosmtpd("fsync")),
     Variant("postfix", "Postfix smtpd, queue to disk", start_postfix),
     Variant("smtp-sink", "smtp-sink, discard (ceiling)", start_sink),
 ]
-ALIASES = {"ferrymail": ["ferrymail-direct", "ferrymail-proxied"],
+ALIASES = {"ferrymail": ["ferrymail-direct", "ferrymail-proxied", "ferrymail-workers"],
            "aiosmtpd": ["aiosmtpd-discard", "aiosmtpd-fsync"]}
 
 
@@ -308,6 +325,7 @@ def results_table(results: list[Result]) -> str:
 
 RATIOS = [
     ("ferrymail-direct", "aiosmtpd-discard"),
+    ("ferrymail-workers", "aiosmtpd-discard"),
     ("ferrymail-direct", "aiosmtpd-fsync"),
     ("ferrymail-direct", "postfix"),
     ("ferrymail-proxied", "postfix"),

@@ -49,6 +49,19 @@ def test_spool_check_catches_a_message_that_was_not_stored() -> None:
             target.verify(6, 2048)
 
 
+def test_spool_check_counts_every_workers_shard() -> None:
+    """The workers variant: the check sums every shard, so all stored passes and one
+    message more than was sent is refused."""
+    require("smtp-source")
+    with peers.workdir("bench-test-") as d, contextlib.ExitStack() as stack:
+        target = inbound.start_ferrymail(False, 2)(stack, d)
+        run = peers.run_smtp_source(target.host, target.port, 40, 2048, sessions=8)
+        assert run.messages == 40
+        with pytest.raises(peers.BenchError, match=r"messages 40 \(want 41\)"):
+            target.verify(41, 2048)
+        assert target.verify(40, 2048) == "spool 40/40"
+
+
 def test_smtp_source_failure_is_an_error() -> None:
     """A server that rejects at end of data makes the run fail, not count."""
     require("smtp-source")
