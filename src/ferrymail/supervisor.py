@@ -385,44 +385,25 @@ class Supervisor:
         slot = WorkerSlot(w.index, self.count, shard_path(self.startup.spool.path, w.index),
                           mine, wfd)
         slot.spool_path.mkdir(parents=True, exist_ok=True)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 1
-            try:
-                os.close(r)
-                for other in [*self.workers, *([self.service] if self.service else [])]:
-                    if other.ready_r is not None:
-                        os.close(other.ready_r)
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-                    signal.signal(sig, signal.SIG_DFL)
-                signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the App's handler
-                # a reload sent while this worker starts is done once it serves (App.run),
-                # neither lost nor (the default action) fatal
-                signal.signal(signal.SIGHUP, slot.catch_hup)
-                os.environ.pop("NOTIFY_SOCKET", None)  # systemd hears the supervisor only
-                _die_with_parent()
-                code = self.run_worker(slot)
-            except BaseException as exc:  # never return into the supervisor's loop
-                with contextlib.suppress(Exception):
-                    log_event("worker.failed", "error", worker=w.index,
-                              error=f"{type(exc).__name__}: {exc}")
-            finally:
-                with contextlib.suppress(Exception):
-                    flush_log()  # lines batched in the last loop iteration (os._exit skips atexit)
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                os._exit(code)
+        close = [r, *(o.ready_r for o in [*self.workers, *([self.service] if self.service else [])]
+                      if o.ready_r is not None)]
+        # a reload sent while this worker starts is done once it serves (App.run), neither
+        # lost nor (the default action) fatal
+        pid = self._fork(lambda: self.run_worker(slot), close, "worker.failed",
+                         hup=slot.catch_hup, worker=w.index)
         os.close(wfd)
         if w.ready_r is not None:
             os.close(w.ready_r)
         w.pid, w.started, w.restart_at, w.ready_r = pid, time.monotonic(), None, r
         log_event("worker.started", worker=w.index, pid=pid, spool=str(slot.spool_path))
 
-    def _fork(self, body: Callable[[], int], close: list[int]) -> int:
-        """Fork a child that runs ``body`` and exits with its status (never returns into the
-        supervisor's loop); ``close``: descriptors the child must not keep."""
+    def _fork(self, body: Callable[[], int], close: list[int], failed: str,
+              hup: Callable[[int, object], None] | int = signal.SIG_DFL,
+              **fields: object) -> int:
+        """Fork a child (a worker or the limiter service) that runs ``body`` and exits with
+        its status (never returns into the supervisor's loop); ``close``: descriptors the
+        child must not keep; ``failed``: the event logged (with ``fields``) if ``body``
+        raises; ``hup``: the child's SIGHUP disposition until its own handler."""
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -433,15 +414,16 @@ class Supervisor:
             for fd in close:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the service's handler
+            signal.signal(signal.SIGHUP, hup)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the child's own handler
             os.environ.pop("NOTIFY_SOCKET", None)
             _die_with_parent()
             code = body()
         except BaseException as exc:
             with contextlib.suppress(Exception):
-                log_event("limiter.failed", "error", error=f"{type(exc).__name__}: {exc}")
+                log_event(failed, "error", **fields, error=f"{type(exc).__name__}: {exc}")
         finally:
             with contextlib.suppress(Exception):
                 flush_log()  # lines batched in the last loop iteration (os._exit skips atexit)
@@ -458,7 +440,7 @@ class Supervisor:
         close = [r, *(sock.fileno() for copies in self._sockets.values()
                       for group in copies for sock in group),
                  *(w.ready_r for w in self.workers if w.ready_r is not None)]
-        pid = self._fork(lambda: run_service(wfd), close)
+        pid = self._fork(lambda: run_service(wfd), close, "limiter.failed")
         os.close(wfd)
         if s.ready_r is not None:
             os.close(s.ready_r)
