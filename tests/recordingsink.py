@@ -203,3 +203,28 @@ def recording_sink(host: str = "127.0.0.1", port: int = 0) -> Iterator[tuple[int
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+SOURCE_IPS = ("127.0.0.2", "127.0.0.3")  # the two source addresses the shaping tests share
+
+
+def shaping_running(sink: int, policies: list[dict], *, concurrency: int, reuse: int) -> str:
+    """A running file for shaping tests: mail for ``dest.test`` relayed to the recording sink
+    on ``sink`` from the two SOURCE_IPS, ``reuse`` messages per connection, ``policies``."""
+    import yaml
+
+    return yaml.safe_dump({
+        "servers": [{"id": "in", "transport": "t", "domains": ["dest.test"],
+                     "relay_networks": ["127.0.0.0/8"]}],
+        "addresses": [{"id": f"s{i}", "address": ip} for i, ip in enumerate(SOURCE_IPS)],
+        "transportgroups": [{
+            "id": "g",
+            "connection": {"server": "127.0.0.1", "port": sink,
+                           "reuse": {"messages": reuse, "idle": "1s"},
+                           "sourceip": {"ipv4": ["s0", "s1"]}},
+            "retry": {"count": 5, "intervals": [{"interval": "1s"}]},
+            "transports": [{"id": "t"}],
+        }],
+        "queues": {"concurrency": concurrency},
+        "policies": policies,
+    }, sort_keys=False)

@@ -28,7 +28,7 @@ from tests.integration.conftest import (
     startup_yaml,
 )
 from tests.realpeers import free_port, redis_server
-from tests.recordingsink import Recording, recording_sink
+from tests.recordingsink import Recording, recording_sink, shaping_running
 
 IPS = ("127.0.0.2", "127.0.0.3")
 NAMES = ("m1", "m2", "m3")
@@ -44,22 +44,7 @@ def cluster_startup(workdir: Path, name: str, port: int, redis_url: str,
 
 
 def cluster_running(sink: int, policies: list[dict], *, reuse: int) -> str:
-    doc = {
-        "servers": [{"id": "in", "transport": "t", "domains": ["dest.test"],
-                     "relay_networks": ["127.0.0.0/8"]}],
-        "addresses": [{"id": f"s{i}", "address": ip} for i, ip in enumerate(IPS)],
-        "transportgroups": [{
-            "id": "g",
-            "connection": {"server": "127.0.0.1", "port": sink,
-                           "reuse": {"messages": reuse, "idle": "1s"},
-                           "sourceip": {"ipv4": ["s0", "s1"]}},
-            "retry": {"count": 5, "intervals": [{"interval": "1s"}]},
-            "transports": [{"id": "t"}],
-        }],
-        "queues": {"concurrency": 8},
-        "policies": policies,
-    }
-    return yaml.safe_dump(doc, sort_keys=False)
+    return shaping_running(sink, policies, concurrency=8, reuse=reuse)
 
 
 class Cluster:

@@ -24,7 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.integration.conftest import (
     FerrymailProc,
@@ -34,28 +33,14 @@ from tests.integration.conftest import (
     startup_yaml,
 )
 from tests.realpeers import free_port
-from tests.recordingsink import Recording, recording_sink
+from tests.recordingsink import Recording, recording_sink, shaping_running
 
 IPS = ("127.0.0.2", "127.0.0.3")
 WORKERS = 2
 
 
 def running(sink: int, policies: list[dict], *, concurrency: int, reuse: int) -> str:
-    return yaml.safe_dump({
-        "servers": [{"id": "in", "transport": "t", "domains": ["dest.test"],
-                     "relay_networks": ["127.0.0.0/8"]}],
-        "addresses": [{"id": f"s{i}", "address": ip} for i, ip in enumerate(IPS)],
-        "transportgroups": [{
-            "id": "g",
-            "connection": {"server": "127.0.0.1", "port": sink,
-                           "reuse": {"messages": reuse, "idle": "1s"},
-                           "sourceip": {"ipv4": ["s0", "s1"]}},
-            "retry": {"count": 5, "intervals": [{"interval": "1s"}]},
-            "transports": [{"id": "t"}],
-        }],
-        "queues": {"concurrency": concurrency},
-        "policies": policies,
-    }, sort_keys=False)
+    return shaping_running(sink, policies, concurrency=concurrency, reuse=reuse)
 
 
 def start(tmp_path: Path, run_yaml: str) -> tuple[FerrymailProc, int]:
