@@ -16,7 +16,9 @@ running an event loop is appended to a buffer, and the buffer is written in one 
 instead of once per line; lines of other threads, of no loop, and to syslog are written at
 once. The SMTP and admin servers write the buffer before each reply they send
 (`flush_before_reply`), so a line logged before a reply is never behind it; in a relay that is
-about one write per message instead of one per line. A crash loses at most the buffer of that
+about one write per message instead of one per line (the inbound server yields once
+after a transaction's line, `lines_pending`, so that the stores of one group commit share
+one write before their replies). A crash loses at most the buffer of that
 moment (at most `BATCH_MAX_LINES`); `flush` runs at exit, before a reconfiguration and on a
 reopen.
 """
@@ -120,6 +122,12 @@ def flush() -> None:
         return
     lines, _pending = _pending, []
     _write_now("".join(lines))
+
+
+def lines_pending() -> bool:
+    """Whether batched lines wait for this loop iteration's `flush` (then a coroutine that
+    yields once lets that one write carry the lines of every task logging meanwhile)."""
+    return bool(_pending)
 
 
 def flush_before_reply() -> None:

@@ -28,7 +28,14 @@ from typing import Any
 from ferrymail import auth as authlib
 from ferrymail.config import RunningConfig, StartupServer
 from ferrymail.config.auth import ServerAuth
-from ferrymail.observe.log import enabled, flush_before_reply, log_event, log_formatted, quote
+from ferrymail.observe.log import (
+    enabled,
+    flush_before_reply,
+    lines_pending,
+    log_event,
+    log_formatted,
+    quote,
+)
 from ferrymail.observe.metrics import PROXY_HEADER_ERRORS
 from ferrymail.proxy import ProxyDecoder, ProxyError, ProxyHeader
 from ferrymail.smtp import auth as smtp_auth
@@ -868,6 +875,12 @@ class InboundConnection(asyncio.Protocol):
             ident if qid is None else None,  # the id it would have had (named in Received:)
             txn.helo, self.tls, txn.sender, recipients, size, qid, reply_text, error,
             int((time.monotonic() - txn.started) * 1000), txn.auth))
+        if lines_pending():
+            # The stores of one group commit end together, each task logging a line and
+            # then replying, and a reply first writes the lines logged so far: one write per
+            # message. Yielding once lets the loop's batched flush write every task's line
+            # in one go before the replies (still each after its line and its fsync).
+            await asyncio.sleep(0)
         session = self.session
         if session is None:
             return
