@@ -356,26 +356,13 @@ class Supervisor:
             if pid == 0:
                 break
             if self.service is not None and pid == self.service.pid:
-                self._service_exited(status)
+                # workers answer from their split fallback meanwhile
+                self._exited(self.service, status, "limiter.exited")
                 continue
             w = next((w for w in self.workers if w.pid == pid), None)
             if w is None:
                 continue
-            lived = time.monotonic() - w.started
-            w.backoff = RESTART_MIN if lived >= STABLE_AFTER else min(w.backoff * 2,
-                                                                       RESTART_MAX)
-            w.restart_at = time.monotonic() + w.backoff
-            w.exits += 1
-            how = (f"signal {signal.Signals(-os.waitstatus_to_exitcode(status)).name}"
-                   if os.WIFSIGNALED(status) else f"exit {os.waitstatus_to_exitcode(status)}")
-            if self._stopping:
-                w.restart_at = None
-                log_event("worker.exited", worker=w.index, pid=pid, status=how,
-                          lived=f"{lived:.1f}s", why="stopping")
-            else:
-                log_event("worker.exited", "warning", worker=w.index, pid=pid, status=how,
-                          lived=f"{lived:.1f}s", restart_in=f"{w.backoff:g}s")
-            w.pid = 0
+            self._exited(w, status, "worker.exited", worker=w.index)
             gone.append(w)
         return gone
 
@@ -466,25 +453,25 @@ class Supervisor:
         log_event("app.start_failed", "error", error="the limiter service is not serving")
         return False
 
-    def _service_exited(self, status: int) -> None:
-        s = self.service
-        assert s is not None
-        lived = time.monotonic() - s.started
-        s.backoff = RESTART_MIN if lived >= STABLE_AFTER else min(s.backoff * 2, RESTART_MAX)
-        # workers answer from their split fallback meanwhile
-        s.restart_at = time.monotonic() + s.backoff
-        s.exits += 1
+    def _exited(self, child: _Worker, status: int, event: str, **fields: object) -> None:
+        """Bookkeeping for a child (worker or limiter service) that exited with ``status``:
+        its restart back-off (doubled while it keeps dying within STABLE_AFTER), one
+        ``event`` line (a warning with the restart delay, or info while stopping)."""
+        lived = time.monotonic() - child.started
+        child.backoff = (RESTART_MIN if lived >= STABLE_AFTER
+                         else min(child.backoff * 2, RESTART_MAX))
+        child.restart_at = time.monotonic() + child.backoff
+        child.exits += 1
         how = (f"signal {signal.Signals(-os.waitstatus_to_exitcode(status)).name}"
                if os.WIFSIGNALED(status) else f"exit {os.waitstatus_to_exitcode(status)}")
         if self._stopping:
-            s.restart_at = None
-            log_event("limiter.exited", pid=s.pid, status=how, lived=f"{lived:.1f}s",
+            child.restart_at = None
+            log_event(event, **fields, pid=child.pid, status=how, lived=f"{lived:.1f}s",
                       why="stopping")
         else:
-            log_event("limiter.exited", "warning", pid=s.pid, status=how,
-                      lived=f"{lived:.1f}s",
-                      restart_in=f"{s.restart_at - time.monotonic():.1f}s")
-        s.pid = 0
+            log_event(event, "warning", **fields, pid=child.pid, status=how,
+                      lived=f"{lived:.1f}s", restart_in=f"{child.backoff:g}s")
+        child.pid = 0
 
     def _wait_ready(self) -> bool:
         """Wait until every worker reported ready; False if one exited first or timed out."""
