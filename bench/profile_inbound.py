@@ -90,6 +90,8 @@ def main() -> int:
     ap.add_argument("--py-spy", dest="pyspy", type=Path, help="collapsed stacks to this file")
     ap.add_argument("--native", action="store_true", help="py-spy --native")
     ap.add_argument("--gil", action="store_true", help="py-spy --gil: only samples holding it")
+    ap.add_argument("--idle", action="store_true",
+                    help="py-spy --idle: also samples of threads waiting (epoll, the GIL, locks)")
     ap.add_argument("--perf", type=Path, help="perf report output file")
     ap.add_argument("--perf-event", default="cpu-clock", help="event for --perf")
     ap.add_argument("--perf-stat", default="", help="count these perf events (comma list), "
@@ -115,6 +117,8 @@ def main() -> int:
             cmd.append("--native" if args.native else "--nonblocking")
             if args.gil:
                 cmd.append("--gil")
+            if args.idle:
+                cmd.append("--idle")
             prof = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         elif args.perf:

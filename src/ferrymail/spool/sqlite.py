@@ -1161,7 +1161,12 @@ class SqliteSpool(SqliteQueueControl, Spool):
             wal_pages = max(16, min(wal_pages, self.min_free // (4 * self._page_size)))
         conn.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
         self._wal_bytes = wal_pages * self._page_size
-        self._ckpt_every = max(8, wal_pages // 4)
+        # Half the bound: each checkpoint has a fixed cost (two fdatasyncs, a thread wake-up
+        # that contends for the GIL with the event loop), and small messages rewrite the
+        # same pages, so rarer checkpoints copy less. A quarter cost 2 KB reception about
+        # 8 % (bench/RESULTS.md); the whole bound would let the commit's own automatic
+        # checkpoint win the race at 100 KB.
+        self._ckpt_every = max(8, wal_pages // 2)
         conn.execute("BEGIN IMMEDIATE")
         try:
             for statement in _SCHEMA.split(";"):
