@@ -6,6 +6,11 @@ to reading the spool (read-only, beside nothing or a stopped daemon) when no dae
 the changing ones then refuse. Filters (all must match; actions apply to whole messages):
 ``--id`` (repeatable), ``--from`` and ``--to`` (address or domain), ``--transport``,
 ``--state queued|deferred|held|in-flight``, ``--older-than DURATION``, ``--last-error REGEX``.
+
+Each worker has ``--timeout`` seconds to answer (READ_TIMEOUT for the read-only commands, a
+stopped or wedged worker must not keep an operator waiting; DEFAULT_TIMEOUT for the changing
+ones, which may touch many messages). A read-only command that falls back to the spool says
+on stderr which worker did not answer within how long.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ferrymail.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, print_config_e
 from ferrymail.config import ConfigError, StartupConfig, load_startup
 
 READ_ONLY = ("list", "show", "summary")
+READ_TIMEOUT = 5.0  # seconds each worker has to answer list/show/summary before the spool
 ACTIONS = ("retry", "hold", "release", "delete", "bounce")
 STATES = ("queued", "deferred", "held", "in-flight")
 
@@ -85,6 +91,17 @@ def host_limiter_lines(spool_dir: Path) -> list[str]:
         out.insert(0, f"limiter: host-wide (limiter service), {shared}/"
                       f"{states[0].get('workers')} worker(s) sharing")
     return out
+
+
+def _seconds(text: str) -> float:
+    """A ``--timeout``: a finite number of seconds above 0 (argparse names the option)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return value
 
 
 def _filter(args: argparse.Namespace) -> Any:
@@ -165,8 +182,12 @@ def cmd_queue(args: argparse.Namespace) -> int:
     if what in ACTIONS and flt.empty and not args.all:
         print(f"{prog}: give a filter (e.g. --id, --to, --state) or --all", file=sys.stderr)
         return EXIT_FAIL
+    from ferrymail.admin.client import DEFAULT_TIMEOUT
+
+    timeout = args.timeout if args.timeout is not None else (
+        READ_TIMEOUT if what in READ_ONLY else DEFAULT_TIMEOUT)
     try:
-        client = AdminClient.for_startup(startup)
+        client = AdminClient.for_startup(startup, timeout=timeout)
     except OSError as exc:
         print(f"{prog}: cannot read the admin token: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -174,7 +195,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     try:
         if client is None:
             raise AdminUnavailable("the admin API is switched off (admin.socket: false)")
-        clients = [client, *other_workers(startup)]
+        clients = [client, *other_workers(startup, timeout=timeout)]
         try:
             result = _ask_workers(clients, what, args, flt)
         except AdminError as exc:
@@ -199,6 +220,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
                   "(`ferrymail run`) and try again", file=sys.stderr)
             return EXIT_FAIL
         source = "spool"
+        print(f"{prog}: {exc}; what follows was read from the spool (every shard)",
+              file=sys.stderr)
         try:
             result = _spool_fallback(startup, what, args, flt)
         except (OSError, SpoolError) as err:
@@ -260,31 +283,42 @@ def _print_unserved(result: dict[str, Any]) -> None:
 def _ask_workers(clients: list[Any], what: str, args: argparse.Namespace, flt: Any) -> Any:
     """One command to every worker (each holds its own spool shard), answers combined:
     ``show`` from the worker that has the message, lists concatenated in id order, action
-    counts added up. Raises the first worker's AdminUnavailable / AdminError."""
-    from ferrymail.admin.client import AdminError
+    counts added up. Raises the first worker's AdminUnavailable (naming the worker when
+    there are several) / AdminError."""
+    from ferrymail.admin.client import AdminError, AdminUnavailable
+
+    def ask(k: int, method: str, path: str, query: Any = None, body: Any = None) -> Any:
+        try:
+            if method == "GET":
+                return clients[k].get(path, query)
+            return clients[k].post(path, body)
+        except AdminUnavailable as exc:
+            if len(clients) == 1:
+                raise
+            raise AdminUnavailable(f"worker {k}: {exc}") from None
 
     if what == "show":
-        for i, client in enumerate(clients):
+        for k in range(len(clients)):
             try:
-                return client.get(f"/v1/queue/{args.queue_id}",
-                                  [("body", "1")] if args.body else None)
+                return ask(k, "GET", f"/v1/queue/{args.queue_id}",
+                           [("body", "1")] if args.body else None)
             except AdminError as exc:
-                if exc.status != 404 or i == len(clients) - 1:
+                if exc.status != 404 or k == len(clients) - 1:
                     raise
     answers: list[dict[str, Any]] = []
-    for client in clients:
+    for k in range(len(clients)):
         if what == "list":
-            answers.append(client.get("/v1/queue",
-                                      [*flt.to_query(), ("limit", str(args.limit))]))
+            answers.append(ask(k, "GET", "/v1/queue",
+                               [*flt.to_query(), ("limit", str(args.limit))]))
         elif what == "summary":
-            answers.append(client.get("/v1/queue/summary", flt.to_query()))
+            answers.append(ask(k, "GET", "/v1/queue/summary", flt.to_query()))
         else:
             body: dict[str, Any] = {"filter": dict(_grouped(flt.to_query()))}
             if args.all:
                 body["all"] = True
             if what == "bounce":
                 body["reason"] = args.reason
-            answers.append(client.post(f"/v1/queue/{what}", body))
+            answers.append(ask(k, "POST", f"/v1/queue/{what}", body=body))
     if len(answers) == 1:
         return answers[0]
     if what == "list":
@@ -375,7 +409,7 @@ def _print(what: str, result: dict[str, Any], args: argparse.Namespace, source: 
             print("queues.hold is on: no delivery starts")
         _print_unserved(result)
         if source == "spool":
-            print("(read from the spool: no daemon answers; wait reasons need the daemon)")
+            print("(read from the spool: the daemon did not answer; wait reasons need it)")
     else:
         verb = {"retry": "made due now", "hold": "held", "release": "released",
                 "delete": "deleted", "bounce": "bounced"}[what]
@@ -404,6 +438,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=cmd_queue)
         p.add_argument("--startup", metavar="FILE", help="startup configuration (spool, socket)")
         p.add_argument("--json", action="store_true", help="print the JSON answer")
+        p.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                       help="how long each worker may take to answer (default "
+                            + (f"{READ_TIMEOUT:g} s, then the spool is read)" if name in READ_ONLY
+                               else "30 s)"))
         if name == "show":
             p.add_argument("queue_id", metavar="ID")
             p.add_argument("--body", action="store_true", help="print the whole message")
