@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.integration.conftest import (
     listener,
@@ -20,7 +21,7 @@ from tests.integration.conftest import (
     startup_yaml,
 )
 from tests.integration.test_workers import relay_rcpt, worker_pids
-from tests.realpeers import free_port
+from tests.realpeers import free_port, redis_server, require
 
 HOST = "127.0.0.1"
 
@@ -73,3 +74,30 @@ def test_queue_timeout_must_be_a_positive_number(tmp_path: Path):
         out = run_cli("queue", "list", "--timeout", bad, cwd=tmp_path)
         assert out.returncode == 2 and "--timeout" in out.stderr, out
         assert re.search(r"seconds", out.stderr), out.stderr
+
+
+def test_a_killed_instances_cluster_state_is_marked_stale(ferrymail_proc, tmp_path: Path):
+    """``cluster-status.json`` is written on every change of the cluster state and removed at
+    a clean stop; a SIGKILLed instance leaves it behind, and ``queue list`` read from the
+    spool used to print it as the current state."""
+    require("redis-server")
+    port = free_port()
+    with redis_server() as r:
+        doc = yaml.safe_load(startup_yaml(tmp_path, [server("in", [listener(port)])]))
+        doc["cluster"] = {"redis": r.url, "instance": "m1", "heartbeat": 0.2}
+        proc = ferrymail_proc(yaml.safe_dump(doc), running_yaml(["in"]), wait=[(HOST, port)])
+        proc.wait_log(r"event=cluster\.state state=shared ")
+        qlist = ("queue", "list", "--startup", str(proc.startup_path))
+        out = run_cli(*qlist, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        live = out.stdout.splitlines()[0]
+        assert re.fullmatch(r"cluster: shared, 1 live instance\(s\), instance m1, since \S+",
+                            live), out.stdout
+        proc.kill()
+        assert (tmp_path / "spool" / "cluster-status.json").exists()
+        out = run_cli(*qlist, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "read from the spool" in out.stderr
+    stale = (rf"cluster: stale: pid {proc.pid} that wrote this is gone \(written \d+s ago\): "
+             + re.escape(live.removeprefix("cluster: ")))
+    assert re.fullmatch(stale, out.stdout.splitlines()[0]), out.stdout

@@ -43,23 +43,52 @@ def _age(seconds: float) -> str:
 
 def cluster_line(spool_dir: Path) -> str:
     """``cluster: shared, 3 instances (mta1)`` or ``cluster: redis unreachable: split 1/3
-    since … (error)`` from the running instance's status file; "" without one."""
+    since … (error)`` from the running instance's status file; "" without one.
+
+    The file is rewritten on every change of state, not periodically, so its age says
+    nothing; the process that wrote it (``pid``) must still run. A file left by a killed
+    instance is marked: ``cluster: stale: pid 123 that wrote this is gone (written 5m
+    ago): shared, …``."""
     import json
 
     from ferrymail.orchestrator.limiter import STATUS_FILE, iso
 
+    path = spool_dir / STATUS_FILE
     try:
-        st = json.loads((spool_dir / STATUS_FILE).read_text())
+        st = json.loads(path.read_text())
+        written = path.stat().st_mtime
     except (OSError, ValueError):
         return ""
+    pid = st.get("pid")
+    stale = ""
+    if isinstance(pid, int) and pid > 0 and _process_gone(pid):
+        stale = (f"stale: pid {pid} that wrote this is gone "
+                 f"(written {_age(time.time() - written)} ago): ")
     since = iso(float(st.get("since", 0)))
     if st.get("state") == "fallback":
         mode = st.get("fallback")
         share = f" 1/{st.get('instances')}" if mode == "split" else ""
-        return (f"cluster: redis unreachable: {mode}{share} since {since} "
+        return (f"cluster: {stale}redis unreachable: {mode}{share} since {since} "
                 f"({st.get('error') or 'no answer'}); instance {st.get('instance')}")
-    return (f"cluster: {st.get('state')}, {st.get('instances')} live instance(s), "
+    return (f"cluster: {stale}{st.get('state')}, {st.get('instances')} live instance(s), "
             f"instance {st.get('instance')}, since {since}")
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs (a zombie, killed and not yet reaped, counts as
+    gone; one of another user as running)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # the state is the field after "(comm)", which may itself hold spaces
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def host_limiter_lines(spool_dir: Path) -> list[str]:
