@@ -164,6 +164,27 @@ def _bind(host: str | None, port: int, backlog: int, reuse_port: bool) -> socket
                                 reuse_port=reuse_port)
 
 
+def listener_name(host: str | None, port: int) -> str:
+    """``127.0.0.1:25``, ``[::1]:25``, ``*:25`` (no address: every address)."""
+    return f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
+
+
+def check_ports_free(servers: list[StartupServer]) -> None:
+    """Bind each listener of ``servers`` once with a plain bind (no SO_REUSEPORT) and close
+    it again: OSError ``server ID: cannot listen on ADDRESS: REASON`` for the first one
+    taken. A single process proves its ports before binding any, since each bound listener
+    logs ``smtp.listening``: a start refused at a later listener must not have said that an
+    earlier one listened."""
+    for server in servers:
+        for lst in server.listeners:
+            host = None if lst.address is None else str(lst.address)
+            try:
+                _bind(host, lst.port, lst.backlog, reuse_port=False).close()
+            except OSError as exc:
+                raise OSError(exc.errno, f"server {server.id}: cannot listen on "
+                              f"{listener_name(host, lst.port)}: {exc.strerror}") from exc
+
+
 def listen_sockets(server: StartupServer, copies: int) -> list[list[socket.socket]]:
     """Per worker (``copies`` of them), one listening socket for each of ``server``'s
     listeners: ``result[worker][listener]``.
@@ -178,7 +199,7 @@ def listen_sockets(server: StartupServer, copies: int) -> list[list[socket.socke
     try:
         for lst in server.listeners:
             host = None if lst.address is None else str(lst.address)
-            name = f"[{host}]:{lst.port}" if host and ":" in host else f"{host or '*'}:{lst.port}"
+            name = listener_name(host, lst.port)
             try:
                 _bind(host, lst.port, lst.backlog, reuse_port=False).close()
                 port = lst.port
