@@ -61,7 +61,7 @@ def cluster_line(spool_dir: Path) -> str:
         return ""
     pid = st.get("pid")
     stale = ""
-    if isinstance(pid, int) and pid > 0 and _process_gone(pid):
+    if isinstance(pid, int) and pid > 0 and writer_gone(pid, written):
         stale = (f"stale: pid {pid} that wrote this is gone "
                  f"(written {_age(time.time() - written)} ago): ")
     since = iso(float(st.get("since", 0)))
@@ -74,9 +74,11 @@ def cluster_line(spool_dir: Path) -> str:
             f"instance {st.get('instance')}, since {since}")
 
 
-def _process_gone(pid: int) -> bool:
-    """Whether no process ``pid`` runs (a zombie, killed and not yet reaped, counts as
-    gone; one of another user as running)."""
+def writer_gone(pid: int, written: float) -> bool:
+    """Whether the process ``pid`` that wrote a file at ``written`` (Unix time) no longer
+    runs: no such process, a zombie (killed, not yet reaped), or a process that started
+    after the file was written (the pid was reused, e.g. after a reboot: the spool keeps the
+    file). A process of another user counts as running."""
     import os
 
     try:
@@ -84,11 +86,16 @@ def _process_gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:
+        pass
+    try:  # the fields after "(comm)", which may itself hold spaces: state, ..., starttime
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        btime = next(float(line.split()[1]) for line in Path("/proc/stat").read_text()
+                     .splitlines() if line.startswith("btime "))
+        started = btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
         return False
-    try:  # the state is the field after "(comm)", which may itself hold spaces
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+    # btime is whole seconds: a margin so that a writer started just before is not taken
+    return fields[0] == "Z" or started > written + 2
 
 
 def host_limiter_lines(spool_dir: Path) -> list[str]:
