@@ -195,8 +195,8 @@ class App:
     # -- lifecycle
 
     async def start(self) -> None:
-        """Bind the listeners (one process: every port proven free first, so no
-        ``smtp.listening`` precedes a refused start), drop privileges
+        """Bind the listeners (one process: the spool and every port proven free first, so
+        no ``smtp.listening`` precedes a start refused for them), drop privileges
         (``environment.user``), open the spool, then start every component; on failure undo
         what was started."""
         for key, name in hostname_problems(self.startup):
@@ -207,9 +207,10 @@ class App:
         env = self.startup.environment
         creds = None if env.user is None else privileges.resolve(env.user, env.group)
         try:
-            if self.worker is None:  # (a worker's supervisor bound every port before it)
-                from ferrymail.supervisor import check_ports_free
+            if self.worker is None:  # (a worker's supervisor checked both before it)
+                from ferrymail.supervisor import check_ports_free, check_spool_free
 
+                check_spool_free(self.spool.path)
                 check_ports_free(list(self.startup.servers))
             for srv in self.servers:
                 await srv.bind()

@@ -164,6 +164,24 @@ def _bind(host: str | None, port: int, backlog: int, reuse_port: bool) -> socket
                                 reuse_port=reuse_port)
 
 
+def check_spool_free(path: Path) -> None:
+    """RuntimeError when another process holds the spool directory ``path`` (the spool's
+    own flock, taken and dropped at once: the spool takes it for good when it opens); a
+    directory that does not exist yet is free."""
+    import fcntl
+
+    if not path.is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise RuntimeError(f"spool directory {path} is in use by another process "
+                           "(or spool)") from None
+    finally:
+        os.close(fd)
+
+
 def listener_name(host: str | None, port: int) -> str:
     """``127.0.0.1:25``, ``[::1]:25``, ``*:25`` (no address: every address)."""
     return f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
@@ -521,20 +539,8 @@ class Supervisor:
 
     def _check_shards_free(self) -> None:
         """A clear error before any fork when another process holds one of our shards."""
-        import fcntl
-
         for i in range(self.count):
-            path = shard_path(self.startup.spool.path, i)
-            if not path.is_dir():
-                continue
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise RuntimeError(f"spool directory {path} is in use by another process "
-                                   "(or spool)") from None
-            finally:
-                os.close(fd)  # drops the lock: the worker takes it for good
+            check_spool_free(shard_path(self.startup.spool.path, i))
 
     def _stop_all(self, grace: float = 30.0) -> None:
         """SIGTERM every live worker; SIGKILL what still runs after ``grace`` seconds."""
