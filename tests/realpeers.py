@@ -6,7 +6,6 @@ sleep on a guess. Append new peers here rather than starting processes ad hoc in
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import email
 import email.policy
@@ -15,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,26 +25,12 @@ import pytest
 
 from ferrymail.proxytier.haproxy import outbound_listen
 
-_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=4096)
+# One registry of handed-out ports for the tests and the benchmarks they run in-process:
+# bench/ is not a package, its modules import each other by name.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from peers import free_port
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now, and none of the last 4,096 this process handed
-    out.
-
-    The port is free again once the probe socket closes, and the kernel picks a bind to port
-    0 at a random offset, so two calls of one test could return the same port (about 1 in
-    14,000 a pair: a few times a suite run): the second peer then listens where the first
-    was to bind (a sink on ferrymail's port, Redis on the metrics port)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(100):
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.append(port)
-            return port
-    raise RuntimeError(f"no fresh free port on {host} after 100 tries")
+__all__ = ["free_port"]  # (re-exported: tests import it from here)
 
 
 def wait_listening(host: str, port: int, timeout: float = 10.0, proc=None) -> None:
