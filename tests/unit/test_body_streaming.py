@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ferrymail.smtp.client import stuffed_chunks
@@ -269,11 +269,14 @@ def _run(stream: bytes, cuts: list[int], spill_at: int | None):
             s.finish_delivery(b"250 queued\r\n", queued=True)
             event = s.step()
         out.append(s.take_output())
+    s.connection_lost()  # the stream ends: a body still arriving (e.g. inside BDAT) goes
     return b"".join(out), bodies, sinks
 
 
 @settings(max_examples=300, deadline=None)
 @given(pieces=st.lists(_PIECES, max_size=30), cuts=st.lists(st.integers(0, 2000), max_size=10))
+@example(pieces=[b"EHLO c.test\r\n", b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<c@d.test>\r\n",
+                 b"BDAT 70\r\n", b"EHLO c.test\r\n"], cuts=[])  # ends inside the chunk
 def test_spilling_changes_no_reply_and_no_body(pieces, cuts):
     stream = b"".join(pieces)
     kept = _run(stream, cuts, None)
