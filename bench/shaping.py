@@ -11,10 +11,13 @@ the spool is empty; smtp-sink (discarding) is the MX, reached from two source IP
 (127.0.0.2, 127.0.0.3). The policies give concurrency, a rate and a connect interval per
 source IP, a rate per grouping and a global rate, all far above what is reached, so the
 difference is the cost of asking: with Redis one script per new connection and one per
-message. The sink must have received N messages, else the run fails.
+64 messages (prefetched rate slots). The sink must have received N messages, else the run
+fails.
 
 Host variants: ``host`` is one engine whose `HostLimiter` asks the limiter service (its
-CPU counted) for every connection and every message; ``hostxN`` is N engine processes
+CPU counted) for every connection and for rate slots (prefetched: these rates are far above
+400/s, so one request brings 64 slots, `ferrymail.orchestrator.prefetch`, as for Redis);
+``hostxN`` is N engine processes
 (forked, each draining N-th of the messages from its own spool, started together), the way
 ``ferrymail run --workers N`` shares limits; its rate is all messages over the slowest
 process's time, compared with ``local`` (one engine, in-process limiter).
@@ -246,7 +249,10 @@ def report(runs: list[Run], n: int, repeat: int, env: dict[str, str], command: s
             if v.startswith("host"):
                 lines.append(f"| {v} / local | {by[v].median / by['local'].median:.2f} | "
                              f"{by[v].cpu_median / by['local'].cpu_median:.2f} |")
-    lines += ["", "CPU is this process's (the engine's) plus, for the Redis variant, "
+    lines += ["", "Rate slots are prefetched for the Redis and host variants "
+              "(`orchestrator/prefetch.py`; these rates are far above 400/s: 64 slots a "
+              "request), so their remaining requests are mostly one per new connection.",
+              "", "CPU is this process's (the engine's) plus, for the Redis variant, "
               "redis-server's, for the host variants the limiter service's (and every engine "
               "process's); it is less sensitive than msg/s to other load on the machine. "
               "hostxN: every message over the slowest engine process's time; on 2 cores shared "
