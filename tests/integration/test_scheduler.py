@@ -382,3 +382,38 @@ transportgroups: [{id: g, transports: [{id: t}]}]
         assert sorted(started) == ["hung0.test", "hung1.test", "hung2.test", "live.test"]
 
     run(main)
+
+
+def test_held_mail_does_not_wake_the_scheduler_and_lifting_the_hold_delivers(tmp_path):
+    """While ``queues.hold`` keeps mail queued a store does not wake the scheduler (it would
+    only go back to sleep); the reload that lifts the hold delivers what was held."""
+    with smtp_sink() as sink, LogCapture() as logs:
+        async def main() -> None:
+            text = f"""
+servers: [{{id: in, transport: ok}}]
+transportgroups:
+  - id: g
+    transports:
+      - id: ok
+        connection: {{server: 127.0.0.1, port: {sink.port}}}
+"""
+            held, lifted = parse_running(text + "queues: {hold: true}\n"), parse_running(text)
+            cfg = [held]
+            spool = SqliteSpool(tmp_path / "spool", fsync=False)
+            await spool.start()
+            eng = DeliveryEngine(spool, lambda: cfg[0], hostname="mta.test", stop_grace=0.2)
+            await eng.start()
+            await asyncio.sleep(0.1)  # the scheduler's first look, then asleep
+            stored = eng.notifying(spool)
+            for i in range(3):
+                await stored.store(envelope(f"r{i}@fine.test"), b"Subject: x\r\n\r\nx\r\n")
+                assert not eng.scheduler._wake.is_set()
+            await asyncio.sleep(0.2)
+            assert not logs.lines("delivery.attempt")
+            cfg[0] = lifted
+            eng.config_changed(lifted)
+            await logs.wait("rcpts=r.@fine.test .*result=delivered", count=3, timeout=5)
+            await eng.stop()
+            await spool.close()
+
+        run(main)
