@@ -17,7 +17,9 @@ fails.
 Host variants: ``host`` is one engine whose `HostLimiter` asks the limiter service (its
 CPU counted) for every connection and for rate slots (prefetched: these rates are far above
 400/s, so one request brings 64 slots, `ferrymail.orchestrator.prefetch`, as for Redis);
-``hostxN`` is N engine processes
+``host-noprefetch`` is the same with one slot per request (`prefetch.PREFETCH_MAX` 1 in
+that run: every message asks, as before prefetch), the A/B of it; ``hostxN`` is N engine
+processes
 (forked, each draining N-th of the messages from its own spool, started together), the way
 ``ferrymail run --workers N`` shares limits; its rate is all messages over the slowest
 process's time, compared with ``local`` (one engine, in-process limiter).
@@ -43,10 +45,12 @@ from inbound import environment
 from ferrymail.config import parse_running
 from ferrymail.config.policies import Cluster as ClusterConfig
 from ferrymail.delivery.engine import DeliveryEngine
+from ferrymail.orchestrator import prefetch
 from ferrymail.orchestrator.local import LocalLimiter
 from ferrymail.spool import Envelope, SqliteSpool
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+PREFETCH_MAX = prefetch.PREFETCH_MAX  # restored after a host-noprefetch run
 SECTION = "## Shaping"
 BODY = (b"From: a@bench.test\r\nTo: b@example.com\r\nSubject: shaping bench\r\n\r\n"
         + b"x" * 2000 + b"\r\n")
@@ -110,6 +114,7 @@ async def one_run(d: Path, variant: str, sink_port: int, redis_url: str | None, 
             await spool.store(env, BODY)
         cfg = parse_running(running_yaml(sink_port, variant != "none"))
         limiter = LocalLimiter()
+        prefetch.PREFETCH_MAX = 1 if variant == "host-noprefetch" else PREFETCH_MAX
         if variant.startswith("host"):
             from ferrymail.orchestrator.host import HostLimiter
 
@@ -230,7 +235,8 @@ def report(runs: list[Run], n: int, repeat: int, env: dict[str, str], command: s
     ]
     labels = {"none": "no policies", "local": "policies, in-process limiter",
               "redis": "policies, Redis limiter",
-              "host": "policies, host limiter service, 1 engine"}
+              "host": "policies, host limiter service, 1 engine",
+              "host-noprefetch": "policies, host limiter service, 1 engine, no prefetch"}
     for r in runs:
         if r.variant.startswith("hostx"):
             labels[r.variant] = (f"policies, host limiter service, {r.variant[5:]} engine "
@@ -249,6 +255,10 @@ def report(runs: list[Run], n: int, repeat: int, env: dict[str, str], command: s
             if v.startswith("host"):
                 lines.append(f"| {v} / local | {by[v].median / by['local'].median:.2f} | "
                              f"{by[v].cpu_median / by['local'].cpu_median:.2f} |")
+    if "host" in by and "host-noprefetch" in by:
+        a, b = by["host"], by["host-noprefetch"]
+        lines.append(f"| host / host-noprefetch | {a.median / b.median:.2f} | "
+                     f"{a.cpu_median / b.cpu_median:.2f} |")
     lines += ["", "Rate slots are prefetched for the Redis and host variants "
               "(`orchestrator/prefetch.py`; these rates are far above 400/s: 64 slots a "
               "request), so their remaining requests are mostly one per new connection.",
@@ -265,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--messages", type=int, default=4000)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--only", default="none,local,redis,host,hostx2",
-                   help="variants, comma-separated (hostxN: N engine processes)")
+    p.add_argument("--only", default="none,local,redis,host,host-noprefetch,hostx2",
+                   help="variants, comma-separated (hostxN: N engine processes; "
+                        "host-noprefetch: one rate slot per request)")
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
     variants = [v for v in args.only.split(",") if v]
@@ -281,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 if v.startswith("hostx"):
                     rate, cpu = host_run(d, v, sink.port, args.messages, service, service_pid,
                                          int(v[5:]))
-                elif v == "host":
+                elif v in ("host", "host-noprefetch"):
                     cpu0 = peers.cpu_seconds([service_pid])
                     rate, cpu = uvloop.run(one_run(d, v, sink.port, None, args.messages,
                                                    service=service))
