@@ -310,3 +310,21 @@ def test_rate_slots_keep_and_take_on_a_fake_clock() -> None:
         assert slots.kept(p.key) == 0
 
     asyncio.run(scenario())
+
+
+def test_kept_slots_are_bounded_in_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ferrymail.orchestrator import prefetch
+
+    monkeypatch.setattr(prefetch, "MAX_KEYS", 3)
+
+    async def scenario() -> None:
+        slots = RateSlots(Clock())
+        plans = [plan([Limit(f"k{i}", "k", rate=Rate(1000, 1.0))]) for i in range(4)]
+        for p in plans[:3]:
+            slots.keep(p, 0.0)
+        assert slots.status() == {"keys": 3, "dropped": 0, "overflows": 0}
+        slots.keep(plans[3], 0.0)  # a fourth key: the bound, logged and counted
+        assert slots.status() == {"keys": 1, "dropped": 0, "overflows": 1}
+        assert slots.kept(plans[3].key) == 4 and slots.kept(plans[0].key) == 0
+
+    asyncio.run(scenario())

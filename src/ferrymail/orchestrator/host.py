@@ -109,7 +109,8 @@ class HostLimiter:
 
     def status(self) -> dict[str, object]:
         return {"scope": self.scope, "state": self.state, "workers": self.workers,
-                "leases": len(self._held), "error": self.last_error or None}
+                "leases": len(self._held), "error": self.last_error or None,
+                "prefetch": self.slots.status()}
 
     def active_suspensions(self, now: float) -> list[Suspension]:
         return self.fallback.active_suspensions(now)

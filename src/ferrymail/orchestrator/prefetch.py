@@ -83,6 +83,7 @@ class RateSlots:
         self._fetching: dict[tuple[str, ...], asyncio.Future[None]] = {}
         self.tasks: set[asyncio.Task[None]] = set()  # background refills
         self.dropped = 0  # kept slots dropped unused (more than LATE past their time)
+        self.overflows = 0  # times MAX_KEYS was reached (every kept slot dropped)
 
     async def take(self, p: Plan, refill: Fetch, ahead: float = 0.0) -> float | None:
         """Seconds to hold the message for a kept slot (0.0: send now; at most ``ahead``),
@@ -136,6 +137,9 @@ class RateSlots:
             return
         start = self.clock() + hold
         if p.key not in self._slots and len(self._slots) >= MAX_KEYS:
+            self.overflows += 1
+            log_event("limiter.prefetch_overflow", "warning", keys=len(self._slots),
+                      limit=MAX_KEYS, effect="every kept rate slot dropped")
             self._slots.clear()
         self._slots.setdefault(p.key, deque()).extend(
             start + i * p.spacing for i in range(first, p.count))
@@ -143,6 +147,9 @@ class RateSlots:
     def clear(self) -> None:
         """Drop every kept slot (the store that reserved them is gone or replaced)."""
         self._slots.clear()
+
+    def status(self) -> dict[str, int]:
+        return {"keys": len(self._slots), "dropped": self.dropped, "overflows": self.overflows}
 
     def kept(self, key: tuple[str, ...]) -> int:
         return len(self._slots.get(key, ()))

@@ -81,7 +81,8 @@ class RedisLimiter:
         self.fallback.wake()
 
     def status(self) -> dict[str, object]:
-        return {"scope": self.scope, **self.cluster.status(), "leases": len(self._held)}
+        return {"scope": self.scope, **self.cluster.status(), "leases": len(self._held),
+                "prefetch": self.slots.status()}
 
     @property
     def shared(self) -> bool:
