@@ -5,8 +5,8 @@ service (`ferrymail.orchestrator.hostservice`, a child of the supervisor) over i
 socket: one pipelined request per new connection that has a concurrency or interval limit,
 one per message that has a rate (for rates above 400/s one per several messages: the slots
 are prefetched as the Redis limiter does, `ferrymail.orchestrator.prefetch`), a one-way
-release when the connection closes. Checks
-without such limits (suspensions only) are answered here from the spool directory's
+release when the connection closes. Checks without such limits (suspensions only, and
+suspensions before a prefetched slot is used) are answered here from the spool directory's
 suspension file, which the service writes too.
 
 **Service down** (crashed, restarting, not answering within `TIMEOUT`): the worker falls

@@ -2,12 +2,12 @@
 
 Round trips: one script per new connection (``lua/acquire.lua``: every concurrency lease
 and every connection interval, all or none), one per message when a rate applies
-(``lua/message.lua``: the leases still held, every rate, all or none; for rates above 400/s
-one per several messages, the slots prefetched by `ferrymail.orchestrator.prefetch`), one per closed
-connection (``lua/release.lua``), one per new connection when a connection interval applies
-(``lua/connected.lua``: the interval counts from when the TCP connection stood, not from the
-grant before it), and per heartbeat one for the registry plus, every third of
-the lease TTL, one extending every lease this instance holds (``lua/extend.lua``). Time is
+(``lua/message.lua``: the leases still held, every rate, all or none; for rates above
+400/s one per several messages, the slots prefetched by `ferrymail.orchestrator.prefetch`),
+one per closed connection (``lua/release.lua``), one per new connection when a connection
+interval applies (``lua/connected.lua``: the interval counts from when the TCP connection
+stood, not from the grant before it), and per heartbeat one for the registry plus, every
+third of the lease TTL, one extending every lease this instance holds (``lua/extend.lua``). Time is
 Redis ``TIME`` with microseconds, never a client clock. Keys: ``PREFIX:c:KEY`` (lease sets),
 ``PREFIX:i:KEY|ci:SPEC`` and ``PREFIX:r:KEY|rate:SPEC`` (GCRA), ``PREFIX:suspensions``
 (hash id -> JSON), ``PREFIX:instances`` (registry). A single Redis (not Redis Cluster).
