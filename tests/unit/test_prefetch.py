@@ -249,6 +249,29 @@ def test_a_suspension_stops_kept_slots_too() -> None:
     run(scenario)
 
 
+def test_a_worker_keeps_only_the_slots_the_service_confirms() -> None:
+    rate = Limit("g", "g", rate=Rate(1_000_000, 1.0))
+
+    async def scenario(d: Path) -> None:
+        clock = Clock()
+        async with Host(d, clock) as host:
+            handle = host.service.handle
+
+            def without_slots(conn: _Conn, req: dict) -> dict | None:
+                req.pop("slots", None)  # a service that knows nothing of prefetch
+                return handle(conn, req)
+
+            host.service.handle = without_slots  # type: ignore[method-assign]
+            w = host.workers[0]
+            for _ in range(3):
+                clock.now += 1e-6
+                assert await w.message(A, (rate,), None, 0.2) is None
+                assert w.slots.kept(plan([rate]).key) == 0
+            assert host.service.requests == 3
+
+    run(scenario)
+
+
 def test_service_reserves_n_slots_in_one_step_and_bounds_n() -> None:
     clock = Clock()
     svc = LimiterService(LocalLimiter(clock=clock))
@@ -262,7 +285,7 @@ def test_service_reserves_n_slots_in_one_step_and_bounds_n() -> None:
         assert reply is not None
         return reply
 
-    assert ask(5) == {"id": 1, "hold": 0.0}
+    assert ask(5) == {"id": 1, "hold": 0.0, "slots": 5}
     clock.now += 0.004  # the 5th slot is at +4 ms, the next free one at +5 ms
     assert ask(1)["denied"][0] == "rate"
     clock.now += 0.001
@@ -285,7 +308,7 @@ def test_rate_slots_keep_and_take_on_a_fake_clock() -> None:
         slots = RateSlots(clock)
         p = plan([Limit("g", "g", rate=Rate(1000, 1.0))])  # 1 ms apart, 5 a request
 
-        async def never() -> float | None:
+        async def never() -> tuple[float, int] | None:
             raise AssertionError("no refill expected")
 
         slots.keep(p, 0.0)  # slot 0 used by the asker: 1..4 kept at +1..+4 ms
@@ -296,9 +319,9 @@ def test_rate_slots_keep_and_take_on_a_fake_clock() -> None:
         assert slots.dropped == 0
         fetched: list[int] = []
 
-        async def refill() -> float | None:
+        async def refill() -> tuple[float, int] | None:
             fetched.append(1)
-            return 0.0
+            return 0.0, p.count
 
         # now +7.1 ms: slot +2 is 5.1 ms late (dropped), +3 is 4.1 ms late (used), and
         # +4 is within REFILL_BEFORE of its use-by time: the next 5 are fetched meanwhile

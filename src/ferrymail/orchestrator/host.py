@@ -334,9 +334,9 @@ class HostLimiter:
         with self.slots.fetching(p):
             reply = await self._request(self._message_request(attempt, rates, lease, ahead, p))
             got = self._hold(reply)
-            if isinstance(got, float):
-                self.slots.keep(p, got)
-                return got or None
+            if isinstance(got, tuple):
+                self.slots.keep(p, got[0], count=got[1])
+                return got[0] or None
         return got if got is not None else self.fallback.message_now(attempt, limits, lease,
                                                                       ahead)
 
@@ -349,27 +349,31 @@ class HostLimiter:
             req["slots"] = p.count
         return req
 
-    def _hold(self, reply: dict[str, Any] | None) -> Denied | float | None:
-        """A message reply: the first slot's hold (s), a refusal, or None (no answer)."""
+    def _hold(self, reply: dict[str, Any] | None) -> Denied | tuple[float, int] | None:
+        """A message reply: (the first slot's hold in seconds, slots reserved), a refusal,
+        or None (no answer)."""
         if reply is None:
             return None
         try:
             if "denied" in reply:
                 return denied_from_wire(reply["denied"])
-            hold = reply.get("hold")
+            hold, slots = reply.get("hold"), reply.get("slots", 1)
             if not isinstance(hold, (int, float)) or isinstance(hold, bool) or hold < 0:
                 raise ProtocolError("hold must be a number >= 0")
+            if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+                raise ProtocolError("slots must be a positive integer")
         except ProtocolError as e:
             self._down(f"bad reply: {e}")
             return None
-        return float(hold)
+        return float(hold), slots
 
-    async def _fetch(self, attempt: Attempt, rates: list[Limit], p: Plan) -> float | None:
+    async def _fetch(self, attempt: Attempt, rates: list[Limit], p: Plan
+                     ) -> tuple[float, int] | None:
         """The next ``p.count`` slots in the background (`RateSlots` refill): the first one's
-        hold, None if refused or the service is down."""
+        hold and how many were reserved; None if refused or the service is down."""
         got = self._hold(await self._request(self._message_request(attempt, rates, None,
                                                                    REFILL_AHEAD, p)))
-        return got if isinstance(got, float) else None
+        return got if isinstance(got, tuple) else None
 
     async def connected(self, limits: tuple[Limit, ...], ago: float) -> None:
         intervals = [lim for lim in limits if lim.connectinterval is not None]

@@ -139,7 +139,10 @@ class LimiterService:
             if isinstance(res, Denied):
                 self.refused += 1
                 return {"id": rid, "denied": denied_to_wire(res)}
-            return {"id": rid, "hold": res or 0.0}
+            reply: dict[str, Any] = {"id": rid, "hold": res or 0.0}
+            if slots > 1:
+                reply["slots"] = slots  # reserved: the worker keeps no more than this
+            return reply
         raise ProtocolError(f"unknown op {op!r}")
 
     async def suspend(self, req: dict[str, Any]) -> dict[str, Any]:

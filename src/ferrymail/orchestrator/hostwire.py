@@ -19,9 +19,11 @@ matches them)::
 Replies and pushes (service -> worker)::
 
     {"id": 7, "lease": "ab12..", "limits": {"key": limit}}     a concurrency lease
-    {"id": 8, "hold": 0.05}                                    a rate slot (hold seconds);
-                                                               with slots N, N consecutive
-                                                               ones, this the first's hold
+    {"id": 8, "hold": 0.05}                                    a rate slot (hold seconds)
+    {"id": 8, "hold": 0.05, "slots": 12}                       N consecutive ones reserved,
+                                                               this the first's hold (no
+                                                               "slots": one; a worker keeps
+                                                               only what is confirmed)
     {"id": 7, "denied": [kind, reason, retry_after, key]}      refused
     {"id": 9}                                                  done
     {"op": "released", "key": "..."}                           push: a lease of a key this

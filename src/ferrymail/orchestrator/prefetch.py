@@ -46,9 +46,10 @@ REFILL_BEFORE = 0.002  # kept slots this close to running out are refetched in t
 REFILL_AHEAD = PREFETCH_WINDOW  # a refill reserves up to this far ahead (after the kept ones)
 MAX_KEYS = 10_000  # rate-key sets with kept slots; past it, all kept slots are dropped
 
-Fetch = Callable[[], Awaitable[float | None]]
-"""A background request for a plan's ``count`` slots with ``ahead`` `REFILL_AHEAD`: the first
-slot's hold in seconds, or None when refused or the store is down (it raises nothing)."""
+Fetch = Callable[[], Awaitable[tuple[float, int] | None]]
+"""A background request for a plan's ``count`` slots with ``ahead`` `REFILL_AHEAD`: (the
+first slot's hold in seconds, slots reserved), or None when refused or the store is down
+(it raises nothing)."""
 
 
 @dataclass(frozen=True)
@@ -130,10 +131,12 @@ class RateSlots:
             del self._fetching[key]
         fut.set_result(None)
 
-    def keep(self, p: Plan, hold: float, *, first: int = 1) -> None:
+    def keep(self, p: Plan, hold: float, *, first: int = 1, count: int | None = None) -> None:
         """Keep slots ``first`` .. ``count - 1`` of an answer whose first slot is ``hold``
-        seconds from now (``first`` 1: the caller uses slot 0 itself)."""
-        if p.count <= first:
+        seconds from now (``first`` 1: the caller uses slot 0 itself); ``count`` is what the
+        store says it reserved (default ``p.count``, never more)."""
+        count = p.count if count is None else min(count, p.count)
+        if count <= first:
             return
         start = self.clock() + hold
         if p.key not in self._slots and len(self._slots) >= MAX_KEYS:
@@ -142,7 +145,7 @@ class RateSlots:
                       limit=MAX_KEYS, effect="every kept rate slot dropped")
             self._slots.clear()
         self._slots.setdefault(p.key, deque()).extend(
-            start + i * p.spacing for i in range(first, p.count))
+            start + i * p.spacing for i in range(first, count))
 
     def clear(self) -> None:
         """Drop every kept slot (the store that reserved them is gone or replaced)."""
@@ -161,9 +164,9 @@ class RateSlots:
 
         async def fetch() -> None:
             try:
-                hold = await refill()
-                if hold is not None:
-                    self.keep(p, hold, first=0)
+                got = await refill()
+                if got is not None:
+                    self.keep(p, got[0], first=0, count=got[1])
             except Exception as e:  # a bug here must not leave a task's error unread
                 log_event("limiter.prefetch_failed", "error", error=f"{type(e).__name__}: {e}")
             finally:

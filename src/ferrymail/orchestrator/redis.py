@@ -234,7 +234,7 @@ class RedisLimiter:
                 return
         self.fallback.connected_now(limits, ago)
 
-    async def _fetch(self, p: Plan, rates: list[Limit]) -> float | None:
+    async def _fetch(self, p: Plan, rates: list[Limit]) -> tuple[float, int] | None:
         """The next ``p.count`` slots of ``rates`` in the background (`RateSlots` refill).
         Rates only: a connection's lease is checked by its own next fetch and the heartbeat."""
         keys = [self.cluster.key("r", k) for k in p.key]
@@ -246,7 +246,7 @@ class RedisLimiter:
             res = await self.cluster.script("message", keys, args)
         except RedisDown:
             return None
-        return float(res[1]) if res[0] == "ok" else None
+        return (float(res[1]), p.count) if res[0] == "ok" else None
 
     def release(self, lease: Lease) -> None:
         if lease.released:
