@@ -91,6 +91,7 @@ class HostLimiter:
         self._task: asyncio.Task[None] | None = None
         self._connected: asyncio.Event | None = None
         self.slots = RateSlots(clock)  # prefetched rate slots, reserved by the service
+        self.requests = 0  # requests sent that wait for a reply (round trips)
 
     # -- state
 
@@ -110,6 +111,7 @@ class HostLimiter:
     def status(self) -> dict[str, object]:
         return {"scope": self.scope, "state": self.state, "workers": self.workers,
                 "leases": len(self._held), "error": self.last_error or None,
+                "requests": self.requests,
                 "prefetch": self.slots.status()}
 
     def active_suspensions(self, now: float) -> list[Suspension]:
@@ -259,6 +261,7 @@ class HostLimiter:
         if not self.shared or writer is None:
             return None
         self._next_id += 1
+        self.requests += 1
         rid = obj["id"] = self._next_id
         fut: asyncio.Future[dict[str, Any] | None] = (
             asyncio.get_running_loop().create_future())
