@@ -8,6 +8,7 @@ benchmark even if it is killed outright (Postfix's master daemonizes, and is sto
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import os
@@ -47,11 +48,26 @@ def binary(name: str) -> str:
     return path
 
 
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=4096)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port nobody listens on right now, and none of the last 4,096 this process handed
+    out (the tests' `tests.realpeers.free_port` is this one).
+
+    The port is free again once the probe socket closes, and the kernel picks a bind to port
+    0 at a random offset, so two calls could return the same port (about 1 in 14,000 a
+    pair: a few times a test-suite run): the second peer would then listen where the first
+    was to bind (a sink on ferrymail's port, Redis on the metrics port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.append(port)
+            return port
+    raise RuntimeError(f"no fresh free port on {host} after 100 tries")
 
 
 def wait_listening(host: str, port: int, timeout: float = 15.0,

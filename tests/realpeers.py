@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,13 +25,12 @@ import pytest
 
 from ferrymail.proxytier.haproxy import outbound_listen
 
+# One registry of handed-out ports for the tests and the benchmarks they run in-process:
+# bench/ is not a package, its modules import each other by name.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from peers import free_port
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+__all__ = ["free_port"]  # (re-exported: tests import it from here)
 
 
 def wait_listening(host: str, port: int, timeout: float = 10.0, proc=None) -> None:

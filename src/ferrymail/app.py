@@ -195,8 +195,10 @@ class App:
     # -- lifecycle
 
     async def start(self) -> None:
-        """Bind the listeners, drop privileges (``environment.user``), open the spool, then
-        start every component; on failure undo what was started."""
+        """Bind the listeners (one process: the spool and every port proven free first, so
+        no ``smtp.listening`` precedes a start refused for them), drop privileges
+        (``environment.user``), open the spool, then start every component; on failure undo
+        what was started."""
         for key, name in hostname_problems(self.startup):
             log_event("config.hostname", "warning", key=key, hostname=name,
                       error=f"{name!r} is not a fully qualified domain name: the banner, "
@@ -205,6 +207,11 @@ class App:
         env = self.startup.environment
         creds = None if env.user is None else privileges.resolve(env.user, env.group)
         try:
+            if self.worker is None:  # (a worker's supervisor checked both before it)
+                from ferrymail.supervisor import check_ports_free, check_spool_free
+
+                check_spool_free(self.spool.path)
+                check_ports_free(list(self.startup.servers))
             for srv in self.servers:
                 await srv.bind()
             # the admin socket too: its folder (the pidfile's) may be writable by root only

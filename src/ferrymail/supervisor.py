@@ -164,6 +164,45 @@ def _bind(host: str | None, port: int, backlog: int, reuse_port: bool) -> socket
                                 reuse_port=reuse_port)
 
 
+def check_spool_free(path: Path) -> None:
+    """RuntimeError when another process holds the spool directory ``path`` (the spool's
+    own flock, taken and dropped at once: the spool takes it for good when it opens); a
+    directory that does not exist yet is free."""
+    import fcntl
+
+    if not path.is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise RuntimeError(f"spool directory {path} is in use by another process "
+                           "(or spool)") from None
+    finally:
+        os.close(fd)
+
+
+def listener_name(host: str | None, port: int) -> str:
+    """``127.0.0.1:25``, ``[::1]:25``, ``*:25`` (no address: every address)."""
+    return f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
+
+
+def check_ports_free(servers: list[StartupServer]) -> None:
+    """Bind each listener of ``servers`` once with a plain bind (no SO_REUSEPORT) and close
+    it again: OSError ``server ID: cannot listen on ADDRESS: REASON`` for the first one
+    taken. A single process proves its ports before binding any, since each bound listener
+    logs ``smtp.listening``: a start refused at a later listener must not have said that an
+    earlier one listened."""
+    for server in servers:
+        for lst in server.listeners:
+            host = None if lst.address is None else str(lst.address)
+            try:
+                _bind(host, lst.port, lst.backlog, reuse_port=False).close()
+            except OSError as exc:
+                raise OSError(exc.errno, f"server {server.id}: cannot listen on "
+                              f"{listener_name(host, lst.port)}: {exc.strerror}") from exc
+
+
 def listen_sockets(server: StartupServer, copies: int) -> list[list[socket.socket]]:
     """Per worker (``copies`` of them), one listening socket for each of ``server``'s
     listeners: ``result[worker][listener]``.
@@ -178,7 +217,7 @@ def listen_sockets(server: StartupServer, copies: int) -> list[list[socket.socke
     try:
         for lst in server.listeners:
             host = None if lst.address is None else str(lst.address)
-            name = f"[{host}]:{lst.port}" if host and ":" in host else f"{host or '*'}:{lst.port}"
+            name = listener_name(host, lst.port)
             try:
                 _bind(host, lst.port, lst.backlog, reuse_port=False).close()
                 port = lst.port
@@ -500,20 +539,8 @@ class Supervisor:
 
     def _check_shards_free(self) -> None:
         """A clear error before any fork when another process holds one of our shards."""
-        import fcntl
-
         for i in range(self.count):
-            path = shard_path(self.startup.spool.path, i)
-            if not path.is_dir():
-                continue
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise RuntimeError(f"spool directory {path} is in use by another process "
-                                   "(or spool)") from None
-            finally:
-                os.close(fd)  # drops the lock: the worker takes it for good
+            check_spool_free(shard_path(self.startup.spool.path, i))
 
     def _stop_all(self, grace: float = 30.0) -> None:
         """SIGTERM every live worker; SIGKILL what still runs after ``grace`` seconds."""

@@ -121,3 +121,18 @@ def test_examples_route_accepted_domains_to_a_fixed_next_hop(name):
             assert domain_matches(pattern, sample)
             transport = cfg.transport(cfg.transport_for(srv.id, sample))
             assert transport.connection.server is not None, (name, srv.id, pattern)
+
+
+def test_the_policies_example_says_what_a_limit_counts():
+    """Its header said limits hold "per instance" without a cluster; since issue 12 the
+    workers of one ``ferrymail run`` share them through the limiter service. An operator
+    reading the example must learn all three scopes (and that it loads)."""
+    path = EXAMPLES / "running-policies.yaml"
+    header = "".join(line[1:] for line in path.read_text().splitlines(keepends=True)
+                     if line.startswith("#"))
+    words = " ".join(header.split())
+    for needed in ("`cluster` section", "same Redis", "several workers",
+                   "limiter service", "(host-wide)", "`--workers 1`", "limit / workers",
+                   "limit / live instances"):
+        assert needed in words, needed
+    assert check_files([str(path)]) == []

@@ -6,6 +6,11 @@ to reading the spool (read-only, beside nothing or a stopped daemon) when no dae
 the changing ones then refuse. Filters (all must match; actions apply to whole messages):
 ``--id`` (repeatable), ``--from`` and ``--to`` (address or domain), ``--transport``,
 ``--state queued|deferred|held|in-flight``, ``--older-than DURATION``, ``--last-error REGEX``.
+
+Each worker has ``--timeout`` seconds to answer (READ_TIMEOUT for the read-only commands, a
+stopped or wedged worker must not keep an operator waiting; DEFAULT_TIMEOUT for the changing
+ones, which may touch many messages). A read-only command that falls back to the spool says
+on stderr which worker did not answer within how long.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ferrymail.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, print_config_e
 from ferrymail.config import ConfigError, StartupConfig, load_startup
 
 READ_ONLY = ("list", "show", "summary")
+READ_TIMEOUT = 5.0  # seconds each worker has to answer list/show/summary before the spool
 ACTIONS = ("retry", "hold", "release", "delete", "bounce")
 STATES = ("queued", "deferred", "held", "in-flight")
 
@@ -37,23 +43,59 @@ def _age(seconds: float) -> str:
 
 def cluster_line(spool_dir: Path) -> str:
     """``cluster: shared, 3 instances (mta1)`` or ``cluster: redis unreachable: split 1/3
-    since … (error)`` from the running instance's status file; "" without one."""
+    since … (error)`` from the running instance's status file; "" without one.
+
+    The file is rewritten on every change of state, not periodically, so its age says
+    nothing; the process that wrote it (``pid``) must still run. A file left by a killed
+    instance is marked: ``cluster: stale: pid 123 that wrote this is gone (written 5m
+    ago): shared, …``."""
     import json
 
     from ferrymail.orchestrator.limiter import STATUS_FILE, iso
 
+    path = spool_dir / STATUS_FILE
     try:
-        st = json.loads((spool_dir / STATUS_FILE).read_text())
+        st = json.loads(path.read_text())
+        written = path.stat().st_mtime
     except (OSError, ValueError):
         return ""
+    pid = st.get("pid")
+    stale = ""
+    if isinstance(pid, int) and pid > 0 and writer_gone(pid, written):
+        stale = (f"stale: pid {pid} that wrote this is gone "
+                 f"(written {_age(time.time() - written)} ago): ")
     since = iso(float(st.get("since", 0)))
     if st.get("state") == "fallback":
         mode = st.get("fallback")
         share = f" 1/{st.get('instances')}" if mode == "split" else ""
-        return (f"cluster: redis unreachable: {mode}{share} since {since} "
+        return (f"cluster: {stale}redis unreachable: {mode}{share} since {since} "
                 f"({st.get('error') or 'no answer'}); instance {st.get('instance')}")
-    return (f"cluster: {st.get('state')}, {st.get('instances')} live instance(s), "
+    return (f"cluster: {stale}{st.get('state')}, {st.get('instances')} live instance(s), "
             f"instance {st.get('instance')}, since {since}")
+
+
+def writer_gone(pid: int, written: float) -> bool:
+    """Whether the process ``pid`` that wrote a file at ``written`` (Unix time) no longer
+    runs: no such process, a zombie (killed, not yet reaped), or a process that started
+    after the file was written (the pid was reused, e.g. after a reboot: the spool keeps the
+    file). A process of another user counts as running."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    try:  # the fields after "(comm)", which may itself hold spaces: state, ..., starttime
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        btime = next(float(line.split()[1]) for line in Path("/proc/stat").read_text()
+                     .splitlines() if line.startswith("btime "))
+        started = btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return False
+    # btime is whole seconds: a margin so that a writer started just before is not taken
+    return fields[0] == "Z" or started > written + 2
 
 
 def host_limiter_lines(spool_dir: Path) -> list[str]:
@@ -85,6 +127,17 @@ def host_limiter_lines(spool_dir: Path) -> list[str]:
         out.insert(0, f"limiter: host-wide (limiter service), {shared}/"
                       f"{states[0].get('workers')} worker(s) sharing")
     return out
+
+
+def _seconds(text: str) -> float:
+    """A ``--timeout``: a finite number of seconds above 0 (argparse names the option)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return value
 
 
 def _filter(args: argparse.Namespace) -> Any:
@@ -165,8 +218,12 @@ def cmd_queue(args: argparse.Namespace) -> int:
     if what in ACTIONS and flt.empty and not args.all:
         print(f"{prog}: give a filter (e.g. --id, --to, --state) or --all", file=sys.stderr)
         return EXIT_FAIL
+    from ferrymail.admin.client import DEFAULT_TIMEOUT
+
+    timeout = args.timeout if args.timeout is not None else (
+        READ_TIMEOUT if what in READ_ONLY else DEFAULT_TIMEOUT)
     try:
-        client = AdminClient.for_startup(startup)
+        client = AdminClient.for_startup(startup, timeout=timeout)
     except OSError as exc:
         print(f"{prog}: cannot read the admin token: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -174,7 +231,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     try:
         if client is None:
             raise AdminUnavailable("the admin API is switched off (admin.socket: false)")
-        clients = [client, *other_workers(startup)]
+        clients = [client, *other_workers(startup, timeout=timeout)]
         try:
             result = _ask_workers(clients, what, args, flt)
         except AdminError as exc:
@@ -199,6 +256,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
                   "(`ferrymail run`) and try again", file=sys.stderr)
             return EXIT_FAIL
         source = "spool"
+        print(f"{prog}: {exc}; what follows was read from the spool (every shard)",
+              file=sys.stderr)
         try:
             result = _spool_fallback(startup, what, args, flt)
         except (OSError, SpoolError) as err:
@@ -260,31 +319,42 @@ def _print_unserved(result: dict[str, Any]) -> None:
 def _ask_workers(clients: list[Any], what: str, args: argparse.Namespace, flt: Any) -> Any:
     """One command to every worker (each holds its own spool shard), answers combined:
     ``show`` from the worker that has the message, lists concatenated in id order, action
-    counts added up. Raises the first worker's AdminUnavailable / AdminError."""
-    from ferrymail.admin.client import AdminError
+    counts added up. Raises the first worker's AdminUnavailable (naming the worker when
+    there are several) / AdminError."""
+    from ferrymail.admin.client import AdminError, AdminUnavailable
+
+    def ask(k: int, method: str, path: str, query: Any = None, body: Any = None) -> Any:
+        try:
+            if method == "GET":
+                return clients[k].get(path, query)
+            return clients[k].post(path, body)
+        except AdminUnavailable as exc:
+            if len(clients) == 1:
+                raise
+            raise AdminUnavailable(f"worker {k}: {exc}") from None
 
     if what == "show":
-        for i, client in enumerate(clients):
+        for k in range(len(clients)):
             try:
-                return client.get(f"/v1/queue/{args.queue_id}",
-                                  [("body", "1")] if args.body else None)
+                return ask(k, "GET", f"/v1/queue/{args.queue_id}",
+                           [("body", "1")] if args.body else None)
             except AdminError as exc:
-                if exc.status != 404 or i == len(clients) - 1:
+                if exc.status != 404 or k == len(clients) - 1:
                     raise
     answers: list[dict[str, Any]] = []
-    for client in clients:
+    for k in range(len(clients)):
         if what == "list":
-            answers.append(client.get("/v1/queue",
-                                      [*flt.to_query(), ("limit", str(args.limit))]))
+            answers.append(ask(k, "GET", "/v1/queue",
+                               [*flt.to_query(), ("limit", str(args.limit))]))
         elif what == "summary":
-            answers.append(client.get("/v1/queue/summary", flt.to_query()))
+            answers.append(ask(k, "GET", "/v1/queue/summary", flt.to_query()))
         else:
             body: dict[str, Any] = {"filter": dict(_grouped(flt.to_query()))}
             if args.all:
                 body["all"] = True
             if what == "bounce":
                 body["reason"] = args.reason
-            answers.append(client.post(f"/v1/queue/{what}", body))
+            answers.append(ask(k, "POST", f"/v1/queue/{what}", body=body))
     if len(answers) == 1:
         return answers[0]
     if what == "list":
@@ -375,7 +445,7 @@ def _print(what: str, result: dict[str, Any], args: argparse.Namespace, source: 
             print("queues.hold is on: no delivery starts")
         _print_unserved(result)
         if source == "spool":
-            print("(read from the spool: no daemon answers; wait reasons need the daemon)")
+            print("(read from the spool: the daemon did not answer; wait reasons need it)")
     else:
         verb = {"retry": "made due now", "hold": "held", "release": "released",
                 "delete": "deleted", "bounce": "bounced"}[what]
@@ -404,6 +474,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=cmd_queue)
         p.add_argument("--startup", metavar="FILE", help="startup configuration (spool, socket)")
         p.add_argument("--json", action="store_true", help="print the JSON answer")
+        p.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                       help="how long each worker may take to answer (default "
+                            + (f"{READ_TIMEOUT:g} s, then the spool is read)" if name in READ_ONLY
+                               else "30 s)"))
         if name == "show":
             p.add_argument("queue_id", metavar="ID")
             p.add_argument("--body", action="store_true", help="print the whole message")
