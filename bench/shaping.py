@@ -11,10 +11,15 @@ the spool is empty; smtp-sink (discarding) is the MX, reached from two source IP
 (127.0.0.2, 127.0.0.3). The policies give concurrency, a rate and a connect interval per
 source IP, a rate per grouping and a global rate, all far above what is reached, so the
 difference is the cost of asking: with Redis one script per new connection and one per
-message. The sink must have received N messages, else the run fails.
+64 messages (prefetched rate slots). The sink must have received N messages, else the run
+fails.
 
 Host variants: ``host`` is one engine whose `HostLimiter` asks the limiter service (its
-CPU counted) for every connection and every message; ``hostxN`` is N engine processes
+CPU counted) for every connection and for rate slots (prefetched: these rates are far above
+400/s, so one request brings 64 slots, `ferrymail.orchestrator.prefetch`, as for Redis);
+``host-noprefetch`` is the same with one slot per request (`prefetch.PREFETCH_MAX` 1 in
+that run: every message asks, as before prefetch), the A/B of it; ``hostxN`` is N engine
+processes
 (forked, each draining N-th of the messages from its own spool, started together), the way
 ``ferrymail run --workers N`` shares limits; its rate is all messages over the slowest
 process's time, compared with ``local`` (one engine, in-process limiter).
@@ -40,10 +45,12 @@ from inbound import environment
 from ferrymail.config import parse_running
 from ferrymail.config.policies import Cluster as ClusterConfig
 from ferrymail.delivery.engine import DeliveryEngine
+from ferrymail.orchestrator import prefetch
 from ferrymail.orchestrator.local import LocalLimiter
 from ferrymail.spool import Envelope, SqliteSpool
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+PREFETCH_MAX = prefetch.PREFETCH_MAX  # restored after a host-noprefetch run
 SECTION = "## Shaping"
 BODY = (b"From: a@bench.test\r\nTo: b@example.com\r\nSubject: shaping bench\r\n\r\n"
         + b"x" * 2000 + b"\r\n")
@@ -83,6 +90,7 @@ class Run:
     variant: str
     rates: list[float]
     cpu: list[float]  # CPU seconds per 1,000 messages: this process (+ redis-server)
+    asks: list[float]  # limiter round trips per message (Redis calls, service requests)
 
     @property
     def median(self) -> float:
@@ -95,8 +103,9 @@ class Run:
 
 async def one_run(d: Path, variant: str, sink_port: int, redis_url: str | None, n: int,
                   redis_pid: int | None = None, *, service: Path | None = None,
-                  workers: int = 1, barrier: Any = None) -> tuple[float, float]:
-    """(msg/s, CPU s per 1k messages) of one engine draining ``n`` messages."""
+                  workers: int = 1, barrier: Any = None) -> tuple[float, float, float]:
+    """(msg/s, CPU s per 1k messages, limiter round trips per message) of one engine
+    draining ``n`` messages."""
     spool = SqliteSpool(d / f"spool-{variant}-{time.monotonic_ns()}", fsync=False)
     await spool.start()
     try:
@@ -107,6 +116,7 @@ async def one_run(d: Path, variant: str, sink_port: int, redis_url: str | None, 
             await spool.store(env, BODY)
         cfg = parse_running(running_yaml(sink_port, variant != "none"))
         limiter = LocalLimiter()
+        prefetch.PREFETCH_MAX = 1 if variant == "host-noprefetch" else PREFETCH_MAX
         if variant.startswith("host"):
             from ferrymail.orchestrator.host import HostLimiter
 
@@ -135,9 +145,12 @@ async def one_run(d: Path, variant: str, sink_port: int, redis_url: str | None, 
                 cpu += peers.cpu_seconds([redis_pid])
         finally:
             await engine.stop()
+        asks = 0
         if variant in ("redis",) or variant.startswith("host"):
             assert limiter.status()["state"] == "shared", limiter.status()
-        return n / took, cpu * 1000 / n
+            asks = (limiter.cluster.calls if variant == "redis"  # type: ignore[attr-defined]
+                    else limiter.requests)  # type: ignore[attr-defined]
+        return n / took, cpu * 1000 / n, asks / n
     finally:
         await spool.close()
 
@@ -151,7 +164,7 @@ def _engine_process(args: tuple[Path, str, int, int, Path, int, Any], results: A
 
 
 def host_run(d: Path, variant: str, sink_port: int, n: int, service: Path, service_pid: int,
-             workers: int) -> tuple[float, float]:
+             workers: int) -> tuple[float, float, float]:
     """``hostxN``: N forked engine processes sharing the service; (msg/s, CPU s / 1k)."""
     import multiprocessing
 
@@ -170,9 +183,10 @@ def host_run(d: Path, variant: str, sink_port: int, n: int, service: Path, servi
         proc.join(30)
         if proc.exitcode != 0:
             raise peers.BenchError(f"{variant}: an engine process exited {proc.exitcode}")
-    took = max(share / rate for rate, _ in got)
-    cpu = sum(c * share / 1000 for _, c in got) + peers.cpu_seconds([service_pid]) - cpu0
-    return share * workers / took, cpu * 1000 / (share * workers)
+    took = max(share / rate for rate, _, _ in got)
+    cpu = sum(c * share / 1000 for _, c, _ in got) + peers.cpu_seconds([service_pid]) - cpu0
+    asks = sum(a for _, _, a in got) / workers
+    return share * workers / took, cpu * 1000 / (share * workers), asks
 
 
 @contextlib.contextmanager
@@ -222,19 +236,23 @@ def report(runs: list[Run], n: int, repeat: int, env: dict[str, str], command: s
         "connect interval per source IP, a rate per grouping and a global rate, none of "
         "them reached.",
         "",
-        "| variant | msg/s (median) | runs | CPU s / 1k msg (median) |",
-        "|---|---:|---|---:|",
+        "| variant | msg/s (median) | runs | CPU s / 1k msg (median) | limiter round trips "
+        "/ msg (median) |",
+        "|---|---:|---|---:|---:|",
     ]
     labels = {"none": "no policies", "local": "policies, in-process limiter",
               "redis": "policies, Redis limiter",
-              "host": "policies, host limiter service, 1 engine"}
+              "host": "policies, host limiter service, 1 engine",
+              "host-noprefetch": "policies, host limiter service, 1 engine, no prefetch"}
     for r in runs:
         if r.variant.startswith("hostx"):
             labels[r.variant] = (f"policies, host limiter service, {r.variant[5:]} engine "
                                  "processes")
     for r in runs:
+        asks = f"{statistics.median(r.asks):.3f}" if any(r.asks) else "-"
         lines.append(f"| {labels[r.variant]} | {r.median:,.0f} | "
-                     f"{', '.join(f'{x:,.0f}' for x in r.rates)} | {r.cpu_median:.3f} |")
+                     f"{', '.join(f'{x:,.0f}' for x in r.rates)} | {r.cpu_median:.3f} | "
+                     f"{asks} |")
     lines += ["", "| ratio | msg/s | CPU per message |", "|---|---:|---:|"]
     if "none" in by:
         for v in ("local", "redis"):
@@ -246,7 +264,17 @@ def report(runs: list[Run], n: int, repeat: int, env: dict[str, str], command: s
             if v.startswith("host"):
                 lines.append(f"| {v} / local | {by[v].median / by['local'].median:.2f} | "
                              f"{by[v].cpu_median / by['local'].cpu_median:.2f} |")
-    lines += ["", "CPU is this process's (the engine's) plus, for the Redis variant, "
+    if "host" in by and "host-noprefetch" in by:
+        a, b = by["host"], by["host-noprefetch"]
+        lines.append(f"| host / host-noprefetch | {a.median / b.median:.2f} | "
+                     f"{a.cpu_median / b.cpu_median:.2f} |")
+    lines += ["", "Rate slots are prefetched for the Redis and host variants "
+              "(`orchestrator/prefetch.py`; these rates are far above 400/s: 64 slots a "
+              "request, but a kept slot is dropped 5 ms after its time, so at this pace one "
+              "request serves about 10 messages); the other round trips are per new "
+              "connection (with Redis also the heartbeat). Limiter round trips: Redis "
+              "`Cluster.calls`, the host limiter's `requests` (requests with a reply).",
+              "", "CPU is this process's (the engine's) plus, for the Redis variant, "
               "redis-server's, for the host variants the limiter service's (and every engine "
               "process's); it is less sensitive than msg/s to other load on the machine. "
               "hostxN: every message over the slowest engine process's time; on 2 cores shared "
@@ -259,32 +287,36 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--messages", type=int, default=4000)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--only", default="none,local,redis,host,hostx2",
-                   help="variants, comma-separated (hostxN: N engine processes)")
+    p.add_argument("--only", default="none,local,redis,host,host-noprefetch,hostx2",
+                   help="variants, comma-separated (hostxN: N engine processes; "
+                        "host-noprefetch: one rate slot per request)")
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
     variants = [v for v in args.only.split(",") if v]
     env = environment()
     import uvloop
 
-    runs: dict[str, Run] = {v: Run(v, [], []) for v in variants}
+    runs: dict[str, Run] = {v: Run(v, [], [], []) for v in variants}
     with (peers.workdir("bench-shaping-") as d, peers.smtp_sink(d) as sink,
           redis(d) as (url, pid), limiter_service(d) as (service, service_pid)):
         for i in range(args.repeat):  # interleaved, so that machine noise hits all alike
             for v in variants:
                 if v.startswith("hostx"):
-                    rate, cpu = host_run(d, v, sink.port, args.messages, service, service_pid,
-                                         int(v[5:]))
-                elif v == "host":
+                    rate, cpu, asks = host_run(d, v, sink.port, args.messages, service,
+                                               service_pid, int(v[5:]))
+                elif v in ("host", "host-noprefetch"):
                     cpu0 = peers.cpu_seconds([service_pid])
-                    rate, cpu = uvloop.run(one_run(d, v, sink.port, None, args.messages,
-                                                   service=service))
+                    rate, cpu, asks = uvloop.run(one_run(d, v, sink.port, None, args.messages,
+                                                         service=service))
                     cpu += (peers.cpu_seconds([service_pid]) - cpu0) * 1000 / args.messages
                 else:
-                    rate, cpu = uvloop.run(one_run(d, v, sink.port, url, args.messages, pid))
+                    rate, cpu, asks = uvloop.run(one_run(d, v, sink.port, url, args.messages,
+                                                         pid))
                 runs[v].rates.append(rate)
                 runs[v].cpu.append(cpu)
-                print(f"run {i + 1} {v}: {rate:,.0f} msg/s, {cpu:.3f} CPU s/1k", file=sys.stderr)
+                runs[v].asks.append(asks)
+                print(f"run {i + 1} {v}: {rate:,.0f} msg/s, {cpu:.3f} CPU s/1k, "
+                      f"{asks:.3f} limiter round trips/msg", file=sys.stderr)
     command = "python bench/shaping.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(list(runs.values()), args.messages, args.repeat, env, command.strip())
     print(text)

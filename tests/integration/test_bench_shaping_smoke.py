@@ -13,7 +13,9 @@ def test_quick_run_prints_every_variant_and_ratios() -> None:
     out = run_bench("shaping.py", "--messages", "150", "--repeat", "1", timeout=90)
     for label in ("no policies", "policies, in-process limiter", "policies, Redis limiter",
                   "policies, host limiter service, 1 engine",
+                  "policies, host limiter service, 1 engine, no prefetch",
                   "policies, host limiter service, 2 engine processes"):
         assert f"| {label} |" in out
     assert "| local / none |" in out and "| redis / none |" in out
     assert "| host / local |" in out and "| hostx2 / local |" in out
+    assert "| host / host-noprefetch |" in out

@@ -199,3 +199,36 @@ def test_connection_interval_counts_from_the_connection():
             await b.stop()
 
         run(main, 30)
+
+
+def test_prefetched_slots_one_script_per_batch_each_counted_as_the_largest_interval():
+    """Rates above 400/s: one ``message.lua`` call reserves several slots (the shared
+    `orchestrator/prefetch.py`), and with two rates each slot counts as the slower one's
+    interval against both (a faster rate's slots are used that far apart)."""
+    with redis_server() as r:
+        async def main() -> None:
+            a = limiter(r.url, "a")
+            await started(a)
+            slow = Limit("slow", "slow", rate=Rate(1000, 1.0))  # 1 ms: 5 slots a call
+            fast = Limit("fast", "fast", rate=Rate(100_000, 1.0))  # 10 µs
+            t0 = await a.cluster.call(lambda c: c.time())
+            before = a.cluster.calls
+            assert await a.message(A, (slow, fast), None, 0.5) is None
+            assert a.slots.kept((slow.rate_key, fast.rate_key)) == 4
+            assert a.cluster.calls - before <= 3  # the script (and perhaps a heartbeat: 2)
+            tats = {k: float(await a.cluster.call(
+                lambda c, k=k: c.get(a.cluster.key("r", k)))) for k in (slow.rate_key,
+                                                                         fast.rate_key)}
+            now = t0[0] + t0[1] / 1e6
+            # both moved 5 x 1 ms on (the fast one would have moved 5 x 10 µs by its own)
+            for key in (slow.rate_key, fast.rate_key):
+                assert 0.0045 <= tats[key] - now <= 0.0055 + 0.05, (key, tats[key] - now)
+            before = a.cluster.calls
+            for _ in range(4):  # the kept ones: no call but the background refill as the
+                got = await a.message(A, (slow, fast), None, 0.5)  # last is taken
+                assert got is None or 0 < got <= 0.005
+            await asyncio.gather(*a.slots.tasks)
+            assert a.cluster.calls - before <= 3  # the refill (and perhaps a heartbeat: 2)
+            await a.stop()
+
+        run(main, 30)

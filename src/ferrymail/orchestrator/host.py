@@ -3,8 +3,10 @@
 `HostLimiter` implements `ferrymail.orchestrator.limiter.Limiter` by asking the limiter
 service (`ferrymail.orchestrator.hostservice`, a child of the supervisor) over its Unix
 socket: one pipelined request per new connection that has a concurrency or interval limit,
-one per message that has a rate, a one-way release when the connection closes. Checks
-without such limits (suspensions only) are answered here from the spool directory's
+one per message that has a rate (for rates above 400/s one per several messages: the slots
+are prefetched as the Redis limiter does, `ferrymail.orchestrator.prefetch`), a one-way
+release when the connection closes. Checks without such limits (suspensions only, and
+suspensions before a prefetched slot is used) are answered here from the spool directory's
 suspension file, which the service writes too.
 
 **Service down** (crashed, restarting, not answering within `TIMEOUT`): the worker falls
@@ -31,6 +33,7 @@ import os
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,7 @@ from ferrymail.orchestrator.hostwire import (
 from ferrymail.orchestrator.limiter import Denied, Lease
 from ferrymail.orchestrator.local import LocalLimiter
 from ferrymail.orchestrator.policy import Attempt, Limit
+from ferrymail.orchestrator.prefetch import REFILL_AHEAD, Plan, RateSlots, plan
 from ferrymail.orchestrator.suspensions import FILE_NAME, Suspension, SuspensionFile
 
 STATUS_FILE = "limiter-status.json"  # in each worker's shard: its state, for queue list
@@ -66,7 +70,8 @@ class HostLimiter:
 
     def __init__(self, socket_path: str | Path, spool_dir: str | Path, *, workers: int,
                  worker: int = 0, timeout: float = TIMEOUT,
-                 status_file: Path | None = None) -> None:
+                 status_file: Path | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.path = Path(socket_path)
         self.status_file = status_file
         self.workers = max(1, workers)
@@ -85,6 +90,8 @@ class HostLimiter:
         self._key_waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._connected: asyncio.Event | None = None
+        self.slots = RateSlots(clock)  # prefetched rate slots, reserved by the service
+        self.requests = 0  # requests sent that wait for a reply (round trips)
 
     # -- state
 
@@ -103,13 +110,16 @@ class HostLimiter:
 
     def status(self) -> dict[str, object]:
         return {"scope": self.scope, "state": self.state, "workers": self.workers,
-                "leases": len(self._held), "error": self.last_error or None}
+                "leases": len(self._held), "error": self.last_error or None,
+                "requests": self.requests,
+                "prefetch": self.slots.status()}
 
     def active_suspensions(self, now: float) -> list[Suspension]:
         return self.fallback.active_suspensions(now)
 
     def _set(self, state: str) -> None:
         old, self.state = self.state, state
+        self.slots.clear()  # a restarted service does not know the slots reserved before
         log_event("limiter.state", "warning" if state == "fallback" else "info", state=state,
                   previous=old, workers=self.workers, socket=str(self.path),
                   limits="split" if state == "fallback" else "host-wide",
@@ -140,6 +150,7 @@ class HostLimiter:
                 await self._connected.wait()
 
     async def stop(self) -> None:
+        await self.slots.stop()  # a refill in flight gets its reply while the reader runs
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -250,6 +261,7 @@ class HostLimiter:
         if not self.shared or writer is None:
             return None
         self._next_id += 1
+        self.requests += 1
         rid = obj["id"] = self._next_id
         fut: asyncio.Future[dict[str, Any] | None] = (
             asyncio.get_running_loop().create_future())
@@ -311,24 +323,60 @@ class HostLimiter:
 
     async def message(self, attempt: Attempt, limits: tuple[Limit, ...],
                       lease: Lease | None, ahead: float = 0.0) -> Denied | float | None:
-        if not any(lim.rate is not None for lim in limits):
+        rates = [lim for lim in limits if lim.rate is not None]
+        if not rates:
             return self.fallback.suspended(attempt)
-        reply = await self._request({
-            "op": "message", "a": attempt_to_wire(attempt),
-            "l": [limit_to_wire(lim) for lim in limits if lim.rate is not None],
-            "lease": lease.id if lease is not None and lease.keys else None, "ahead": ahead})
-        if reply is not None:
-            try:
-                if "denied" in reply:
-                    return denied_from_wire(reply["denied"])
-                hold = reply.get("hold")
-                if not isinstance(hold, (int, float)):
-                    raise ProtocolError("hold must be a number")
-            except ProtocolError as e:
-                self._down(f"bad reply: {e}")
-            else:
-                return float(hold) or None
-        return self.fallback.message_now(attempt, limits, lease, ahead)
+        p = plan(rates)
+        if p.count > 1 and self.shared:
+            denied = self.fallback.suspended(attempt)  # the service checks it otherwise
+            if denied is not None:
+                return denied
+            hold = await self.slots.take(p, lambda: self._fetch(attempt, rates, p), ahead)
+            if hold is not None:
+                return hold or None
+        with self.slots.fetching(p):
+            reply = await self._request(self._message_request(attempt, rates, lease, ahead, p))
+            got = self._hold(reply)
+            if isinstance(got, tuple):
+                self.slots.keep(p, got[0], count=got[1])
+                return got[0] or None
+        return got if got is not None else self.fallback.message_now(attempt, limits, lease,
+                                                                      ahead)
+
+    def _message_request(self, attempt: Attempt, rates: list[Limit], lease: Lease | None,
+                         ahead: float, p: Plan) -> dict[str, Any]:
+        req = {"op": "message", "a": attempt_to_wire(attempt),
+               "l": [limit_to_wire(lim) for lim in rates],
+               "lease": lease.id if lease is not None and lease.keys else None, "ahead": ahead}
+        if p.count > 1:
+            req["slots"] = p.count
+        return req
+
+    def _hold(self, reply: dict[str, Any] | None) -> Denied | tuple[float, int] | None:
+        """A message reply: (the first slot's hold in seconds, slots reserved), a refusal,
+        or None (no answer)."""
+        if reply is None:
+            return None
+        try:
+            if "denied" in reply:
+                return denied_from_wire(reply["denied"])
+            hold, slots = reply.get("hold"), reply.get("slots", 1)
+            if not isinstance(hold, (int, float)) or isinstance(hold, bool) or hold < 0:
+                raise ProtocolError("hold must be a number >= 0")
+            if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+                raise ProtocolError("slots must be a positive integer")
+        except ProtocolError as e:
+            self._down(f"bad reply: {e}")
+            return None
+        return float(hold), slots
+
+    async def _fetch(self, attempt: Attempt, rates: list[Limit], p: Plan
+                     ) -> tuple[float, int] | None:
+        """The next ``p.count`` slots in the background (`RateSlots` refill): the first one's
+        hold and how many were reserved; None if refused or the service is down."""
+        got = self._hold(await self._request(self._message_request(attempt, rates, None,
+                                                                   REFILL_AHEAD, p)))
+        return got if isinstance(got, tuple) else None
 
     async def connected(self, limits: tuple[Limit, ...], ago: float) -> None:
         intervals = [lim for lim in limits if lim.connectinterval is not None]

@@ -12,7 +12,11 @@ in the framed protocol of `ferrymail.orchestrator.hostwire`.
   jobs retry without polling.
 - **Suspensions** are the spool directory's file (every worker reads it too); dynamic ones
   from replies (``suspend``) are written to it here, so they hold host-wide.
-- **Bounds**: `MAX_CONNECTIONS` connections, `MAX_LEASES_PER_CONNECTION` leases each; a
+- **Prefetch**: a ``message`` request with ``slots`` N reserves N consecutive slots of every
+  rate in one GCRA step (`LocalLimiter.message_now`); the worker keeps them
+  (`ferrymail.orchestrator.prefetch`).
+- **Bounds**: `MAX_CONNECTIONS` connections, `MAX_LEASES_PER_CONNECTION` leases each,
+  `prefetch.PREFETCH_MAX` slots a request; a
   frame past `hostwire.MAX_FRAME` or not JSON closes that connection (logged
   ``limiter.protocol_error``).
 """
@@ -41,6 +45,7 @@ from ferrymail.orchestrator.hostwire import (
 )
 from ferrymail.orchestrator.limiter import Denied, Lease
 from ferrymail.orchestrator.local import LocalLimiter
+from ferrymail.orchestrator.prefetch import PREFETCH_MAX
 
 SOCKET_NAME = "limiter.sock"
 MAX_CONNECTIONS = 1024
@@ -124,12 +129,20 @@ class LimiterService:
             ahead = req.get("ahead", 0.0)
             if not isinstance(ahead, (int, float)) or isinstance(ahead, bool) or ahead < 0:
                 raise ProtocolError("ahead must be a number >= 0")
+            slots = req.get("slots", 1)
+            if (not isinstance(slots, int) or isinstance(slots, bool)
+                    or not 1 <= slots <= PREFETCH_MAX):
+                raise ProtocolError(f"slots must be an integer from 1 to {PREFETCH_MAX}")
             res = self.limiter.message_now(attempt_from_wire(req.get("a")),
-                                           limits_from_wire(req.get("l")), lease, float(ahead))
+                                           limits_from_wire(req.get("l")), lease, float(ahead),
+                                           slots)
             if isinstance(res, Denied):
                 self.refused += 1
                 return {"id": rid, "denied": denied_to_wire(res)}
-            return {"id": rid, "hold": res or 0.0}
+            reply: dict[str, Any] = {"id": rid, "hold": res or 0.0}
+            if slots > 1:
+                reply["slots"] = slots  # reserved: the worker keeps no more than this
+            return reply
         raise ProtocolError(f"unknown op {op!r}")
 
     async def suspend(self, req: dict[str, Any]) -> dict[str, Any]:

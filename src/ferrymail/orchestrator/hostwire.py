@@ -9,7 +9,8 @@ flight on one connection (pipelined; replies come in request order, but the id i
 matches them)::
 
     {"id": 7, "op": "connect", "a": [attempt fields], "l": [limits], "lease": "ab12.."}
-    {"id": 8, "op": "message", "a": [...], "l": [...], "lease": "ab12.." | null, "ahead": 0.2}
+    {"id": 8, "op": "message", "a": [...], "l": [...], "lease": "ab12.." | null, "ahead": 0.2,
+     "slots": 12}                      (slots optional, default 1, at most PREFETCH_MAX)
     {"id": 9, "op": "suspend", "fields": {...}, "duration": 300, "reason": "..."}
     {"op": "release", "lease": "ab12.."}                       (no reply)
     {"op": "adopt", "leases": [["ab12..", {"key": limit}], ...]} (no reply)
@@ -19,6 +20,10 @@ Replies and pushes (service -> worker)::
 
     {"id": 7, "lease": "ab12..", "limits": {"key": limit}}     a concurrency lease
     {"id": 8, "hold": 0.05}                                    a rate slot (hold seconds)
+    {"id": 8, "hold": 0.05, "slots": 12}                       N consecutive ones reserved,
+                                                               this the first's hold (no
+                                                               "slots": one; a worker keeps
+                                                               only what is confirmed)
     {"id": 7, "denied": [kind, reason, retry_after, key]}      refused
     {"id": 9}                                                  done
     {"op": "released", "key": "..."}                           push: a lease of a key this

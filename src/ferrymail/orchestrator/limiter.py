@@ -61,18 +61,23 @@ class Lease:
     released: bool = False
 
 
-def gcra(tat: float | None, now: float, interval: float, burst: int, ahead: float = 0.0
-         ) -> tuple[bool, float, float]:
+def gcra(tat: float | None, now: float, interval: float, burst: int, ahead: float = 0.0,
+         slots: int = 1, spacing: float = 0.0) -> tuple[bool, float, float]:
     """One GCRA step: (allowed, tat to store if allowed, seconds to wait).
 
     ``ahead`` > 0 reserves a slot up to that many seconds in the future: allowed, and the
     wait is how long to hold the message before sending it (its conforming time), so a
     sender that wakes late loses no slot. Refused: the wait is until a reservation could
-    be made (until the slot itself with ``ahead`` 0)."""
+    be made (until the slot itself with ``ahead`` 0). ``slots`` > 1 reserves that many
+    consecutive slots, each counted as ``max(interval, spacing)`` (the caller uses them
+    ``spacing`` apart, the largest interval of the message's rates, so a faster rate is
+    never used later than its slot by more than a constant: prefetch, see
+    `ferrymail.orchestrator.prefetch`); the wait is the first one's."""
     t = now if tat is None or tat < now else tat
     allow_at = t - (burst - 1) * interval
     if allow_at - now <= ahead + EPSILON:
-        return True, t + interval, max(0.0, allow_at - now)
+        step = interval if slots == 1 else max(interval, spacing)
+        return True, t + slots * step, max(0.0, allow_at - now)
     return False, t, allow_at - now - ahead
 
 

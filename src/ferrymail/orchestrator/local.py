@@ -126,7 +126,10 @@ class LocalLimiter:
         return self.message_now(attempt, limits, lease, ahead)
 
     def message_now(self, attempt: Attempt, limits: tuple[Limit, ...],
-                    lease: Lease | None, ahead: float = 0.0) -> Denied | float | None:
+                    lease: Lease | None, ahead: float = 0.0,
+                    slots: int = 1) -> Denied | float | None:
+        """As `message`; ``slots`` > 1 reserves that many consecutive slots of every rate
+        (the limiter service's answer to a prefetch, `ferrymail.orchestrator.prefetch`)."""
         denied = self.suspended(attempt)
         if denied is not None:
             return denied
@@ -137,12 +140,14 @@ class LocalLimiter:
         new_tats: dict[str, float] = {}
         worst: Denied | None = None
         hold = 0.0
+        spacing = max((lim.rate.interval * d for lim in limits if lim.rate is not None),
+                      default=0.0)
         for lim in limits:
             if lim.rate is None:
                 continue
             key = lim.rate_key
             ok, tat, wait = gcra(self._tat.get(key), now, lim.rate.interval * d, lim.rate.burst,
-                                 ahead)
+                                 ahead, slots, spacing)
             if ok:
                 new_tats[key] = tat
                 hold = max(hold, wait)

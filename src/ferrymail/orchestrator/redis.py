@@ -2,11 +2,12 @@
 
 Round trips: one script per new connection (``lua/acquire.lua``: every concurrency lease
 and every connection interval, all or none), one per message when a rate applies
-(``lua/message.lua``: the leases still held, every rate, all or none), one per closed
-connection (``lua/release.lua``), one per new connection when a connection interval applies
-(``lua/connected.lua``: the interval counts from when the TCP connection stood, not from the
-grant before it), and per heartbeat one for the registry plus, every third of
-the lease TTL, one extending every lease this instance holds (``lua/extend.lua``). Time is
+(``lua/message.lua``: the leases still held, every rate, all or none; for rates above
+400/s one per several messages, the slots prefetched by `ferrymail.orchestrator.prefetch`),
+one per closed connection (``lua/release.lua``), one per new connection when a connection
+interval applies (``lua/connected.lua``: the interval counts from when the TCP connection
+stood, not from the grant before it), and per heartbeat one for the registry plus, every
+third of the lease TTL, one extending every lease this instance holds (``lua/extend.lua``). Time is
 Redis ``TIME`` with microseconds, never a client clock. Keys: ``PREFIX:c:KEY`` (lease sets),
 ``PREFIX:i:KEY|ci:SPEC`` and ``PREFIX:r:KEY|rate:SPEC`` (GCRA), ``PREFIX:suspensions``
 (hash id -> JSON), ``PREFIX:instances`` (registry). A single Redis (not Redis Cluster).
@@ -42,17 +43,10 @@ from ferrymail.orchestrator.cluster import Cluster, RedisDown
 from ferrymail.orchestrator.limiter import Denied, Lease, ms
 from ferrymail.orchestrator.local import LocalLimiter
 from ferrymail.orchestrator.policy import Attempt, Limit
+from ferrymail.orchestrator.prefetch import REFILL_AHEAD, Plan, RateSlots, plan
 from ferrymail.orchestrator.suspensions import MAX_SUSPENSIONS, Suspension, first_match
 
 POLL = (0.05, 0.15)  # seconds between looks at a full concurrency key other instances hold
-# Rate slots fetched per script call: as many as fit in PREFETCH_WINDOW at the slowest rate
-# of the message, kept for this instance's next messages. Only rates above 400/s get more
-# than one (a rate of 20/s costs one round trip per message). A kept slot is used at or after
-# its reserved time and at most LATE after it, else dropped: the per-window bound then holds
-# within N·LATE/S messages (0.5 % of a second's count).
-PREFETCH_WINDOW, PREFETCH_MAX = 0.005, 64
-LATE = 0.005  # a prefetched slot not used within this long after its time is dropped
-REFILL_BEFORE = 0.002  # kept slots this close to running out are refetched in the background
 
 
 class RedisLimiter:
@@ -70,8 +64,7 @@ class RedisLimiter:
         self._extended = 0.0
         self._synced = False  # the leases held are registered in Redis (after a fallback)
         self._releasing: set[asyncio.Task[None]] = set()
-        self._slots: dict[tuple[str, ...], list[float]] = {}  # rate keys -> prefetched times
-        self._fetching: dict[tuple[str, ...], asyncio.Future[None]] = {}
+        self.slots = RateSlots()  # prefetched rate slots (see orchestrator/prefetch.py)
         self.cluster.on_tick(self._tick)
         self.cluster.on_transition(self._transition)
 
@@ -83,11 +76,13 @@ class RedisLimiter:
     async def stop(self) -> None:
         if self._releasing:
             await asyncio.wait(set(self._releasing), timeout=2)
+        await self.slots.stop()
         await self.cluster.stop()
         self.fallback.wake()
 
     def status(self) -> dict[str, object]:
-        return {"scope": self.scope, **self.cluster.status(), "leases": len(self._held)}
+        return {"scope": self.scope, **self.cluster.status(), "leases": len(self._held),
+                "prefetch": self.slots.status()}
 
     @property
     def shared(self) -> bool:
@@ -192,47 +187,29 @@ class RedisLimiter:
         if not rates:
             return None  # leases are kept alive by the heartbeat
         if self.shared:
-            slot_key = tuple(lim.rate_key for lim in rates)
-            spacing = max(lim.rate.interval for lim in rates if lim.rate is not None)
-            slots = max(1, min(PREFETCH_MAX, int(PREFETCH_WINDOW / spacing)))
-            for _ in range(3):  # slots another message of ours is fetching: wait, take one
-                now = time.monotonic()
-                kept = self._slots.get(slot_key)
-                while kept:
-                    t = kept.pop(0)
-                    if t >= now - LATE:
-                        if not kept or kept[-1] + LATE - now < REFILL_BEFORE:
-                            self._refill(slot_key, rates, spacing, slots)
-                        return (t - now) if t > now else None
-                pending = self._fetching.get(slot_key)
-                if pending is None:
-                    break
-                await asyncio.shield(pending)
+            p = plan(rates)
+            hold = await self.slots.take(p, lambda: self._fetch(p, rates), ahead)
+            if hold is not None:
+                return hold or None
             held = list(lease.keys) if lease is not None else []
             keys = [self.cluster.key("c", k) for k in held]
-            keys += [self.cluster.key("r", k) for k in slot_key]
+            keys += [self.cluster.key("r", k) for k in p.key]
             args: list[object] = [lease.id if lease else "", self.cfg.lease_ttl, len(held),
-                                  len(rates), ahead, slots]
+                                  len(rates), ahead, p.count]
             args += [lease.limits.get(k, 1) if lease else 1 for k in held]
             for lim in rates:
                 assert lim.rate is not None
                 args += [lim.rate.interval, lim.rate.burst]
-            fetching = asyncio.get_running_loop().create_future()
-            self._fetching.setdefault(slot_key, fetching)
-            try:
-                res = await self.cluster.script("message", keys, args)
-            except RedisDown:
-                pass
-            else:
-                if res[0] == "ok":
+            with self.slots.fetching(p):
+                try:
+                    res = await self.cluster.script("message", keys, args)
+                except RedisDown:
+                    res = None
+                if res is not None and res[0] == "ok":
                     hold = float(res[1])
-                    if slots > 1:
-                        now = time.monotonic()
-                        if len(self._slots) > 10000:
-                            self._slots.clear()
-                        self._slots.setdefault(slot_key, []).extend(
-                            now + hold + i * spacing for i in range(1, slots))
+                    self.slots.keep(p, hold)
                     return hold or None
+            if res is not None:
                 if res[0] == "lost":
                     assert lease is not None
                     lease.lost = True
@@ -241,10 +218,6 @@ class RedisLimiter:
                 wait = float(res[2])
                 return Denied("rate", f"rate {lim.rate} for {lim.label}: next slot in "
                               f"{ms(wait)}", wait)
-            finally:
-                if self._fetching.get(slot_key) is fetching:
-                    del self._fetching[slot_key]
-                fetching.set_result(None)
         if self.cfg.fallback == "closed":
             return Denied("closed", "redis unreachable: closed (no new connections)", 1.0)
         return self.fallback.message_now(attempt, limits, lease, ahead)
@@ -261,41 +234,19 @@ class RedisLimiter:
                 return
         self.fallback.connected_now(limits, ago)
 
-    def _refill(self, slot_key: tuple[str, ...], rates: list[Limit], spacing: float,
-                slots: int) -> None:
-        """Fetch the next prefetched slots in the background before the kept ones run out
-        (within REFILL_BEFORE of the last one's use-by time), so that messages seldom wait
-        for a round trip (waiting, not the call, cost the delivery rate: bench/shaping.py).
+    async def _fetch(self, p: Plan, rates: list[Limit]) -> tuple[float, int] | None:
+        """The next ``p.count`` slots of ``rates`` in the background (`RateSlots` refill).
         Rates only: a connection's lease is checked by its own next fetch and the heartbeat."""
-        if slot_key in self._fetching:
-            return
-        loop = asyncio.get_running_loop()
-        fetching = loop.create_future()
-        self._fetching[slot_key] = fetching
-
-        async def fetch() -> None:
-            keys = [self.cluster.key("r", k) for k in slot_key]
-            args: list[object] = ["", self.cfg.lease_ttl, 0, len(rates), 0.0, slots]
-            for lim in rates:
-                assert lim.rate is not None
-                args += [lim.rate.interval, lim.rate.burst]
-            try:
-                res = await self.cluster.script("message", keys, args)
-                if res[0] == "ok":
-                    now = time.monotonic()
-                    hold = float(res[1])
-                    self._slots.setdefault(slot_key, []).extend(
-                        now + hold + i * spacing for i in range(slots))
-            except RedisDown:
-                pass
-            finally:
-                if self._fetching.get(slot_key) is fetching:
-                    del self._fetching[slot_key]
-                fetching.set_result(None)
-
-        task = loop.create_task(fetch())
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
+        keys = [self.cluster.key("r", k) for k in p.key]
+        args: list[object] = ["", self.cfg.lease_ttl, 0, len(rates), REFILL_AHEAD, p.count]
+        for lim in rates:
+            assert lim.rate is not None
+            args += [lim.rate.interval, lim.rate.burst]
+        try:
+            res = await self.cluster.script("message", keys, args)
+        except RedisDown:
+            return None
+        return (float(res[1]), p.count) if res[0] == "ok" else None
 
     def release(self, lease: Lease) -> None:
         if lease.released:

@@ -2,7 +2,8 @@
 -- KEYS: nc lease sets, then nr rate keys (GCRA theoretical arrival time, s)
 -- ARGV: lease id, ttl s, nc, nr, ahead s, slots, nc limits, then nr pairs (interval s, burst)
 -- `slots` consecutive rate slots are reserved when the first is at most `ahead` seconds in
--- the future (GCRA, see limiter.py); the caller spaces them by the largest interval.
+-- the future (GCRA, see limiter.py); the caller spaces them by the largest interval, so with
+-- slots > 1 each counts as that interval against every rate (gcra() `spacing`, prefetch.py).
 -- Returns {"ok", hold_s} | {"lost", i} | {"rate", j, wait_s}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -17,6 +18,11 @@ for i = 1, nc do
   end
 end
 local tats, worst, worst_j, hold = {}, -1, 0, 0
+local spacing = 0
+for j = 1, nr do
+  local interval = tonumber(ARGV[6 + nc + 2 * j - 1])
+  if interval > spacing then spacing = interval end
+end
 for j = 1, nr do
   local interval = tonumber(ARGV[6 + nc + 2 * j - 1])
   local burst = tonumber(ARGV[6 + nc + 2 * j])
@@ -26,7 +32,9 @@ for j = 1, nr do
   if allow_at - now > ahead + 1e-9 then
     if allow_at - now - ahead > worst then worst, worst_j = allow_at - now - ahead, j end
   else
-    tats[j] = tat + slots * interval
+    local step = interval
+    if slots > 1 then step = spacing end
+    tats[j] = tat + slots * step
     if allow_at - now > hold then hold = allow_at - now end
   end
 end
