@@ -39,7 +39,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,20 +187,27 @@ def listener_name(host: str | None, port: int) -> str:
     return f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
 
 
+@contextlib.contextmanager
+def _naming_listener(server_id: str, host: str | None, port: int) -> Iterator[None]:
+    """Any OSError inside as ``server ID: cannot listen on ADDRESS: REASON``."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, f"server {server_id}: cannot listen on "
+                      f"{listener_name(host, port)}: {exc.strerror}") from exc
+
+
 def check_ports_free(servers: list[StartupServer]) -> None:
     """Bind each listener of ``servers`` once with a plain bind (no SO_REUSEPORT) and close
     it again: OSError ``server ID: cannot listen on ADDRESS: REASON`` for the first one
     taken. A single process proves its ports before binding any, since each bound listener
     logs ``smtp.listening``: a start refused at a later listener must not have said that an
-    earlier one listened."""
+    earlier one listened; the supervisor, before binding the workers' copies."""
     for server in servers:
         for lst in server.listeners:
             host = None if lst.address is None else str(lst.address)
-            try:
+            with _naming_listener(server.id, host, lst.port):
                 _bind(host, lst.port, lst.backlog, reuse_port=False).close()
-            except OSError as exc:
-                raise OSError(exc.errno, f"server {server.id}: cannot listen on "
-                              f"{listener_name(host, lst.port)}: {exc.strerror}") from exc
 
 
 def listen_sockets(server: StartupServer, copies: int) -> list[list[socket.socket]]:
@@ -211,23 +218,19 @@ def listen_sockets(server: StartupServer, copies: int) -> list[list[socket.socke
     evenly over the workers (one shared socket let whichever worker woke first take them:
     77/23 splits measured, see docs/architecture.md). The supervisor keeps every copy open,
     so connections for a worker being restarted wait in its backlog rather than being
-    refused. A plain bind first proves the port is free: SO_REUSEPORT alone would let a
-    second ferrymail of the same user share it silently. OSError names the listener."""
+    refused. A plain bind first proves the port is free (`check_ports_free`): SO_REUSEPORT
+    alone would let a second ferrymail of the same user share it silently. OSError names
+    the listener."""
+    check_ports_free([server])
     out: list[list[socket.socket]] = [[] for _ in range(copies)]
     try:
         for lst in server.listeners:
             host = None if lst.address is None else str(lst.address)
-            name = listener_name(host, lst.port)
-            try:
-                _bind(host, lst.port, lst.backlog, reuse_port=False).close()
-                port = lst.port
+            with _naming_listener(server.id, host, lst.port):
                 for k in range(copies):
-                    sock = _bind(host, port, lst.backlog, reuse_port=True)
+                    sock = _bind(host, lst.port, lst.backlog, reuse_port=True)
                     sock.setblocking(False)
                     out[k].append(sock)
-            except OSError as exc:
-                raise OSError(exc.errno, f"server {server.id}: cannot listen on {name}: "
-                              f"{exc.strerror}") from exc
     except BaseException:
         for group in out:
             for sock in group:
