@@ -48,6 +48,22 @@ def thread_cpu(pid: int) -> dict[str, tuple[float, float]]:
     return dict(out)
 
 
+def print_thread_cpu(before: dict[str, tuple[float, float]],
+                     after: dict[str, tuple[float, float]], messages: int,
+                     prefix: str = "", width: int = 32) -> tuple[float, float]:
+    """Print each thread's user and sys CPU-ms per message between two `thread_cpu`
+    readings (threads that used none left out); returns the (user, sys) seconds summed."""
+    tu = ts = 0.0
+    for name in sorted(after):
+        u = after[name][0] - before.get(name, (0, 0))[0]
+        s = after[name][1] - before.get(name, (0, 0))[1]
+        tu, ts = tu + u, ts + s
+        if u + s > 0:
+            print(f"  {prefix}{name:{width}} user {1000 * u / messages:.3f}  "
+                  f"sys {1000 * s / messages:.3f} CPU-ms/msg")
+    return tu, ts
+
+
 def top_self(collapsed: Path, n: int = 40) -> str:
     """The `n` heaviest frames by self samples (and by inclusive samples) in collapsed stacks."""
     own: collections.Counter[str] = collections.Counter()
@@ -147,14 +163,7 @@ def main() -> int:
         print(f"{run.rate:,.0f} msg/s, {args.messages} x {args.size} B"
               f"{' via HAProxy' if args.proxied else ''}; smtp-source "
               f"{1000 * run.client_cpu / args.messages:.3f} CPU-ms/msg")
-        tu = ts = 0.0
-        for name in sorted(after):
-            u = after[name][0] - before.get(name, (0, 0))[0]
-            s = after[name][1] - before.get(name, (0, 0))[1]
-            tu, ts = tu + u, ts + s
-            if u + s > 0:
-                print(f"  {name:32} user {1000 * u / args.messages:.3f}  "
-                      f"sys {1000 * s / args.messages:.3f} CPU-ms/msg")
+        tu, ts = print_thread_cpu(before, after, args.messages)
         print(f"  {'total':32} user {1000 * tu / args.messages:.3f}  "
               f"sys {1000 * ts / args.messages:.3f}  = {1000 * (tu + ts) / args.messages:.3f}")
         other = (busy - tu - ts - run.client_cpu) / run.wall

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # bench/ is not a package: found via sys.path
 import relay
-from profile_inbound import thread_cpu, top_self
+from profile_inbound import print_thread_cpu, thread_cpu, top_self
 
 
 def main() -> int:
@@ -155,13 +155,8 @@ def run_once(args: argparse.Namespace) -> float:
               f"{cycle.check}")
         tu = ts = 0.0
         for pid in pids:
-            for name in sorted(after[pid]):
-                u = after[pid][name][0] - before[pid].get(name, (0, 0))[0]
-                s = after[pid][name][1] - before[pid].get(name, (0, 0))[1]
-                tu, ts = tu + u, ts + s
-                if u + s > 0:
-                    print(f"  {pid:>7} {name:28} user {1000 * u / n:.3f}  "
-                          f"sys {1000 * s / n:.3f} CPU-ms/msg")
+            u, s = print_thread_cpu(before[pid], after[pid], n, prefix=f"{pid:>7} ", width=28)
+            tu, ts = tu + u, ts + s
         print(f"  {'ferrymail total':36} user {1000 * tu / n:.3f}  sys {1000 * ts / n:.3f}  "
               f"= {1000 * (tu + ts) / n:.3f} CPU-ms/msg (tree: {1000 * cycle.mta_cpu / n:.3f})")
         print(f"  sink {1000 * cycle.sink_cpu / n:.3f}, smtp-source "
