@@ -204,14 +204,21 @@ def scrape_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     )
     print(table)
     if args.write_results:
-        body = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: "
-                f"`{peers.command_line('bench/metrics_cost.py', argv)}`.\n\n"
-                f"Each daemon relays {args.messages} x 2 KB to a counting smtp-sink first (so "
-                "every family has series), then answers scrapes one after the other. With N "
-                "workers worker 0 asks the others over their admin sockets and merges "
-                "(observe/hostmetrics.py).\n\n" + table + "\n")
-        peers.replace_section(Path(__file__).with_name("RESULTS.md"), SCRAPE_SECTION, body)
+        write_section(SCRAPE_SECTION, argv,
+                      f"Each daemon relays {args.messages} x 2 KB to a counting smtp-sink first "
+                      "(so every family has series), then answers scrapes one after the other. "
+                      "With N workers worker 0 asks the others over their admin sockets and "
+                      "merges (observe/hostmetrics.py).", table)
     return 0
+
+
+def write_section(heading: str, argv: list[str] | None, method: str, table: str) -> None:
+    """Replace the RESULTS.md section ``heading``: when and how it was measured, ``method``,
+    then ``table``."""
+    body = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: "
+            f"`{peers.command_line('bench/metrics_cost.py', argv)}`.\n\n{method}\n\n"
+            f"{table}\n")
+    peers.replace_section(Path(__file__).with_name("RESULTS.md"), heading, body)
 
 
 def hook_cost_us(n: int = 20000) -> float:
@@ -339,13 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table)
     if args.write_results:
-        body = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: "
-                f"`{peers.command_line('bench/metrics_cost.py', argv)}`.\n\n"
-                f"Load: smtp-source -s 10, {args.messages} x {args.size} B, one recipient, "
-                "relayed by ferrymail (fsynced spool) to a counting smtp-sink; a run ends when "
-                "the sink has every message. Fresh daemon and sink per run, rounds alternate "
-                "the order.\n\n" + table + "\n")
-        peers.replace_section(Path(__file__).with_name("RESULTS.md"), SECTION, body)
+        write_section(SECTION, argv,
+                      f"Load: smtp-source -s 10, {args.messages} x {args.size} B, one recipient, "
+                      "relayed by ferrymail (fsynced spool) to a counting smtp-sink; a run ends "
+                      "when the sink has every message. Fresh daemon and sink per run, rounds "
+                      "alternate the order.", table)
     return 0
 
 
