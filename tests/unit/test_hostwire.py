@@ -5,8 +5,10 @@ a worker's connection closes, the ``released`` push, the split fallback and adop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -198,17 +200,30 @@ async def stop_service(task: asyncio.Task[None]) -> None:
         await task
 
 
-def test_host_limiter_shares_waits_falls_back_and_adopts(tmp_path: Path) -> None:
-    asyncio.run(host_limiter_scenario(tmp_path))
-
-
-async def host_limiter_scenario(tmp_path: Path) -> None:
-    svc, _ = await start_service(tmp_path)
+@contextlib.asynccontextmanager
+async def service_and_two_workers(
+        tmp_path: Path) -> AsyncIterator[tuple[list[asyncio.Task[None]], HostLimiter, HostLimiter]]:
+    """A limiter service (``svc[0]``: a scenario may stop it and start another there) and
+    two started workers; stopped in turn at the end."""
+    svc = [(await start_service(tmp_path))[0]]
     w0 = HostLimiter(socket_path(tmp_path), tmp_path, workers=2, worker=0)
     w1 = HostLimiter(socket_path(tmp_path), tmp_path, workers=2, worker=1)
     await w0.start()
     await w1.start()
     try:
+        yield svc, w0, w1
+    finally:
+        await w0.stop()
+        await w1.stop()
+        await stop_service(svc[0])
+
+
+def test_host_limiter_shares_waits_falls_back_and_adopts(tmp_path: Path) -> None:
+    asyncio.run(host_limiter_scenario(tmp_path))
+
+
+async def host_limiter_scenario(tmp_path: Path) -> None:
+    async with service_and_two_workers(tmp_path) as (svc, w0, w1):
         assert w0.shared and w1.shared
         # pipelined: many requests in flight on one connection
         got = await asyncio.gather(*(w0.connect(A, (CONC,)) for _ in range(5)))
@@ -231,7 +246,7 @@ async def host_limiter_scenario(tmp_path: Path) -> None:
         second = await w1.message(A, (rate,), None)
         assert isinstance(second, Denied) and second.kind == "rate"
         # the service dies: each worker falls back to ⌈2/2⌉ = 1, counting what it holds
-        await stop_service(svc)
+        await stop_service(svc[0])
         await asyncio.sleep(0.2)
         assert w0.state == w1.state == "fallback"
         assert "split 1/2" in (w0.fallback_note() or "")
@@ -241,7 +256,7 @@ async def host_limiter_scenario(tmp_path: Path) -> None:
         extra = await w1.connect(A, (CONC,))  # taken during the outage
         assert isinstance(extra, Lease)
         # the service comes back empty: both adopt what they hold, nothing double-counted
-        svc, _ = await start_service(tmp_path)
+        svc[0], _ = await start_service(tmp_path)
         for _ in range(100):
             if w0.shared and w1.shared:
                 break
@@ -252,10 +267,6 @@ async def host_limiter_scenario(tmp_path: Path) -> None:
         assert isinstance(full, Denied) and "2/2" in full.reason
         w0.release(leases[1])
         assert isinstance(await w0.connect(A, (CONC,)), Lease)
-    finally:
-        await w0.stop()
-        await w1.stop()
-        await stop_service(svc)
 
 
 def test_a_release_wakes_one_waiter_of_its_key_then_the_next(tmp_path: Path) -> None:
@@ -263,12 +274,7 @@ def test_a_release_wakes_one_waiter_of_its_key_then_the_next(tmp_path: Path) -> 
 
 
 async def wake_one_scenario(tmp_path: Path) -> None:
-    svc, _ = await start_service(tmp_path)
-    w0 = HostLimiter(socket_path(tmp_path), tmp_path, workers=2, worker=0)
-    w1 = HostLimiter(socket_path(tmp_path), tmp_path, workers=2, worker=1)
-    await w0.start()
-    await w1.start()
-    try:
+    async with service_and_two_workers(tmp_path) as (_, w0, w1):
         held = [await w0.connect(A, (CONC,)) for _ in range(2)]
         assert all(isinstance(x, Lease) for x in held)
         refusals = [await w1.connect(A, (CONC,)) for _ in range(2)]
@@ -280,10 +286,6 @@ async def wake_one_scenario(tmp_path: Path) -> None:
         assert len(done) == 1 and len(pending) == 1  # one slot freed: one job looks again
         w0.release(held[1])  # type: ignore[arg-type]
         await asyncio.wait_for(pending.pop(), 1.0)  # subscribed again: the next push came
-    finally:
-        await w0.stop()
-        await w1.stop()
-        await stop_service(svc)
 
 
 def test_connected_moves_the_interval_to_the_connection_and_rejects_bad_input() -> None:
