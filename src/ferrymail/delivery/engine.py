@@ -85,6 +85,7 @@ from ferrymail.spool import (
 SLOT_WAIT = 10.0  # longest in-memory wait for a shaping slot before parking in the spool
 RESERVE_AHEAD = 1.0  # a rate slot may be reserved this far ahead (then waited for)
 LATE_SEND, MAX_LATE = 0.025, 5  # a rate slot reached this late is given up (at most 5 times)
+OWN_SESSION_WAIT = 1.0  # longest a refused job waits for a session of its own source
 PARK_AFTER = 2.0  # a parked job's next look when no time is known (a concurrency slot)
 PARK_MAX = 30.0  # ... and at the latest (a suspension may be removed before it ends)
 MAX_MX_ADDRESSES = 10  # MX addresses tried in one attempt (Postfix's smtp_mx_address_limit: 5)
@@ -239,6 +240,8 @@ class DeliveryEngine:
         # Shaping (orchestrator): in-process unless the App passes a cluster-wide one.
         self.limiter: Limiter = limiter if limiter is not None else LocalLimiter()
         self._leases: dict[int, Lease] = {}  # id(client) -> the slots its connection holds
+        self._session_keys: dict[int, PoolKey] = {}  # id(client) -> its pool key, while open
+        self._open: dict[PoolKey, int] = {}  # sessions open (in use or parked) per pool key
         if getattr(self.limiter, "host_wide", False):
             self.scheduler.share = int(getattr(self.limiter, "workers", 1))
         self.health_store: HealthStore = health_store or LocalHealthStore()
@@ -739,6 +742,7 @@ class DeliveryEngine:
                         finally:
                             health.resolved(src, job)
                         self._leases[id(client)] = slot
+                        self._opened(client, PoolKey(src, ip, port, tls.value))
                         if any(lim.connectinterval is not None for lim in limits):
                             # the intervals count from the connection, not the grant
                             await self.limiter.connected(
@@ -802,12 +806,42 @@ class DeliveryEngine:
                 route.wait_reason, route.wait_kind = refused.reason, refused.kind
                 return Waiting(refused)
             waited_for = refused
+            if refused.kind == "concurrency" and refused.key:
+                own = PoolKey(sources[0], ip, port, tls.value)
+                parked = self.pool.last_parked(own)
+                if parked is not None and refused.key in self._lease_keys(parked):
+                    continue  # one that holds the slot was parked meanwhile: take it
+                busy = self._sessions_holding(own, refused.key)
+                if (2 * busy > self.pool.waiting(own)
+                        and time.monotonic() - waited_since < OWN_SESSION_WAIT):
+                    # Sessions of this message's own source that hold the slot are
+                    # delivering and come back to the pool within a message's time: wait for
+                    # one (up to two waiters a session), or for the slot. Closing another
+                    # source's idle session to connect anew made sessions change hands
+                    # between the sources whenever the round robin's share wavered: 5 times
+                    # the connections under the host-wide destination cap (bench/RESULTS.md,
+                    # "Shaping"). Past that many waiters the sources' split is off, and an
+                    # idle session is closed for this one.
+                    await self._wait_for_session(own, refused, min(left, OWN_SESSION_WAIT))
+                    continue
             if refused.kind == "concurrency" and refused.key and self.pool.close_idle(
                     lambda c, key=refused.key: key in self._lease_keys(c)):
                 # An idle session of ours holds the slot: once it is closed, the slot is free.
                 await self.limiter.wait(refused, min(left, 1.0))
                 continue
             await self.limiter.wait(refused, left)
+
+    async def _wait_for_session(self, key: PoolKey, refused: Denied, timeout: float) -> None:
+        """Until a session of ``key`` is parked or the refused slot may be free (a release,
+        e.g. by a worker that died), at most ``timeout`` seconds."""
+        waits = (asyncio.ensure_future(self.pool.wait_parked(key, timeout)),
+                 asyncio.ensure_future(self.limiter.wait(refused, timeout)))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def _connect_slot(self, attempt: Attempt, limits: tuple[Limit, ...]
                             ) -> Lease | Denied:
@@ -879,14 +913,36 @@ class DeliveryEngine:
         return all(lim.key in keys for lim in limits if lim.concurrency is not None)
 
     def _lease_keys(self, client: SMTPClient) -> tuple[str, ...]:
-        lease = self._leases.get(id(client))
+        return self._lease_keys_of(id(client))
+
+    def _lease_keys_of(self, cid: int) -> tuple[str, ...]:
+        lease = self._leases.get(cid)
         return lease.keys if lease is not None else ()
+
+    def _sessions_holding(self, key: PoolKey, slot: str) -> int:
+        """Open sessions of ``key`` whose lease holds the concurrency key ``slot``, not parked
+        (in use: each comes back to the pool after its message)."""
+        held = sum(1 for cid, k in self._session_keys.items()
+                   if k == key and slot in self._lease_keys_of(cid))
+        return held - self.pool.parked(key, lambda c: slot in self._lease_keys(c))
+
+    def _opened(self, client: SMTPClient, key: PoolKey) -> None:
+        self._session_keys[id(client)] = key
+        self._open[key] = self._open.get(key, 0) + 1
 
     def _closed(self, client: SMTPClient) -> None:
         """A connection is closed: its shaping slots are free."""
         lease = self._leases.pop(id(client), None)
         if lease is not None:
             self.limiter.release(lease)
+        key = self._session_keys.pop(id(client), None)
+        if key is not None:
+            left = self._open[key] - 1
+            if left:
+                self._open[key] = left
+            else:
+                del self._open[key]
+            self.pool.wake_one(key)  # a job waiting for it looks again
 
     def _drop(self, client: SMTPClient) -> None:
         client.close()

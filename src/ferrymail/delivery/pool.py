@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,6 +53,8 @@ class ConnectionPool:
         self._order: OrderedDict[int, PoolKey] = OrderedDict()  # id(client) -> key, oldest first
         self._closing: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        # jobs waiting for a session of a key to be parked (`wait_parked`), oldest first
+        self._waiters: dict[PoolKey, deque[asyncio.Future[None]]] = {}
         self.reused = 0  # sessions handed out again (for tests and metrics)
 
     def __len__(self) -> int:
@@ -113,7 +115,55 @@ class ConnectionPool:
                     del self._idle[old_key]
         self._idle.setdefault(key, []).append(_Parked(client, self.clock() + idle))
         self._order[id(client)] = key
+        self.wake_one(key)
         return True
+
+    def wake_one(self, key: PoolKey) -> None:
+        """Wake the oldest job waiting in `wait_parked` for ``key`` (a session was parked, or
+        one of its sessions closed and the waiter should look again)."""
+        waiters = self._waiters.get(key)
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                break
+
+    def parked(self, key: PoolKey, wanted: Callable[[SMTPClient], bool] | None = None) -> int:
+        """How many sessions of ``key`` (for which ``wanted`` is true) are parked; some may
+        since have been closed by the peer (`take` skips those)."""
+        entries = self._idle.get(key, ())
+        if wanted is None:
+            return len(entries)
+        return sum(1 for p in entries if wanted(p.client))
+
+    def last_parked(self, key: PoolKey) -> SMTPClient | None:
+        """The session `take` would try first for ``key`` (the most recently parked)."""
+        entries = self._idle.get(key)
+        return entries[-1].client if entries else None
+
+    def waiting(self, key: PoolKey) -> int:
+        """How many jobs wait in `wait_parked` for a session of ``key``."""
+        return len(self._waiters.get(key, ()))
+
+    async def wait_parked(self, key: PoolKey, timeout: float) -> bool:
+        """Wait until a session of ``key`` is parked (True), at most ``timeout`` seconds
+        (False). Each parking wakes one waiter, the oldest; it still has to `take` it."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(key, deque())
+        waiters.append(fut)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            if not fut.done():
+                fut.cancel()
+            with contextlib.suppress(ValueError):
+                waiters.remove(fut)
+            if not waiters and self._waiters.get(key) is waiters:
+                del self._waiters[key]
 
     def has_idle(self, wanted: Callable[[SMTPClient], bool]) -> bool:
         """Whether a parked session for which ``wanted`` is true exists."""
