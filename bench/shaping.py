@@ -91,6 +91,7 @@ class Run:
     rates: list[float]
     cpu: list[float]  # CPU seconds per 1,000 messages: this process (+ redis-server)
     asks: list[float]  # limiter round trips per message (Redis calls, service requests)
+    conns: list[int]  # SMTP connections the engine(s) opened to the sink
 
     @property
     def median(self) -> float:
@@ -103,9 +104,9 @@ class Run:
 
 async def one_run(d: Path, variant: str, sink_port: int, redis_url: str | None, n: int,
                   redis_pid: int | None = None, *, service: Path | None = None,
-                  workers: int = 1, barrier: Any = None) -> tuple[float, float, float]:
-    """(msg/s, CPU s per 1k messages, limiter round trips per message) of one engine
-    draining ``n`` messages."""
+                  workers: int = 1, barrier: Any = None) -> tuple[float, float, float, int]:
+    """(msg/s, CPU s per 1k messages, limiter round trips per message, connections opened)
+    of one engine draining ``n`` messages."""
     spool = SqliteSpool(d / f"spool-{variant}-{time.monotonic_ns()}", fsync=False)
     await spool.start()
     try:
@@ -150,7 +151,7 @@ async def one_run(d: Path, variant: str, sink_port: int, redis_url: str | None, 
             assert limiter.status()["state"] == "shared", limiter.status()
             asks = (limiter.cluster.calls if variant == "redis"  # type: ignore[attr-defined]
                     else limiter.requests)  # type: ignore[attr-defined]
-        return n / took, cpu * 1000 / n, asks / n
+        return n / took, cpu * 1000 / n, asks / n, engine.connections_opened
     finally:
         await spool.close()
 
@@ -164,8 +165,8 @@ def _engine_process(args: tuple[Path, str, int, int, Path, int, Any], results: A
 
 
 def host_run(d: Path, variant: str, sink_port: int, n: int, service: Path, service_pid: int,
-             workers: int) -> tuple[float, float, float]:
-    """``hostxN``: N forked engine processes sharing the service; (msg/s, CPU s / 1k)."""
+             workers: int) -> tuple[float, float, float, int]:
+    """``hostxN``: N forked engine processes sharing the service; as `one_run`."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("fork")
@@ -183,10 +184,11 @@ def host_run(d: Path, variant: str, sink_port: int, n: int, service: Path, servi
         proc.join(30)
         if proc.exitcode != 0:
             raise peers.BenchError(f"{variant}: an engine process exited {proc.exitcode}")
-    took = max(share / rate for rate, _, _ in got)
-    cpu = sum(c * share / 1000 for _, c, _ in got) + peers.cpu_seconds([service_pid]) - cpu0
-    asks = sum(a for _, _, a in got) / workers
-    return share * workers / took, cpu * 1000 / (share * workers), asks
+    took = max(share / rate for rate, _, _, _ in got)
+    cpu = sum(c * share / 1000 for _, c, _, _ in got) + peers.cpu_seconds([service_pid]) - cpu0
+    asks = sum(a for _, _, a, _ in got) / workers
+    conns = sum(n for _, _, _, n in got)
+    return share * workers / took, cpu * 1000 / (share * workers), asks, conns
 
 
 @contextlib.contextmanager
@@ -237,8 +239,8 @@ def report(runs: list[Run], n: int, repeat: int, env: dict[str, str], command: s
         "them reached.",
         "",
         "| variant | msg/s (median) | runs | CPU s / 1k msg (median) | limiter round trips "
-        "/ msg (median) |",
-        "|---|---:|---|---:|---:|",
+        "/ msg (median) | connections opened (median) |",
+        "|---|---:|---|---:|---:|---:|",
     ]
     labels = {"none": "no policies", "local": "policies, in-process limiter",
               "redis": "policies, Redis limiter",
@@ -252,7 +254,7 @@ def report(runs: list[Run], n: int, repeat: int, env: dict[str, str], command: s
         asks = f"{statistics.median(r.asks):.3f}" if any(r.asks) else "-"
         lines.append(f"| {labels[r.variant]} | {r.median:,.0f} | "
                      f"{', '.join(f'{x:,.0f}' for x in r.rates)} | {r.cpu_median:.3f} | "
-                     f"{asks} |")
+                     f"{asks} | {statistics.median(r.conns):,.0f} |")
     lines += ["", "| ratio | msg/s | CPU per message |", "|---|---:|---:|"]
     if "none" in by:
         for v in ("local", "redis"):
@@ -273,7 +275,9 @@ def report(runs: list[Run], n: int, repeat: int, env: dict[str, str], command: s
               "request, but a kept slot is dropped 5 ms after its time, so at this pace one "
               "request serves about 10 messages); the other round trips are per new "
               "connection (with Redis also the heartbeat). Limiter round trips: Redis "
-              "`Cluster.calls`, the host limiter's `requests` (requests with a reply).",
+              "`Cluster.calls`, the host limiter's `requests` (requests with a reply). "
+              "Connections opened: the engine's new SMTP sessions (hostxN: all engines'); "
+              "at 100 messages a session the least is N/100 plus the slow start.",
               "", "CPU is this process's (the engine's) plus, for the Redis variant, "
               "redis-server's, for the host variants the limiter service's (and every engine "
               "process's); it is less sensitive than msg/s to other load on the machine. "
@@ -296,27 +300,29 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     import uvloop
 
-    runs: dict[str, Run] = {v: Run(v, [], [], []) for v in variants}
+    runs: dict[str, Run] = {v: Run(v, [], [], [], []) for v in variants}
     with (peers.workdir("bench-shaping-") as d, peers.smtp_sink(d) as sink,
           redis(d) as (url, pid), limiter_service(d) as (service, service_pid)):
         for i in range(args.repeat):  # interleaved, so that machine noise hits all alike
             for v in variants:
                 if v.startswith("hostx"):
-                    rate, cpu, asks = host_run(d, v, sink.port, args.messages, service,
+                    rate, cpu, asks, conns = host_run(d, v, sink.port, args.messages, service,
                                                service_pid, int(v[5:]))
                 elif v in ("host", "host-noprefetch"):
                     cpu0 = peers.cpu_seconds([service_pid])
-                    rate, cpu, asks = uvloop.run(one_run(d, v, sink.port, None, args.messages,
-                                                         service=service))
+                    rate, cpu, asks, conns = uvloop.run(one_run(
+                        d, v, sink.port, None, args.messages, service=service))
                     cpu += (peers.cpu_seconds([service_pid]) - cpu0) * 1000 / args.messages
                 else:
-                    rate, cpu, asks = uvloop.run(one_run(d, v, sink.port, url, args.messages,
-                                                         pid))
+                    rate, cpu, asks, conns = uvloop.run(one_run(
+                        d, v, sink.port, url, args.messages, pid))
                 runs[v].rates.append(rate)
                 runs[v].cpu.append(cpu)
                 runs[v].asks.append(asks)
+                runs[v].conns.append(conns)
                 print(f"run {i + 1} {v}: {rate:,.0f} msg/s, {cpu:.3f} CPU s/1k, "
-                      f"{asks:.3f} limiter round trips/msg", file=sys.stderr)
+                      f"{asks:.3f} limiter round trips/msg, {conns} connections",
+                      file=sys.stderr)
     command = "python bench/shaping.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(list(runs.values()), args.messages, args.repeat, env, command.strip())
     print(text)

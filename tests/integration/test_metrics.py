@@ -140,6 +140,10 @@ def test_metrics_follow_the_spool_and_the_sinks(ferrymail_proc, tmp_path: Path):
     assert pooled >= 1
     assert total(final, "ferrymail_outbound_connections_open", source="os",
                  proxy="direct") == pooled
+    # sessions opened: every pooled one, at most one per attempt that reached a server
+    opened = total(final, "ferrymail_outbound_connections_opened_total", source="os",
+                   proxy="direct")
+    assert pooled <= opened <= N_OK + 2 * N_REJECT, opened
     assert proc.stop() == 0
     exposed = {name for name, _ in final}  # with samples, plus families declared but empty
     for family in text_string_to_metric_families(final_text):

@@ -242,6 +242,7 @@ class DeliveryEngine:
         self._leases: dict[int, Lease] = {}  # id(client) -> the slots its connection holds
         self._session_keys: dict[int, PoolKey] = {}  # id(client) -> its pool key, while open
         self._open: dict[PoolKey, int] = {}  # sessions open (in use or parked) per pool key
+        self.connections_opened = 0  # new SMTP sessions (for benchmarks and tests)
         if getattr(self.limiter, "host_wide", False):
             self.scheduler.share = int(getattr(self.limiter, "workers", 1))
         self.health_store: HealthStore = health_store or LocalHealthStore()
@@ -929,6 +930,10 @@ class DeliveryEngine:
     def _opened(self, client: SMTPClient, key: PoolKey) -> None:
         self._session_keys[id(client)] = key
         self._open[key] = self._open.get(key, 0) + 1
+        self.connections_opened += 1
+        src = key.source
+        metrics.outbound_connection_opened(src.address_id or src.address or "os",
+                                           str(src.proxy) if src.proxy else "direct")
 
     def _closed(self, client: SMTPClient) -> None:
         """A connection is closed: its shaping slots are free."""

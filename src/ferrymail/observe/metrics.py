@@ -13,7 +13,7 @@ Names (all ``ferrymail_`` prefixed; the full list with meanings is in docs/opera
 - ``queue_messages{state}``, ``queue_recipients{state}``, ``queue_oldest_seconds{state}``
   (states queued, deferred, held, in-flight; refreshed from the spool every QUEUE_REFRESH s)
 - ``connections_open{direction,server}``; ``outbound_connections_open{source,proxy}``;
-  ``outbound_pooled_connections``
+  ``outbound_pooled_connections``; ``outbound_connections_opened_total{source,proxy}``
 - ``proxy_up{proxy}`` (1 up, 0 marked down by passive health); ``build_info{version}``
 - ``policy_waits_total{kind}``: delivery jobs that waited for a shaping slot (in memory or
   parked in the spool), by the kind of the last refusal: ``concurrency``, ``rate``,
@@ -97,6 +97,9 @@ for _kind in POLICY_WAIT_KINDS:  # exposed at 0 from the start, so rate() sees t
     POLICY_WAITS.labels(_kind)
 for _state in CLUSTER_STATES:
     CLUSTER_TRANSITIONS.labels(_state)
+OUTBOUND_CONNECTIONS = Counter("ferrymail_outbound_connections_opened_total",
+                               "Outbound SMTP connections opened (sessions; a reuse is not one)",
+                               ["source", "proxy"], registry=REGISTRY)
 PROXY_HEADER_ERRORS = Counter("ferrymail_proxy_header_errors_total",
                               "Inbound connections refused over their PROXY header",
                               ["server", "kind"], registry=REGISTRY)
@@ -112,6 +115,12 @@ ENABLED = True  # False (``metrics.listen: false``): delivery counters are not k
 def set_enabled(flag: bool) -> None:
     global ENABLED
     ENABLED = flag
+
+
+def outbound_connection_opened(source: str, proxy: str) -> None:
+    """A new outbound SMTP session stands (labels as ``outbound_connections_open``)."""
+    if ENABLED:
+        OUTBOUND_CONNECTIONS.labels(source, proxy).inc()
 
 
 def delivery_attempt(transport: str, source: str, proxy: str, result: str, kind: str,
