@@ -195,10 +195,10 @@ class App:
     # -- lifecycle
 
     async def start(self) -> None:
-        """Bind the listeners (one process: the spool and every port proven free first, so
-        no ``smtp.listening`` precedes a start refused for them), drop privileges
-        (``environment.user``), open the spool, then start every component; on failure undo
-        what was started."""
+        """Bind the admin API, then the listeners (one process: the spool and every port
+        proven free first, so no ``smtp.listening`` precedes a start refused for them), drop
+        privileges (``environment.user``), open the spool, then start every component; on
+        failure undo what was started."""
         for key, name in hostname_problems(self.startup):
             log_event("config.hostname", "warning", key=key, hostname=name,
                       error=f"{name!r} is not a fully qualified domain name: the banner, "
@@ -212,10 +212,11 @@ class App:
 
                 check_spool_free(self.spool.path)
                 check_ports_free(list(self.startup.servers))
+            # the admin socket first (its folder, the pidfile's, may be writable by root
+            # only): a refusal there must not follow the listeners' smtp.listening lines
+            await self.admin.bind(None if creds is None else (creds.uid, creds.gid))
             for srv in self.servers:
                 await srv.bind()
-            # the admin socket too: its folder (the pidfile's) may be writable by root only
-            await self.admin.bind(None if creds is None else (creds.uid, creds.gid))
             if creds is not None:
                 privileges.prepare_spool_dir(self.startup.spool.path, creds)
                 if self.spool.path != Path(self.startup.spool.path):  # a worker's shard

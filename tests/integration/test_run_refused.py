@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.integration.conftest import listener, run_cli, running_yaml, server, startup_yaml
 from tests.realpeers import free_port
@@ -70,3 +71,24 @@ def test_a_spool_in_use_refuses_the_start_without_a_listening_line(tmp_path: Pat
     assert len(failed) == 1 and f"spool directory {spool} is in use by another process" \
         in failed[0], out.stderr
     assert not (tmp_path / "ferrymail.pid").exists()
+
+
+def test_an_admin_port_in_use_refuses_the_start_without_a_listening_line(tmp_path: Path):
+    """The same for ``admin.listen`` on a port another socket holds: the SMTP listeners
+    were bound (and said so) before the admin API's, whose error did not name the key."""
+
+    port, busy = free_port(), free_port()
+    doc = yaml.safe_load(startup_yaml(tmp_path, [server("s", [listener(port)])]))
+    doc["admin"] = {"listen": f"{HOST}:{busy}", "token": "t" * 24}
+    with socket.create_server((HOST, busy)):
+        out = run_cli("run", "--workers", "1",
+                      "--startup", str(_write(tmp_path / "startup.yaml", yaml.safe_dump(doc))),
+                      "--running", str(_write(tmp_path / "running.yaml", running_yaml(["s"]))),
+                      cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert "event=smtp.listening" not in out.stderr, out.stderr
+    failed = [ln for ln in out.stderr.splitlines() if "event=app.start_failed" in ln]
+    assert len(failed) == 1 and f"admin.listen: cannot listen on {HOST}:{busy}" in failed[0], \
+        out.stderr
+    with socket.create_server((HOST, port)):  # nothing kept the SMTP port
+        pass

@@ -92,7 +92,12 @@ class AdminServer:
             self._token = self.app.startup.admin.bearer_token()
             if not self._token:
                 raise ValueError("admin.listen: the bearer token is empty")
-            await self._http.start_tcp(*self.listen, start_serving=False)
+            try:
+                await self._http.start_tcp(*self.listen, start_serving=False)
+            except OSError as exc:
+                host, port = self.listen
+                raise OSError(exc.errno, f"admin.listen: cannot listen on {host}:{port}: "
+                              f"{exc.strerror or exc}") from exc
 
     async def start(self) -> None:
         await self.bind()
