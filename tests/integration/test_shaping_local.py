@@ -207,3 +207,33 @@ policies:
     assert rec.max_concurrent(IPS[0]) == 2
     waits = [field_of(x, "reason") for x in logs.lines("delivery.waiting")]
     assert any("recipientdomain=c.test" in (w or "") for w in waits), waits
+
+
+def test_smarthost_sessions_of_other_domains_do_not_stall_a_waiting_job(tmp_path):
+    """Over a smarthost (one queue, one source IP) with a concurrency per recipient domain and
+    per source IP: a job refused at the source IP's cap, whose own source's parked session
+    holds that key but was opened for the other domain, must not take and park it again in a
+    loop; it waits for a session it can use, or closes the idle one for its own."""
+    policies = """
+policies:
+  - fields: [recipientdomain]
+    default: {concurrency: 2}
+  - fields: [localip]
+    default: {concurrency: 2}
+"""
+    with recording_sink() as (port, rec), LogCapture() as logs:
+        rec.delay = 0.005
+
+        async def main() -> None:
+            async with engine(tmp_path, config(port, policies, reuse=100, ips=IPS[:1])) as h:
+                for i in range(40):
+                    await h.submit((f"r{i}@a.test",))
+                    await h.submit((f"r{i}@b.test",))
+                await h.drained(20)
+
+        run(main, 40)
+    msgs = rec.messages()
+    assert len(msgs) == 80
+    assert rec.max_concurrent(IPS[0]) <= 2
+    lines = logs.lines("delivery.attempt")
+    assert len(lines) == 80 and all(field_of(x, "attempt") == "1" for x in lines)

@@ -241,7 +241,6 @@ class DeliveryEngine:
         self.limiter: Limiter = limiter if limiter is not None else LocalLimiter()
         self._leases: dict[int, Lease] = {}  # id(client) -> the slots its connection holds
         self._session_keys: dict[int, PoolKey] = {}  # id(client) -> its pool key, while open
-        self._open: dict[PoolKey, int] = {}  # sessions open (in use or parked) per pool key
         self.connections_opened = 0  # new SMTP sessions (for benchmarks and tests)
         if getattr(self.limiter, "host_wide", False):
             self.scheduler.share = int(getattr(self.limiter, "workers", 1))
@@ -659,6 +658,7 @@ class DeliveryEngine:
         health = self.rotation.health
         await self._wait_for_proxy(job, sources)
         waited_for: Denied | None = None  # the refusal this job last waited on, if any
+        own_limits: tuple[Limit, ...] = ()  # the limits of this message's own source
         # The recipient domains the policies see: the destination's, or over a fixed next hop
         # (smarthost) those of this job's recipients (the message counts against each).
         domains = ((job.destination.domain,) if job.destination.domain
@@ -684,6 +684,8 @@ class DeliveryEngine:
                 limits = limits_for_domains(cfg, attempt, domains)
                 if getattr(self.limiter, "host_wide", False):
                     limits = (*limits, *host_limits(job.destination, cfg))
+                if n == 0:
+                    own_limits = limits
                 if pooled is not None and pooled[0] == src:
                     client, reused = pooled[1], True
                     pooled = None
@@ -699,8 +701,11 @@ class DeliveryEngine:
                 if client is not None and not self._lease_covers(client, limits):
                     # Its lease counts other concurrency keys (a smarthost session opened for
                     # another recipient domain): parked again, this message opens its own.
+                    # (No waiter is woken for it: one that could use it was woken when it
+                    # was parked first.)
                     self.pool.put(PoolKey(src, ip, port, tls.value), client,
-                                  idle=conn.reuse.idle, max_messages=conn.reuse.messages)
+                                  idle=conn.reuse.idle, max_messages=conn.reuse.messages,
+                                  wake=False)
                     client, reused = None, False
                 for _ in range(2):  # a reused session the peer dropped gets one fresh one
                     if client is None:
@@ -810,12 +815,12 @@ class DeliveryEngine:
             if refused.kind == "concurrency" and refused.key:
                 own = PoolKey(sources[0], ip, port, tls.value)
                 parked = self.pool.last_parked(own)
-                if parked is not None and refused.key in self._lease_keys(parked):
-                    continue  # one that holds the slot was parked meanwhile: take it
-                busy = self._sessions_holding(own, refused.key)
+                if parked is not None and self._lease_covers(parked, own_limits):
+                    continue  # one this message can use was parked meanwhile: take it
+                busy = self._sessions_in_use(own, own_limits)
                 if (2 * busy > self.pool.waiting(own)
                         and time.monotonic() - waited_since < OWN_SESSION_WAIT):
-                    # Sessions of this message's own source that hold the slot are
+                    # Sessions of this message's own source that it could use are
                     # delivering and come back to the pool within a message's time: wait for
                     # one (up to two waiters a session), or for the slot. Closing another
                     # source's idle session to connect anew made sessions change hands
@@ -910,7 +915,10 @@ class DeliveryEngine:
 
     def _lease_covers(self, client: SMTPClient, limits: tuple[Limit, ...]) -> bool:
         """Whether ``client``'s lease holds every concurrency key of ``limits``."""
-        keys = self._lease_keys(client)
+        return self._covers(id(client), limits)
+
+    def _covers(self, cid: int, limits: tuple[Limit, ...]) -> bool:
+        keys = self._lease_keys_of(cid)
         return all(lim.key in keys for lim in limits if lim.concurrency is not None)
 
     def _lease_keys(self, client: SMTPClient) -> tuple[str, ...]:
@@ -920,16 +928,15 @@ class DeliveryEngine:
         lease = self._leases.get(cid)
         return lease.keys if lease is not None else ()
 
-    def _sessions_holding(self, key: PoolKey, slot: str) -> int:
-        """Open sessions of ``key`` whose lease holds the concurrency key ``slot``, not parked
-        (in use: each comes back to the pool after its message)."""
-        held = sum(1 for cid, k in self._session_keys.items()
-                   if k == key and slot in self._lease_keys_of(cid))
-        return held - self.pool.parked(key, lambda c: slot in self._lease_keys(c))
+    def _sessions_in_use(self, key: PoolKey, limits: tuple[Limit, ...]) -> int:
+        """Open sessions of ``key`` whose lease covers ``limits``, not parked (in use: each
+        comes back to the pool after its message)."""
+        open_ = sum(1 for cid, k in self._session_keys.items()
+                    if k == key and self._covers(cid, limits))
+        return open_ - self.pool.parked(key, lambda c: self._lease_covers(c, limits))
 
     def _opened(self, client: SMTPClient, key: PoolKey) -> None:
         self._session_keys[id(client)] = key
-        self._open[key] = self._open.get(key, 0) + 1
         self.connections_opened += 1
         src = key.source
         metrics.outbound_connection_opened(src.address_id or src.address or "os",
@@ -942,11 +949,6 @@ class DeliveryEngine:
             self.limiter.release(lease)
         key = self._session_keys.pop(id(client), None)
         if key is not None:
-            left = self._open[key] - 1
-            if left:
-                self._open[key] = left
-            else:
-                del self._open[key]
             self.pool.wake_one(key)  # a job waiting for it looks again
 
     def _drop(self, client: SMTPClient) -> None:

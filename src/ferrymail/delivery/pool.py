@@ -101,8 +101,10 @@ class ConnectionPool:
         self._idle.pop(key, None)
         return None, dead
 
-    def put(self, key: PoolKey, client: SMTPClient, *, idle: float, max_messages: int) -> bool:
-        """Park ``client`` if it can take another message; else QUIT it. True if parked."""
+    def put(self, key: PoolKey, client: SMTPClient, *, idle: float, max_messages: int,
+            wake: bool = True) -> bool:
+        """Park ``client`` if it can take another message; else QUIT it. True if parked.
+        ``wake``: wake the oldest `wait_parked` waiter of ``key``."""
         if idle <= 0 or not client.usable or client.transactions >= max_messages:
             self._quit(client)
             return False
@@ -115,7 +117,8 @@ class ConnectionPool:
                     del self._idle[old_key]
         self._idle.setdefault(key, []).append(_Parked(client, self.clock() + idle))
         self._order[id(client)] = key
-        self.wake_one(key)
+        if wake:
+            self.wake_one(key)
         return True
 
     def wake_one(self, key: PoolKey) -> None:
