@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -67,9 +67,15 @@ class Host:
         await self.server.wait_closed()
 
 
-def run(scenario: Callable[[Path], object]) -> None:
+def run_with_host(scenario: Callable[[Host, Clock], Awaitable[None]]) -> None:
+    """``scenario(host, clock)`` against a fresh `Host` on a fresh fake clock."""
+    async def main(d: Path) -> None:
+        clock = Clock()
+        async with Host(d, clock) as host:
+            await scenario(host, clock)
+
     with tempfile.TemporaryDirectory(prefix="fm-prefetch-") as d:
-        asyncio.run(asyncio.wait_for(scenario(Path(d)), 30))  # type: ignore[arg-type]
+        asyncio.run(asyncio.wait_for(main(Path(d)), 30))
 
 
 def assert_within_bound(sent: list[float], rate: Rate) -> None:
@@ -110,25 +116,23 @@ def test_two_workers_never_pass_more_than_the_bound_plus_late(
     step = min(ra.interval, rb.interval)
     sent: dict[str, list[float]] = {"a": [], "b": []}
 
-    async def scenario(d: Path) -> None:
-        clock = Clock()
-        async with Host(d, clock) as host:
-            for worker, gap, jump, n, ahead, path in events:
-                clock.now += gap * step + jump
-                limits = paths[path]
-                got = await asyncio.gather(*(host.workers[worker].message(A, limits, None, ahead)
-                                             for _ in range(n)))
-                for g in got:
-                    if isinstance(g, Denied):
-                        assert g.kind == "rate" and g.retry_after is not None
-                        continue
-                    at = clock.now + (g or 0.0)
-                    assert (g or 0.0) <= ahead + EPSILON
-                    for lim in limits:
-                        sent[lim.key].append(at)
-                await asyncio.sleep(0)  # let a background refill run, sometimes
+    async def scenario(host: Host, clock: Clock) -> None:
+        for worker, gap, jump, n, ahead, path in events:
+            clock.now += gap * step + jump
+            limits = paths[path]
+            got = await asyncio.gather(*(host.workers[worker].message(A, limits, None, ahead)
+                                         for _ in range(n)))
+            for g in got:
+                if isinstance(g, Denied):
+                    assert g.kind == "rate" and g.retry_after is not None
+                    continue
+                at = clock.now + (g or 0.0)
+                assert (g or 0.0) <= ahead + EPSILON
+                for lim in limits:
+                    sent[lim.key].append(at)
+            await asyncio.sleep(0)  # let a background refill run, sometimes
 
-    run(scenario)
+    run_with_host(scenario)
     assert_within_bound(sent["a"], ra)
     assert_within_bound(sent["b"], rb)
 
@@ -151,125 +155,111 @@ def test_plan_prefetches_only_rates_above_400_per_second() -> None:
 def test_fast_rate_costs_a_round_trip_per_batch_not_per_message() -> None:
     rate = Limit("g", "g", rate=Rate(1_000_000, 1.0))  # never binds: 64 slots a request
 
-    async def scenario(d: Path) -> None:
-        clock = Clock()
-        async with Host(d, clock) as host:
-            w = host.workers[0]
-            for _ in range(640):
-                clock.now += 1e-6
-                assert await w.message(A, (rate,), None, 0.2) is None
-            # one request a 64 slots; the refill starts before they run out, so a few more
-            assert 10 <= host.service.requests <= 25, host.service.requests
-            # another worker's prefetch comes after what this one holds: no slot twice
-            got = await host.workers[1].message(A, (rate,), None, 0.2)
-            assert got is None or got > 0
+    async def scenario(host: Host, clock: Clock) -> None:
+        w = host.workers[0]
+        for _ in range(640):
+            clock.now += 1e-6
+            assert await w.message(A, (rate,), None, 0.2) is None
+        # one request a 64 slots; the refill starts before they run out, so a few more
+        assert 10 <= host.service.requests <= 25, host.service.requests
+        # another worker's prefetch comes after what this one holds: no slot twice
+        got = await host.workers[1].message(A, (rate,), None, 0.2)
+        assert got is None or got > 0
 
-    run(scenario)
+    run_with_host(scenario)
 
 
 def test_slow_rate_still_asks_per_message() -> None:
     rate = Limit("s", "s", rate=Rate(20, 1.0))
 
-    async def scenario(d: Path) -> None:
-        clock = Clock()
-        async with Host(d, clock) as host:
-            for _ in range(5):
-                clock.now += 0.05
-                assert await host.workers[0].message(A, (rate,), None) is None
-            assert host.service.requests == 5
+    async def scenario(host: Host, clock: Clock) -> None:
+        for _ in range(5):
+            clock.now += 0.05
+            assert await host.workers[0].message(A, (rate,), None) is None
+        assert host.service.requests == 5
 
-    run(scenario)
+    run_with_host(scenario)
 
 
 def test_kept_slots_past_late_are_dropped_and_fetched_again() -> None:
     rate = Limit("g", "g", rate=Rate(10_000, 1.0))  # 0.1 ms apart: 50 slots a request
 
-    async def scenario(d: Path) -> None:
-        clock = Clock()
-        async with Host(d, clock) as host:
-            w = host.workers[0]
-            assert await w.message(A, (rate,), None) is None
-            assert w.slots.kept(plan([rate]).key) == 49
-            asked = host.service.requests
-            clock.now += 0.5  # long past every kept slot's use-by time
-            assert await w.message(A, (rate,), None) is None
-            assert w.slots.dropped == 49
-            assert host.service.requests == asked + 1  # a fresh request, not a stale slot
+    async def scenario(host: Host, clock: Clock) -> None:
+        w = host.workers[0]
+        assert await w.message(A, (rate,), None) is None
+        assert w.slots.kept(plan([rate]).key) == 49
+        asked = host.service.requests
+        clock.now += 0.5  # long past every kept slot's use-by time
+        assert await w.message(A, (rate,), None) is None
+        assert w.slots.dropped == 49
+        assert host.service.requests == asked + 1  # a fresh request, not a stale slot
 
-    run(scenario)
+    run_with_host(scenario)
 
 
 def test_refill_runs_in_the_background_before_the_slots_run_out() -> None:
     rate = Limit("g", "g", rate=Rate(10_000, 1.0))
 
-    async def scenario(d: Path) -> None:
-        clock = Clock()
-        async with Host(d, clock) as host:
-            w = host.workers[0]
-            p = plan([rate])
-            assert await w.message(A, (rate,), None, 0.2) is None
-            for _ in range(p.count - 1):  # use the kept ones on time
-                clock.now += rate.rate.interval  # type: ignore[union-attr]
-                await w.message(A, (rate,), None, 0.2)
-            await asyncio.gather(*w.slots.tasks)
-            assert w.slots.kept(p.key) == p.count  # refilled without a message waiting
-            assert host.service.requests == 2
+    async def scenario(host: Host, clock: Clock) -> None:
+        w = host.workers[0]
+        p = plan([rate])
+        assert await w.message(A, (rate,), None, 0.2) is None
+        for _ in range(p.count - 1):  # use the kept ones on time
+            clock.now += rate.rate.interval  # type: ignore[union-attr]
+            await w.message(A, (rate,), None, 0.2)
+        await asyncio.gather(*w.slots.tasks)
+        assert w.slots.kept(p.key) == p.count  # refilled without a message waiting
+        assert host.service.requests == 2
 
-    run(scenario)
+    run_with_host(scenario)
 
 
 def test_concurrent_messages_share_one_request() -> None:
     rate = Limit("g", "g", rate=Rate(1_000_000, 1.0))
 
-    async def scenario(d: Path) -> None:
-        clock = Clock()
-        async with Host(d, clock) as host:
-            got = await asyncio.gather(*(host.workers[0].message(A, (rate,), None, 0.2)
-                                         for _ in range(30)))
-            assert all(g is None or 0 < g <= 30e-6 for g in got)  # kept slots, 1 µs apart
-            assert host.service.requests == 1
+    async def scenario(host: Host, clock: Clock) -> None:
+        got = await asyncio.gather(*(host.workers[0].message(A, (rate,), None, 0.2)
+                                     for _ in range(30)))
+        assert all(g is None or 0 < g <= 30e-6 for g in got)  # kept slots, 1 µs apart
+        assert host.service.requests == 1
 
-    run(scenario)
+    run_with_host(scenario)
 
 
 def test_a_suspension_stops_kept_slots_too() -> None:
     rate = Limit("g", "g", rate=Rate(1_000_000, 1.0))
 
-    async def scenario(d: Path) -> None:
-        clock = Clock()
-        async with Host(d, clock) as host:
-            w = host.workers[0]
-            assert await w.message(A, (rate,), None) is None
-            await w.suspend({"localip": "192.0.2.1"}, 60, "451 slow down")
-            await asyncio.sleep(RECHECK + 0.05)  # the worker looks at the file again
-            assert w.slots.kept(plan([rate]).key) > 0
-            got = await w.message(A, (rate,), None)
-            assert isinstance(got, Denied) and got.kind == "suspended"
+    async def scenario(host: Host, clock: Clock) -> None:
+        w = host.workers[0]
+        assert await w.message(A, (rate,), None) is None
+        await w.suspend({"localip": "192.0.2.1"}, 60, "451 slow down")
+        await asyncio.sleep(RECHECK + 0.05)  # the worker looks at the file again
+        assert w.slots.kept(plan([rate]).key) > 0
+        got = await w.message(A, (rate,), None)
+        assert isinstance(got, Denied) and got.kind == "suspended"
 
-    run(scenario)
+    run_with_host(scenario)
 
 
 def test_a_worker_keeps_only_the_slots_the_service_confirms() -> None:
     rate = Limit("g", "g", rate=Rate(1_000_000, 1.0))
 
-    async def scenario(d: Path) -> None:
-        clock = Clock()
-        async with Host(d, clock) as host:
-            handle = host.service.handle
+    async def scenario(host: Host, clock: Clock) -> None:
+        handle = host.service.handle
 
-            def without_slots(conn: _Conn, req: dict) -> dict | None:
-                req.pop("slots", None)  # a service that knows nothing of prefetch
-                return handle(conn, req)
+        def without_slots(conn: _Conn, req: dict) -> dict | None:
+            req.pop("slots", None)  # a service that knows nothing of prefetch
+            return handle(conn, req)
 
-            host.service.handle = without_slots  # type: ignore[method-assign]
-            w = host.workers[0]
-            for _ in range(3):
-                clock.now += 1e-6
-                assert await w.message(A, (rate,), None, 0.2) is None
-                assert w.slots.kept(plan([rate]).key) == 0
-            assert host.service.requests == 3
+        host.service.handle = without_slots  # type: ignore[method-assign]
+        w = host.workers[0]
+        for _ in range(3):
+            clock.now += 1e-6
+            assert await w.message(A, (rate,), None, 0.2) is None
+            assert w.slots.kept(plan([rate]).key) == 0
+        assert host.service.requests == 3
 
-    run(scenario)
+    run_with_host(scenario)
 
 
 def test_service_reserves_n_slots_in_one_step_and_bounds_n() -> None:
